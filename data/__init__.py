@@ -1,0 +1,1 @@
+"""Dataset preparation scripts; training reads their .bin outputs."""
