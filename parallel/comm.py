@@ -1,0 +1,144 @@
+"""
+The Collectives interface that the custom algorithms call, and its torch.distributed (c10d) backend.
+
+A strategy's `custom` variant is written once against `Collectives`; the `triton` and `nccl` variants hand the
+same algorithm another backend (kernels/triton_comm.py, kernels/nccl.py). A backend subclasses Collectives and
+implements the underscored primitives; the public methods count bytes the same way for every backend.
+
+Every collective works on one process group and takes group-local ranks (0..world_size-1) for src/dst.
+With async_op=True a call returns a handle whose .wait() blocks until the result is in place
+(torch.distributed.Work for this backend); with async_op=False it returns None when the result is ready.
+
+Byte counting follows nccl-tests (doc/PERFORMANCE.md): for a collective over N ranks on S bytes, the payload is S
+(for all_gather the gathered output, for reduce_scatter the unreduced input) and the bus bytes, what one rank
+sends over its link in a ring algorithm, are S * factor with factor 2(N-1)/N for all-reduce, (N-1)/N for
+all-gather and reduce-scatter, 1 for broadcast and point-to-point.
+"""
+
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+
+# torch 2.13 names all_gather_into_tensor / reduce_scatter_tensor all_gather_single / reduce_scatter_single
+# (the old names warn); older torch (e.g. 2.11 on a lent GPU machine) has only the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+BUS_FACTOR = {
+    "all_reduce": lambda n: 2 * (n - 1) / n,
+    "all_gather": lambda n: (n - 1) / n,
+    "reduce_scatter": lambda n: (n - 1) / n,
+    "broadcast": lambda n: 1.0,
+    "send": lambda n: 1.0,
+    "recv": lambda n: 1.0,
+}
+
+
+class CommStats:
+    """What one rank moved, per collective type: `calls`, `payload` bytes and `bus` bytes (Counters keyed by
+    the names in BUS_FACTOR). Several Collectives (one per process group) may share one CommStats."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.calls, self.payload, self.bus = Counter(), Counter(), Counter()
+
+    def record(self, op, nbytes, group_size):
+        """Count one `op` on a payload of `nbytes` bytes over `group_size` ranks."""
+        self.calls[op] += 1
+        self.payload[op] += nbytes
+        self.bus[op] += nbytes * BUS_FACTOR[op](group_size)
+
+    def as_dict(self):
+        """Flat dict for logging: {"comm/all_reduce_calls": ..., "comm/all_reduce_payload_bytes": ..., ...}."""
+        out = {}
+        for op in self.calls:
+            out[f"comm/{op}_calls"] = self.calls[op]
+            out[f"comm/{op}_payload_bytes"] = self.payload[op]
+            out[f"comm/{op}_bus_bytes"] = self.bus[op]
+        return out
+
+
+class Collectives:
+    """The collectives a custom parallel algorithm may call, on one process group, with byte counting.
+
+    Tensors are modified in place (all_reduce, broadcast, recv) or written into `output`:
+    - all_reduce(t, op): t <- op over ranks of t; op in {"sum", "avg", "max"}.
+    - all_gather(output, input): output (N*n, ...) <- concatenation along dim 0 of every rank's input (n, ...).
+    - reduce_scatter(output, input, op): output (n, ...) <- this rank's slice of op over ranks of input (N*n, ...).
+    - broadcast(t, src): t <- src's t.   send(t, dst) / recv(t, src): point-to-point.   barrier().
+    Mirrors torch.distributed's all_reduce, all_gather_into_tensor, reduce_scatter_tensor, broadcast, send, recv.
+    """
+
+    def __init__(self, group=None, stats=None):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.stats = stats if stats is not None else CommStats()
+
+    def _count(self, op, tensor):
+        self.stats.record(op, tensor.numel() * tensor.element_size(), self.world_size)
+
+    def all_reduce(self, tensor, op="sum", async_op=False):
+        self._count("all_reduce", tensor)
+        return self._all_reduce(tensor, op, async_op)
+
+    def all_gather(self, output, input, async_op=False):
+        if output.numel() != input.numel() * self.world_size:
+            raise ValueError(f"all_gather: output has {output.numel()} elements, expected {self.world_size} x {input.numel()}")
+        self._count("all_gather", output)
+        return self._all_gather(output, input, async_op)
+
+    def reduce_scatter(self, output, input, op="sum", async_op=False):
+        if input.numel() != output.numel() * self.world_size:
+            raise ValueError(f"reduce_scatter: input has {input.numel()} elements, expected {self.world_size} x {output.numel()}")
+        self._count("reduce_scatter", input)
+        return self._reduce_scatter(output, input, op, async_op)
+
+    def broadcast(self, tensor, src, async_op=False):
+        self._count("broadcast", tensor)
+        return self._broadcast(tensor, src, async_op)
+
+    def send(self, tensor, dst, async_op=False):
+        self._count("send", tensor)
+        return self._send(tensor, dst, async_op)
+
+    def recv(self, tensor, src, async_op=False):
+        self._count("recv", tensor)
+        return self._recv(tensor, src, async_op)
+
+    def barrier(self):
+        self._barrier()
+
+
+class TorchCollectives(Collectives):
+    """Collectives through torch.distributed (c10d): gloo on CPU, NCCL on CUDA, whatever the group uses."""
+
+    OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "max": dist.ReduceOp.MAX}
+
+    def _all_reduce(self, tensor, op, async_op):
+        return dist.all_reduce(tensor, self.OPS[op], group=self.group, async_op=async_op)
+
+    def _all_gather(self, output, input, async_op):
+        return _all_gather_single(output, input, group=self.group, async_op=async_op)
+
+    def _reduce_scatter(self, output, input, op, async_op):
+        return _reduce_scatter_single(output, input, self.OPS[op], group=self.group, async_op=async_op)
+
+    def _broadcast(self, tensor, src, async_op):
+        return dist.broadcast(tensor, group=self.group, group_src=src, async_op=async_op)
+
+    def _send(self, tensor, dst, async_op):
+        if async_op:
+            return dist.isend(tensor, group=self.group, group_dst=dst)
+        dist.send(tensor, group=self.group, group_dst=dst)
+
+    def _recv(self, tensor, src, async_op):
+        if async_op:
+            return dist.irecv(tensor, group=self.group, group_src=src)
+        dist.recv(tensor, group=self.group, group_src=src)
+
+    def _barrier(self):
+        dist.barrier(group=self.group)

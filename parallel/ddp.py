@@ -1,0 +1,173 @@
+"""
+Distributed data parallel: every rank holds the whole model, reads its own slice of the global batch, and the
+gradients are averaged over ranks before the optimizer step, so every rank takes the same step a single device
+would take on the whole global batch.
+
+Communication per optimizer step: one all-reduce of all Ψ gradients, i.e. 2·(N-1)/N · Ψ · 4 bytes sent per
+rank in fp32 with a ring algorithm; none inside `no_sync` (gradient accumulation). PyTorch DDP paper:
+Li et al. 2020, "PyTorch Distributed: Experiences on Accelerating Data Parallel Training" (VLDB), sections 3.2
+(gradient bucketing, overlap with backward) and 3.2.4 (no_sync).
+
+Two variants, top to bottom:
+- `pytorch`: torch.nn.parallel.DistributedDataParallel, accumulation under `no_sync`.
+- `custom`:  the same algorithm written out: broadcast the initial parameters from rank 0, gradient buckets filled
+             in reverse registration order, an async all-reduce launched from post-accumulate-grad hooks as soon
+             as a bucket is full (communication overlaps the rest of backward), wait at the end, average.
+"""
+
+import contextlib
+
+import torch
+import torch.nn as nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from parallel import Strategy, register
+
+# ----------------------------------------------------------------------------------------------------------
+# pytorch variant
+
+
+@register("ddp", "pytorch")
+class PytorchDDP(Strategy):
+    """DistributedDataParallel around the GPT. Its gradient buckets go through DDP's default all-reduce hook
+    wrapped to count bytes in self.stats (the result is identical to registering no hook)."""
+
+    def build_model(self, model_config):
+        model = super().build_model(model_config)
+        self.ddp = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None,
+                       bucket_cap_mb=self.cfg.bucket_cap_mb)
+
+        def counting_allreduce_hook(stats, bucket):
+            buffer = bucket.buffer()
+            stats.record("all_reduce", buffer.numel() * buffer.element_size(), self.world_size)
+            return allreduce_hook(None, bucket)  # divide by world size, all-reduce, async
+
+        self.ddp.register_comm_hook(self.stats, counting_allreduce_hook)
+        return model
+
+    def forward(self, x, y):
+        return self.ddp(x, y)
+
+    def no_sync(self):
+        return self.ddp.no_sync()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# custom variant
+
+
+class Bucket:
+    """Parameters whose gradients are all-reduced together, as one flat buffer (1-D, their dtype).
+
+    grads[i] is a view of `buffer` shaped like params[i]; after the all-reduce it becomes params[i].grad.
+    """
+
+    def __init__(self, params):
+        self.params = params
+        self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        self.grads, offset = [], 0
+        for p in params:
+            self.grads.append(self.buffer[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        self.ready = set()    # indices of the parameters whose gradient is in the buffer this step
+        self.handle = None    # the async all-reduce, once launched
+
+
+class DataParallel(nn.Module):
+    """Data parallelism written out with Collectives (the custom twin of torch's DistributedDataParallel).
+
+    module: the model, identical in structure on every rank; its parameters and buffers are overwritten with
+    rank 0's (broadcast) so every replica starts equal. comm: parallel.comm.Collectives over the data-parallel
+    group. bucket_cap_mb: a bucket is closed once it holds at least this many MiB of gradients (DDP's rule).
+
+    Buckets take the parameters in reverse registration order, the order in which backward produces their
+    gradients. A post-accumulate-grad hook copies each final gradient (divided by world size) into its bucket;
+    when a bucket is full its all-reduce is launched asynchronously, strictly in bucket order so every rank
+    issues the same sequence of collectives, while backward goes on computing the next gradients.
+    finish_gradient_sync() waits for them and points each parameter's .grad at the averaged result.
+    Inside no_sync() the hooks do nothing and gradients simply accumulate in .grad.
+    Every parameter that requires grad must receive a gradient on the synchronising backward, or
+    finish_gradient_sync() raises RuntimeError naming those that did not.
+    """
+
+    def __init__(self, module, comm, bucket_cap_mb=25.0):
+        super().__init__()
+        self.module, self.comm = module, comm
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                comm.broadcast(t, src=0)
+
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.buckets, current, size = [], [], 0
+        for p in reversed(params):
+            current.append(p)
+            size += p.numel() * p.element_size()
+            if size >= bucket_cap_mb * 2**20:
+                self.buckets.append(Bucket(current))
+                current, size = [], 0
+        if current:
+            self.buckets.append(Bucket(current))
+        self.bucket_of = {p: (b, i) for b in self.buckets for i, p in enumerate(b.params)}
+        self.names = {p: name for name, p in module.named_parameters()}
+
+        self.require_sync = True
+        self.next_bucket = 0   # the next bucket to launch; buckets launch in order
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._on_grad_ready)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Accumulate gradients locally (no communication) for backward passes run inside this context."""
+        self.require_sync = False
+        try:
+            yield
+        finally:
+            self.require_sync = True
+
+    def _on_grad_ready(self, param):
+        if not self.require_sync:
+            return
+        bucket, i = self.bucket_of[param]
+        torch.div(param.grad, self.comm.world_size, out=bucket.grads[i])
+        bucket.ready.add(i)
+        while self.next_bucket < len(self.buckets) and self._is_full(self.buckets[self.next_bucket]):
+            bucket = self.buckets[self.next_bucket]
+            bucket.handle = self.comm.all_reduce(bucket.buffer, async_op=True)
+            self.next_bucket += 1
+
+    @staticmethod
+    def _is_full(bucket):
+        return len(bucket.ready) == len(bucket.params)
+
+    def finish_gradient_sync(self):
+        """Wait for every bucket's all-reduce and set each parameter's .grad to its averaged gradient."""
+        if self.next_bucket < len(self.buckets):
+            missing = [self.names[p] for b in self.buckets for i, p in enumerate(b.params) if i not in b.ready]
+            raise RuntimeError(f"DataParallel: parameters got no gradient in this backward: {missing}. "
+                               f"Every parameter with requires_grad must take part in the loss.")
+        for bucket in self.buckets:
+            bucket.handle.wait()
+            for p, grad in zip(bucket.params, bucket.grads):
+                p.grad = grad
+            bucket.ready, bucket.handle = set(), None
+        self.next_bucket = 0
+
+
+@register("ddp", "custom")
+class CustomDDP(Strategy):
+    """Our DataParallel around the GPT, over the Collectives of parallel/comm.py."""
+
+    def build_model(self, model_config):
+        model = super().build_model(model_config)
+        self.ddp = DataParallel(model, self.collectives(), self.cfg.bucket_cap_mb)
+        return model
+
+    def no_sync(self):
+        return self.ddp.no_sync()
+
+    def sync_gradients(self):
+        self.ddp.finish_gradient_sync()
