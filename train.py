@@ -1,0 +1,290 @@
+"""
+Train a GPT with any parallel strategy of parallel/. nanoGPT's train.py, with the parallelism in a plugin.
+
+One process:
+    python train.py config/train_shakespeare_char_cpu.py
+Data parallel on 2 CPU processes (gloo) or on the GPUs of one node (NCCL):
+    torchrun --standalone --nproc_per_node=2 train.py config/train_shakespeare_char_ddp_cpu.py
+Any default below can be overridden by a config file and then by --key=value (config/__init__.py).
+
+This file never looks at the strategy's name: `build_strategy(cfg, device)` returns a Strategy that builds the
+model, says which slice of the global batch this rank reads, runs one step's forward+backward, clips, averages
+the logged loss, evaluates and checkpoints (parallel/__init__.py).
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from config import ConfigError, load_config
+from model import GPTConfig, flops_per_token
+from parallel import build_strategy, init_distributed, teardown
+
+# -----------------------------------------------------------------------------
+# default config values: GPT-2 (124M) on OpenWebText, as in nanoGPT
+# I/O
+out_dir = "out"
+eval_interval = 2000
+log_interval = 1
+eval_iters = 200
+eval_only = False  # if True, evaluate once and exit
+always_save_checkpoint = True  # if False, save only when the val loss improves
+init_from = "scratch"  # "scratch" or "resume" (from out_dir/ckpt.pt)
+# wandb logging (WANDB_MODE=offline works without a network)
+wandb_log = False
+wandb_project = "nanoparallel"
+wandb_run_name = "gpt2"
+# data
+dataset = "openwebtext"
+data_dir = ""  # default: data/<dataset>
+gradient_accumulation_steps = 5 * 8  # micro-batches per optimizer step over ALL data-parallel ranks together
+batch_size = 12  # micro-batch size (sequences) per rank
+block_size = 1024
+# model
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0
+bias = False
+block = "gpt2"  # "gpt2", or "llama" (RMSNorm, RoPE, SwiGLU, no biases)
+# AdamW
+learning_rate = 6e-4
+max_iters = 600000
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip gradients at this global norm; 0 disables clipping
+# learning rate schedule: linear warmup, then cosine decay to min_lr (Chinchilla)
+decay_lr = True
+warmup_iters = 2000
+lr_decay_iters = 600000
+min_lr = 6e-5
+# parallelism (see parallel/__init__.py; python -c "import parallel; print(parallel.available())")
+parallel = "single"  # strategy: single, ddp, ...
+variant = "pytorch"  # pytorch (the native API) or custom (the algorithm written out)
+bucket_cap_mb = 25.0  # ddp: gradient bucket size in MiB
+timeout_s = 300  # a collective that waits longer than this fails instead of hanging
+# system
+dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # or float16
+compile = True  # torch.compile the model (slow to start on CPU: the CPU configs turn it off)
+compile_backend = "inductor"
+seed = 1337
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+
+
+def main(argv):
+    cfg = SimpleNamespace(**load_config(DEFAULTS, argv))
+    device = init_distributed(cfg.timeout_s)
+    strategy = build_strategy(cfg, device)
+    master = strategy.is_logger
+    torch.manual_seed(cfg.seed + strategy.rank)  # dropout masks differ per rank; the init does not (init_seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+    # data: uint16 token files written by data/<dataset>/prepare.py, read through np.memmap
+    data_dir = cfg.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg.dataset)
+    vocab_size = read_vocab_size(data_dir, cfg.dataset)
+    tokens = {split: open_tokens(data_dir, split, cfg.dataset, cfg.block_size, vocab_size) for split in ("train", "val")}
+
+    def get_batch(split, step, micro_step, micro_steps, eval=False):
+        """This rank's micro-batch `micro_step` of global batch `step`: x, y (batch_size, block_size) int64.
+
+        A global batch is micro_steps x dp_size x batch_size sequences at offsets drawn from a generator seeded by
+        (seed, split, eval, step): the same on every rank and for any dp size, so every strategy sees the single
+        run's data, and a resumed run needs no data state beyond the step. Micro-batch k of data-parallel rank r
+        is rows (k * dp_size + r) * batch_size onwards.
+        """
+        data, B, T = tokens[split], cfg.batch_size, cfg.block_size
+        rng = np.random.default_rng([cfg.seed, ("train", "val").index(split), int(eval), step])
+        offsets = rng.integers(0, len(data) - T, size=micro_steps * strategy.dp_size * B)
+        start = (micro_step * strategy.dp_size + strategy.dp_rank) * B
+        rows = torch.from_numpy(np.stack([data[i:i + T + 1] for i in offsets[start:start + B]]).astype(np.int64))
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        if device.type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x, y
+
+    # model, optimizer, and the state a checkpoint restores
+    model_config = GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                             n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, block=cfg.block, init_seed=cfg.seed)
+    model = strategy.build_model(model_config)
+    optimizer = strategy.configure_optimizer()
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
+    iter_num, best_val_loss = 0, 1e9
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.init_from == "resume":
+        ckpt = strategy.load_checkpoint(ckpt_path, optimizer)
+        if ckpt["model_args"] != asdict(model_config):
+            diff = {k: (v, asdict(model_config)[k]) for k, v in ckpt["model_args"].items() if asdict(model_config).get(k) != v}
+            raise ValueError(f"checkpoint {ckpt_path} holds another model: (saved, configured) = {diff}")
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"], strategy)
+    elif cfg.init_from != "scratch":
+        raise ValueError(f"init_from must be 'scratch' or 'resume', got {cfg.init_from!r}")
+
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    flops_per_iter = flops_per_token(model_config) * tokens_per_iter
+    if master:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{strategy.strategy}/{strategy.variant} on {strategy.world_size} process(es), data-parallel size "
+              f"{strategy.dp_size}, {strategy.grad_accum} micro-batch(es) of {cfg.batch_size} per rank per step; "
+              f"{n_params / 1e6:.2f}M parameters on this rank; {tokens_per_iter:,} tokens per iteration")
+
+    def get_lr(it):
+        """Linear warmup for warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr (nanoGPT)."""
+        if it < cfg.warmup_iters:
+            return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+        if it > cfg.lr_decay_iters:
+            return cfg.min_lr
+        ratio = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
+        return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+    @torch.no_grad()
+    def estimate_loss():
+        """Mean loss over eval_iters fixed batches of each split; every rank takes part (and gets the result)."""
+        return {split: torch.stack([strategy.eval_loss(*get_batch(split, k, 0, 1, eval=True))
+                                    for k in range(cfg.eval_iters)]).mean().item() for split in ("train", "val")}
+
+    run = None
+    if cfg.wandb_log and master:
+        import wandb
+        run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=vars(cfg), dir=cfg.out_dir)
+
+    def log(metrics):
+        """One metrics record: to wandb when enabled, and appended to out_dir/metrics.jsonl."""
+        if run is not None:
+            run.log(metrics, step=metrics["iter"])
+        with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+    # training loop
+    strategy.stats.reset()
+    t0 = time.time()
+    while True:
+        lr = get_lr(iter_num) if cfg.decay_lr else cfg.learning_rate
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only:
+            losses = estimate_loss()
+            if master:
+                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                log({"iter": iter_num, "train/loss_eval": losses["train"], "val/loss": losses["val"], "lr": lr})
+            if iter_num > 0 and (losses["val"] < best_val_loss or cfg.always_save_checkpoint):
+                best_val_loss = min(best_val_loss, losses["val"])
+                strategy.save_checkpoint(ckpt_path, optimizer, {
+                    "model_args": asdict(model_config), "iter_num": iter_num, "best_val_loss": best_val_loss,
+                    "config": vars(cfg), "scaler": scaler.state_dict(), "rng": gather_rng_state(strategy)})
+                if master:
+                    print(f"saved checkpoint to {ckpt_path}")
+            t0 = time.time()
+        if iter_num >= cfg.max_iters or cfg.eval_only:
+            break
+
+        # one optimizer step over gradient_accumulation_steps micro-batches, split over data-parallel ranks
+        batches = [get_batch("train", iter_num, k, strategy.grad_accum) for k in range(strategy.grad_accum)]
+        loss = strategy.forward_backward(batches, scaler)
+        scaler.unscale_(optimizer)
+        grad_norm = strategy.clip_grad_norm_(cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        if iter_num % cfg.log_interval == 0:
+            lossf, grad_normf = loss.item(), float(grad_norm)
+            tflops = flops_per_iter / dt / strategy.world_size / 1e12  # achieved, per process
+            comm = {k: v for k, v in strategy.stats.as_dict().items()}
+            strategy.stats.reset()
+            if master:
+                mfu = f", mfu {100 * model.estimate_mfu(cfg.gradient_accumulation_steps * cfg.batch_size, dt * strategy.world_size):.1f}%" \
+                    if device.type == "cuda" else ""
+                print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f}ms, "
+                      f"{tokens_per_iter / dt:,.0f} tok/s, {tflops:.3f} TFLOP/s per process{mfu}")
+                log({"iter": iter_num, "train/loss": lossf, "lr": lr, "grad_norm": grad_normf, "ms_per_iter": dt * 1000,
+                     "tokens_per_s": tokens_per_iter / dt, "tflops_per_process": tflops, **comm})
+        iter_num += 1
+
+    if run is not None:
+        run.finish()
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# data files and RNG state
+
+def read_vocab_size(data_dir, dataset):
+    """vocab_size from data_dir/meta.pkl written by the prepare script; GPT-2's 50304 (50257 padded) without one."""
+    import pickle
+    meta_path = os.path.join(data_dir, "meta.pkl")
+    if not os.path.isfile(meta_path):
+        return 50304
+    with open(meta_path, "rb") as f:
+        vocab = pickle.load(f)["vocab_size"]
+    return 50304 if vocab == 50257 else vocab
+
+
+def open_tokens(data_dir, split, dataset, block_size, vocab_size):
+    """np.memmap over data_dir/<split>.bin (uint16 tokens). Raises FileNotFoundError or ValueError, naming the
+    file and the prepare command, if it is missing, not whole uint16 tokens, too short for one block, or holds
+    ids >= vocab_size (checked on its first million tokens)."""
+    path = os.path.join(data_dir, f"{split}.bin")
+    fix = f"run `python data/{dataset}/prepare.py` (or set data_dir)"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path} not found: {fix}")
+    size = os.path.getsize(path)
+    if size % 2 or size // 2 <= block_size:
+        raise ValueError(f"data file {path} is malformed ({size} bytes: not whole uint16 tokens or fewer than "
+                         f"block_size+1={block_size + 1}): {fix}")
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    top = int(data[:2**20].max())
+    if top >= vocab_size:
+        raise ValueError(f"data file {path} holds token id {top} >= vocab_size {vocab_size} (meta.pkl of another "
+                         f"tokenizer?): {fix}")
+    return data
+
+
+def gather_rng_state(strategy):
+    """Every rank's torch RNG states (CPU, and CUDA if used), as a list indexed by rank; all ranks take part."""
+    state = {"cpu": torch.get_rng_state()}
+    if strategy.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(strategy.device)
+    if strategy.world_size == 1:
+        return [state]
+    states = [None] * strategy.world_size
+    dist.all_gather_object(states, state)
+    return [{k: v.cpu() for k, v in s.items()} for s in states]
+
+
+def set_rng_state(states, strategy):
+    """Restore this rank's RNG state saved by gather_rng_state (only if the world size is unchanged)."""
+    if len(states) != strategy.world_size:
+        if strategy.is_logger:
+            print(f"warning: checkpoint has RNG states for {len(states)} ranks, not {strategy.world_size}; not restored")
+        return
+    torch.set_rng_state(states[strategy.rank]["cpu"])
+    if "cuda" in states[strategy.rank] and strategy.device.type == "cuda":
+        torch.cuda.set_rng_state(states[strategy.rank]["cuda"], strategy.device)
+
+
+if __name__ == "__main__":
+    exit_code = 1
+    try:
+        exit_code = main(sys.argv[1:])
+    except (ConfigError, ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+    finally:
+        teardown(exit_code)
