@@ -16,6 +16,7 @@ Two variants, top to bottom:
 """
 
 import contextlib
+import functools
 
 import torch
 import torch.nn as nn
@@ -82,8 +83,8 @@ class DataParallel(nn.Module):
     group. bucket_cap_mb: a bucket is closed once it holds at least this many MiB of gradients (DDP's rule).
 
     Buckets take the parameters in reverse registration order, the order in which backward produces their
-    gradients. A post-accumulate-grad hook copies each final gradient (divided by world size) into its bucket;
-    when a bucket is full its all-reduce is launched asynchronously, strictly in bucket order so every rank
+    gradients. A post-accumulate-grad hook copies each final gradient into its bucket; when a bucket is full it
+    is divided by the world size and its all-reduce (a sum, hence the average) is launched asynchronously, strictly in bucket order so every rank
     issues the same sequence of collectives, while backward goes on computing the next gradients.
     finish_gradient_sync() waits for them and points each parameter's .grad at the averaged result.
     Inside no_sync() the hooks do nothing and gradients simply accumulate in .grad.
@@ -108,13 +109,13 @@ class DataParallel(nn.Module):
                 current, size = [], 0
         if current:
             self.buckets.append(Bucket(current))
-        self.bucket_of = {p: (b, i) for b in self.buckets for i, p in enumerate(b.params)}
         self.names = {p: name for name, p in module.named_parameters()}
 
         self.require_sync = True
         self.next_bucket = 0   # the next bucket to launch; buckets launch in order
-        for p in params:
-            p.register_post_accumulate_grad_hook(self._on_grad_ready)
+        for bucket in self.buckets:
+            for i, p in enumerate(bucket.params):
+                p.register_post_accumulate_grad_hook(functools.partial(self._on_grad_ready, bucket, i))
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -128,14 +129,15 @@ class DataParallel(nn.Module):
         finally:
             self.require_sync = True
 
-    def _on_grad_ready(self, param):
+    def _on_grad_ready(self, bucket, i, param):
+        """Post-accumulate-grad hook of bucket.params[i]: its gradient is final for this backward."""
         if not self.require_sync:
             return
-        bucket, i = self.bucket_of[param]
-        torch.div(param.grad, self.comm.world_size, out=bucket.grads[i])
+        bucket.grads[i].copy_(param.grad)
         bucket.ready.add(i)
         while self.next_bucket < len(self.buckets) and self._is_full(self.buckets[self.next_bucket]):
             bucket = self.buckets[self.next_bucket]
+            bucket.buffer.div_(self.comm.world_size)  # sum of grad / N over ranks = the average
             bucket.handle = self.comm.all_reduce(bucket.buffer, async_op=True)
             self.next_bucket += 1
 

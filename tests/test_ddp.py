@@ -12,8 +12,8 @@ from parallel import build_strategy
 from parallel.comm import TorchCollectives
 from parallel.ddp import DataParallel
 from tests.distributed import DistributedTestCase, torchrun_launcher
-from tests.reference import (global_batches, max_param_diff, rank_batches, tiny_config, train_config, train_single,
-                             train_strategy)
+from tests.reference import (global_batches, max_param_diff, max_param_diff_but_zero_gradient, rank_batches,
+                             tiny_config, train_config, train_single, train_strategy)
 
 CPU = torch.device("cpu")
 
@@ -28,7 +28,8 @@ class TestDDP(DistributedTestCase):
 
     def test_five_steps_with_accumulation_equal_single(self):
         """Losses and parameters after 5 optimizer steps of 3 micro-batches per rank equal the single run on the
-        same global batch (1e-5), and custom equals pytorch DDP (1e-6); GPT-2 and Llama-style blocks."""
+        same global batch (1e-5), and custom equals pytorch DDP (1e-6; the key bias, whose true gradient is 0,
+        to 1e-5: see tests/reference.py); GPT-2 and Llama-style blocks."""
         for block in ("gpt2", "llama"):
             model_config = tiny_config(block=block)
             batches = global_batches(5, 3 * self.world_size, 4, model_config)
@@ -42,7 +43,8 @@ class TestDDP(DistributedTestCase):
             with self.subTest(block=block, compare="custom vs pytorch"):
                 (lp, mp), (lc, mc) = runs["pytorch"], runs["custom"]
                 self.assertLess(max(abs(a - b) for a, b in zip(lp, lc)), 1e-6)
-                self.assertLess(max_param_diff(mp, mc), 1e-6)
+                self.assertLess(max_param_diff_but_zero_gradient(mp, mc), 1e-6)
+                self.assertLess(max_param_diff(mp, mc), 1e-5)
             # not vacuous: the reference moved far from its init, and its loss fell
             self.assertGreater(max_param_diff(ref_model, GPT(model_config)), 1e-3)
             self.assertLess(ref_losses[-1], ref_losses[0])
