@@ -15,6 +15,7 @@ the logged loss, evaluates and checkpoints (parallel/__init__.py).
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from dataclasses import asdict
@@ -167,7 +168,6 @@ def main(argv):
             f.write(json.dumps(metrics) + "\n")
 
     # training loop
-    strategy.stats.reset()
     t0 = time.time()
     while True:
         lr = get_lr(iter_num) if cfg.decay_lr else cfg.learning_rate
@@ -192,6 +192,7 @@ def main(argv):
 
         # one optimizer step over gradient_accumulation_steps micro-batches, split over data-parallel ranks
         batches = [get_batch("train", iter_num, k, strategy.grad_accum) for k in range(strategy.grad_accum)]
+        strategy.stats.reset()  # count this step's communication
         loss = strategy.forward_backward(batches, scaler)
         scaler.unscale_(optimizer)
         grad_norm = strategy.clip_grad_norm_(cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
@@ -204,15 +205,13 @@ def main(argv):
         if iter_num % cfg.log_interval == 0:
             lossf, grad_normf = loss.item(), float(grad_norm)
             tflops = flops_per_iter / dt / strategy.world_size / 1e12  # achieved, per process
-            comm = {k: v for k, v in strategy.stats.as_dict().items()}
-            strategy.stats.reset()
             if master:
-                mfu = f", mfu {100 * model.estimate_mfu(cfg.gradient_accumulation_steps * cfg.batch_size, dt * strategy.world_size):.1f}%" \
-                    if device.type == "cuda" else ""
+                sequences_per_device = cfg.gradient_accumulation_steps * cfg.batch_size / strategy.world_size
+                mfu = f", mfu {100 * model.estimate_mfu(sequences_per_device, dt):.1f}%" if device.type == "cuda" else ""
                 print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f}ms, "
                       f"{tokens_per_iter / dt:,.0f} tok/s, {tflops:.3f} TFLOP/s per process{mfu}")
                 log({"iter": iter_num, "train/loss": lossf, "lr": lr, "grad_norm": grad_normf, "ms_per_iter": dt * 1000,
-                     "tokens_per_s": tokens_per_iter / dt, "tflops_per_process": tflops, **comm})
+                     "tokens_per_s": tokens_per_iter / dt, "tflops_per_process": tflops, **strategy.stats.as_dict()})
         iter_num += 1
 
     if run is not None:
@@ -225,7 +224,6 @@ def main(argv):
 
 def read_vocab_size(data_dir, dataset):
     """vocab_size from data_dir/meta.pkl written by the prepare script; GPT-2's 50304 (50257 padded) without one."""
-    import pickle
     meta_path = os.path.join(data_dir, "meta.pkl")
     if not os.path.isfile(meta_path):
         return 50304

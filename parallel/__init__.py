@@ -160,7 +160,8 @@ class Strategy:
         Identical on every rank: the init is a function of config.init_seed."""
         self.model = GPT(model_config).to(self.device)
         if self.cfg.compile:
-            self.model.compile()  # in place: parameter names and state_dict keys stay those of the bare model
+            # in place: parameter names and state_dict keys stay those of the bare model
+            self.model.compile(backend=self.cfg.compile_backend)
         return self.model
 
     def configure_optimizer(self):
