@@ -77,6 +77,14 @@ def resolve_input(cli_path, env_var, url, sha256, dest):
     return path
 
 
+def read_shakespeare(cli_path, dest_dir):
+    """The tiny-shakespeare text: from `cli_path`, else $SHAKESPEARE_INPUT, else dest_dir/input.txt, downloaded
+    (and checked against its sha256) if it is not there yet."""
+    path = resolve_input(cli_path, SHAKESPEARE_ENV, SHAKESPEARE_URL, SHAKESPEARE_SHA256, os.path.join(dest_dir, "input.txt"))
+    with open(path, "r", encoding="utf-8") as f:
+        return f.read()
+
+
 def write_tokens(path, ids):
     """Write token ids to `path` as a flat uint16 array, atomically; ValueError if any id is outside [0, 65536)."""
     ids = np.asarray(ids)

@@ -73,6 +73,7 @@ def test_ddp_on_shakespeare_loss_falls_and_logs_to_wandb_offline(tmp_path, shake
     (0, ["--parallel=nope"], "no strategy parallel='nope' variant='pytorch'; available: ddp/custom, ddp/pytorch, "),
     (0, ["--n_layers=2"], "unknown config key 'n_layers'"),
     (0, ["--data_dir=/nonexistent"], "data file /nonexistent/train.bin not found: run `python data/openwebtext/prepare.py`"),
+    (0, ["--data_dir=MALFORMED"], "train.bin is malformed (3 bytes: not whole uint16 tokens"),
     (0, ["--init_from=resume", "--out_dir=CORRUPT"], "is corrupt or unreadable"),
     (2, ["--parallel=single"], "parallel='single' runs on one process, but WORLD_SIZE=2"),
     (2, ["--parallel=ddp", "--gradient_accumulation_steps=3"], "must be divisible by the data-parallel size 2"),
@@ -81,7 +82,10 @@ def test_bad_input_is_a_one_line_error(tmp_path, shakespeare_char_dir, nproc, ar
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "ckpt.pt").write_bytes(b"not a checkpoint")
-    args = [a.replace("CORRUPT", str(corrupt)) for a in args]
+    malformed = tmp_path / "malformed"
+    malformed.mkdir()
+    (malformed / "train.bin").write_bytes(b"abc")
+    args = [a.replace("CORRUPT", str(corrupt)).replace("MALFORMED", str(malformed)) for a in args]
     if not any(a.startswith("--data_dir") for a in args):
         args.append(f"--data_dir={shakespeare_char_dir}")
     code, out = train(nproc, [*TINY, "--max_iters=1", f"--out_dir={tmp_path / 'out'}", *args], timeout_s=120)

@@ -15,8 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import tiktoken
 
-from data.common import (SHAKESPEARE_ENV, SHAKESPEARE_SHA256, SHAKESPEARE_URL, add_common_args, resolve_input,
-                         write_meta, write_tokens)
+from data.common import add_common_args, read_shakespeare, write_meta, write_tokens
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -25,10 +24,7 @@ def main(argv=None):
     """Parse `argv`, split the text 90/10 by characters and write each part's GPT-2 tokens."""
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), HERE)
     args = parser.parse_args(argv)
-    dest = os.path.join(HERE, "input.txt")
-    path = resolve_input(args.input, SHAKESPEARE_ENV, SHAKESPEARE_URL, SHAKESPEARE_SHA256, dest)
-    with open(path, "r", encoding="utf-8") as f:
-        data = f.read()
+    data = read_shakespeare(args.input, HERE)
     n = len(data)
     train_data = data[: int(n * 0.9)]
     val_data = data[int(n * 0.9):]

@@ -12,8 +12,7 @@ import sys
 # repo root on sys.path so `from data.common import ...` also works when run as `python data/<name>/prepare.py`
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from data.common import (SHAKESPEARE_ENV, SHAKESPEARE_SHA256, SHAKESPEARE_URL, add_common_args, resolve_input,
-                         write_meta, write_tokens)
+from data.common import add_common_args, read_shakespeare, write_meta, write_tokens
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -22,10 +21,7 @@ def main(argv=None):
     """Parse `argv`, build the character vocabulary and write the 90/10 train/val split."""
     parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]), HERE)
     args = parser.parse_args(argv)
-    dest = os.path.join(HERE, "input.txt")
-    path = resolve_input(args.input, SHAKESPEARE_ENV, SHAKESPEARE_URL, SHAKESPEARE_SHA256, dest)
-    with open(path, "r", encoding="utf-8") as f:
-        data = f.read()
+    data = read_shakespeare(args.input, HERE)
     print(f"length of dataset in characters: {len(data):,}")
 
     chars = sorted(set(data))
