@@ -172,7 +172,7 @@ class Strategy:
     # --- one optimizer step -------------------------------------------------------------------------------
 
     def forward(self, x, y):
-        """Training forward of one micro-batch: x, y (B, T) int64 -> (logits, mean loss)."""
+        """Forward of one micro-batch through whatever wraps the model: x, y (B, T) int64 -> (logits, mean loss)."""
         return self.model(x, y)
 
     def no_sync(self):
@@ -219,7 +219,7 @@ class Strategy:
         """Mean loss on one eval micro-batch x, y (B, T), averaged over the data-parallel group."""
         self.model.eval()
         with self.autocast():
-            _, loss = self.model(x, y)
+            _, loss = self.forward(x, y)
         self.model.train()
         return self.dp_mean(loss)
 
