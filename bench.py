@@ -1,15 +1,18 @@
 """
-Throughput benchmark: tokens/s of each strategy/variant on one config, measured by train.py itself.
+Throughput benchmark on the CPU recipe (config/train_shakespeare_char_cpu.py): single vs DDP pytorch vs DDP custom.
 
-    python bench.py                                  # CPU recipe, single vs DDP pytorch vs DDP custom on 2 procs
-    python bench.py --iters=300 --nproc=4 --runs=ddp/pytorch,ddp/custom --repeat=3
+    python bench.py                          # 2 processes for DDP
+    python bench.py --iters=300 --nproc=4 --repeat=3
 
-Each run is `train.py config/train_shakespeare_char_cpu.py` (the same global batch of 12 x 64 tokens for all) for
---iters iterations with evaluation only at the start and end; the figure is the median tokens/s over the
-iterations after the first 10 (warm-up), from out_dir/metrics.jsonl, and the median over --repeat runs
-(run interleaved: every row once, then every row again, ...).
-Data-parallel runs use batch_size / nproc per rank and gradient_accumulation_steps = nproc (one micro-batch per rank).
-Also printed: the all-reduce bus bytes per step against the ring formula 2(N-1)/N * Psi * 4.
+Two measurements:
+1. train.py itself, run for --iters iterations per strategy (evaluation only at the start and end), the same
+   global batch of 12 x 64 tokens for all: data-parallel runs use batch_size 12 / nproc per rank. The figure is
+   the median tokens/s over the iterations after the first 10, from out_dir/metrics.jsonl, then the median over
+   --repeat runs, taken interleaved (every row once, then every row again). Also printed: the all-reduce bus
+   bytes per step next to the ring formula 2(N-1)/N * Psi * 4.
+2. A paired A/B of the two DDP variants inside one torchrun job: both are built on the same data and alternate
+   optimizer steps, so a slow spell of a shared machine hits both alike. On a 2-core VM, run-to-run noise of (1)
+   is about +-10%, too much to resolve a few percent; (2) is the figure to quote for custom / pytorch.
 """
 
 import argparse
@@ -19,6 +22,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+
+import torch
 
 from config import load_config
 from model import GPT, GPTConfig
@@ -28,18 +34,27 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 CONFIG = "config/train_shakespeare_char_cpu.py"
 
 
-def run(strategy, nproc, iters, data_dir, threads):
-    """Train for `iters` iterations; return the records of out_dir/metrics.jsonl."""
+def model_config():
+    """The CPU recipe's GPTConfig (65 symbols: shakespeare_char's vocabulary)."""
+    c = load_config(DEFAULTS, [CONFIG])
+    return GPTConfig(block_size=c["block_size"], vocab_size=65, n_layer=c["n_layer"], n_head=c["n_head"],
+                     n_embd=c["n_embd"], bias=c["bias"])
+
+
+def torchrun(nproc, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def train_run(strategy, nproc, iters, data_dir, threads):
+    """Run train.py for `iters` iterations; return its per-iteration records from out_dir/metrics.jsonl."""
     parallel, variant = strategy.split("/")
     out_dir = tempfile.mkdtemp(prefix="bench-")
-    args = [CONFIG, f"--out_dir={out_dir}", f"--max_iters={iters}",
-            f"--eval_interval={iters}", "--eval_iters=1", "--log_interval=1", f"--parallel={parallel}",
-            f"--variant={variant}"]
+    args = [CONFIG, f"--out_dir={out_dir}", f"--max_iters={iters}", f"--eval_interval={iters}", "--eval_iters=1",
+            "--log_interval=1", f"--parallel={parallel}", f"--variant={variant}"]
     if data_dir:
         args.append(f"--data_dir={data_dir}")
     if nproc > 1:
-        args += [f"--batch_size={12 // nproc}", f"--gradient_accumulation_steps={nproc}"]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *args]
+        cmd = torchrun(nproc, "train.py", *args, f"--batch_size={12 // nproc}", f"--gradient_accumulation_steps={nproc}")
     else:
         cmd = [sys.executable, "train.py", *args]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else os.environ
@@ -48,40 +63,73 @@ def run(strategy, nproc, iters, data_dir, threads):
         return [m for m in map(json.loads, f) if "tokens_per_s" in m]
 
 
+def paired_worker(steps):
+    """Under torchrun: DDP pytorch and custom on the same batches, alternating optimizer steps; rank 0 prints
+    {variant: median step seconds} as JSON."""
+    from types import SimpleNamespace
+
+    from parallel import build_strategy, init_distributed, teardown
+    device = init_distributed()
+    cfg = {**load_config(DEFAULTS, [CONFIG]), "parallel": "ddp"}
+    world = int(os.environ["WORLD_SIZE"])
+    strategies = {}
+    for variant in ("pytorch", "custom"):
+        s = build_strategy(SimpleNamespace(**{**cfg, "variant": variant, "batch_size": 12 // world,
+                                              "gradient_accumulation_steps": world}), device)
+        s.build_model(model_config())
+        strategies[variant] = (s, s.configure_optimizer())
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 65, (2, 12 // world, 64), generator=g)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    times = {v: [] for v in strategies}
+    for step in range(steps):
+        for variant, (s, opt) in strategies.items():
+            t0 = time.perf_counter()
+            s.forward_backward([(x, y)], scaler)
+            s.clip_grad_norm_(1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step >= 10:
+                times[variant].append(time.perf_counter() - t0)
+    if int(os.environ["RANK"]) == 0:
+        print(json.dumps({v: statistics.median(t) for v, t in times.items()}))
+    teardown(0)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--runs", default="single/pytorch,ddp/pytorch,ddp/custom")
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--data_dir", default="", help="prepared shakespeare_char (default data/shakespeare_char)")
+    parser.add_argument("--paired-worker", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.paired_worker:
+        return paired_worker(args.paired_worker)
 
-    c = load_config(DEFAULTS, [CONFIG])
-    model_config = GPTConfig(block_size=c["block_size"], vocab_size=65, n_layer=c["n_layer"], n_head=c["n_head"],
-                             n_embd=c["n_embd"], bias=c["bias"])  # 65: shakespeare_char's vocabulary
-    psi = sum(p.numel() for p in GPT(model_config).parameters())
-    results = {}
-    rows = [(s, 1, 1) for s in args.runs.split(",") if s.startswith("single")]  # one thread, like a rank
-    rows += [(s, 1, 0) for s in args.runs.split(",") if s.startswith("single")]  # all cores (torch's default)
-    rows += [(s, args.nproc, 0) for s in args.runs.split(",") if not s.startswith("single")]
-    records = {row: [] for row in rows}
-    for _ in range(args.repeat):  # interleaved, so that a slow spell of the machine hits every row alike
+    psi = sum(p.numel() for p in GPT(model_config()).parameters())
+    rows = [("single/pytorch", 1, 1), ("single/pytorch", 1, 0), ("ddp/pytorch", args.nproc, 0), ("ddp/custom", args.nproc, 0)]
+    runs = {row: [] for row in rows}
+    for _ in range(args.repeat):
         for row in rows:
-            strategy, nproc, threads = row
-            records[row].append(run(strategy, nproc, args.iters, args.data_dir, threads)[10:])
+            runs[row].append(train_run(row[0], row[1], args.iters, args.data_dir, row[2])[10:])
+    print(f"1. train.py, {args.iters} iterations x {args.repeat} runs")
     print(f"{'strategy':<16} {'procs':>5} {'threads':>7} {'tokens/s':>10} {'ms/iter':>8} {'all-reduce bus B/step':>22} {'formula':>10}")
-    for row, runs in records.items():
-        strategy, nproc, threads = row
-        tps = statistics.median(statistics.median(r["tokens_per_s"] for r in rs) for rs in runs)
-        ms = statistics.median(statistics.median(r["ms_per_iter"] for r in rs) for rs in runs)
-        bus = statistics.median(r.get("comm/all_reduce_bus_bytes", 0) for rs in runs for r in rs)
-        results[row] = tps
+    for (strategy, nproc, threads), records in runs.items():
+        tps = statistics.median(statistics.median(r["tokens_per_s"] for r in rs) for rs in records)
+        ms = statistics.median(statistics.median(r["ms_per_iter"] for r in rs) for rs in records)
+        bus = statistics.median(r.get("comm/all_reduce_bus_bytes", 0) for rs in records for r in rs)
         formula = 2 * (nproc - 1) / nproc * psi * 4
         print(f"{strategy:<16} {nproc:>5} {threads or 'all':>7} {tps:>10,.0f} {ms:>8.1f} {bus:>22,.0f} {formula:>10,.0f}")
-    pt, cu = results.get(("ddp/pytorch", args.nproc, 0)), results.get(("ddp/custom", args.nproc, 0))
-    if pt and cu:
-        print(f"ddp custom / pytorch tokens/s at N={args.nproc}: {cu / pt:.3f}")
+
+    out = subprocess.run(torchrun(args.nproc, "bench.py", f"--paired-worker={args.iters}"), cwd=REPO, check=True,
+                         capture_output=True, text=True, timeout=1800).stdout
+    median = json.loads(out.strip().splitlines()[-1])
+    tokens = 12 * 64
+    print(f"2. paired A/B in one job, N={args.nproc}, {args.iters - 10} alternating steps each")
+    for variant, seconds in median.items():
+        print(f"ddp/{variant:<12} {seconds * 1000:8.1f} ms/step {tokens / seconds:10,.0f} tokens/s")
+    print(f"ddp custom / pytorch tokens/s at N={args.nproc}: {median['pytorch'] / median['custom']:.3f}")
 
 
 if __name__ == "__main__":
