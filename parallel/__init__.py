@@ -138,7 +138,10 @@ class Strategy:
         self.is_logger = self.rank == 0
         self.model = None
         self.stats = CommStats()
-        ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if cfg.dtype not in dtypes:
+            raise ValueError(f"dtype must be one of {', '.join(dtypes)}, got {cfg.dtype!r}")
+        ptdtype = dtypes[cfg.dtype]
         self.autocast = (contextlib.nullcontext if ptdtype == torch.float32 else
                          lambda: torch.autocast(device_type=device.type, dtype=ptdtype))
 
