@@ -92,7 +92,7 @@ def main(argv):
 
     # data: uint16 token files written by data/<dataset>/prepare.py, read through np.memmap
     data_dir = cfg.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg.dataset)
-    vocab_size = read_vocab_size(data_dir, cfg.dataset)
+    vocab_size = read_vocab_size(data_dir)
     tokens = {split: open_tokens(data_dir, split, cfg.dataset, cfg.block_size, vocab_size) for split in ("train", "val")}
 
     def get_batch(split, step, micro_step, micro_steps, eval=False):
@@ -222,7 +222,7 @@ def main(argv):
 # -----------------------------------------------------------------------------
 # data files and RNG state
 
-def read_vocab_size(data_dir, dataset):
+def read_vocab_size(data_dir):
     """vocab_size from data_dir/meta.pkl written by the prepare script; GPT-2's 50304 (50257 padded) without one."""
     meta_path = os.path.join(data_dir, "meta.pkl")
     if not os.path.isfile(meta_path):

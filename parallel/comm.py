@@ -17,7 +17,6 @@ all-gather and reduce-scatter, 1 for broadcast and point-to-point.
 
 from collections import Counter
 
-import torch
 import torch.distributed as dist
 
 # torch 2.13 names all_gather_into_tensor / reduce_scatter_tensor all_gather_single / reduce_scatter_single
