@@ -1,5 +1,6 @@
 """
-Sample text from a trained model's single-file checkpoint (out_dir/ckpt.pt), as nanoGPT's sample.py.
+Sample text from a trained model's checkpoint, as nanoGPT's sample.py: out_dir/ckpt.pt, or the sharded
+(DCP) directory out_dir/ckpt that fsdp, tp, pp and 3d write, converted in memory.
 
     python sample.py --out_dir=out-shakespeare-char-cpu --start="ROMEO:" --num_samples=3 --max_new_tokens=200
 
@@ -53,7 +54,10 @@ def load_tokenizer(train_config):
 def main(argv):
     cfg = load_config(DEFAULTS, argv)
     torch.manual_seed(cfg["seed"])
-    ckpt = load_checkpoint_file(os.path.join(cfg["out_dir"], "ckpt.pt"), cfg["device"])
+    path = os.path.join(cfg["out_dir"], "ckpt.pt")
+    if not os.path.exists(path) and os.path.isdir(os.path.join(cfg["out_dir"], "ckpt")):
+        path = os.path.join(cfg["out_dir"], "ckpt")
+    ckpt = load_checkpoint_file(path, cfg["device"])
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     model.eval().to(cfg["device"])

@@ -38,7 +38,7 @@ log_interval = 1
 eval_iters = 200
 eval_only = False  # if True, evaluate once and exit
 always_save_checkpoint = True  # if False, save only when the val loss improves
-init_from = "scratch"  # "scratch" or "resume" (from out_dir/ckpt.pt)
+init_from = "scratch"  # "scratch" or "resume" (from out_dir/ckpt.pt, or the directory out_dir/ckpt if sharded)
 # wandb logging (WANDB_MODE=offline works without a network)
 wandb_log = False
 wandb_project = "nanoparallel"
@@ -120,7 +120,7 @@ def main(argv):
     optimizer = strategy.configure_optimizer()
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
     iter_num, best_val_loss = 0, 1e9
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt_path = os.path.join(cfg.out_dir, strategy.checkpoint_name)
     if cfg.init_from == "resume":
         ckpt = strategy.load_checkpoint(ckpt_path, optimizer)
         if ckpt["model_args"] != asdict(model_config):

@@ -32,7 +32,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
+
 from model import GPT
+from parallel import checkpoint
 from parallel.comm import CommStats, TorchCollectives
 
 _REGISTRY = {}
@@ -129,6 +134,7 @@ class Strategy:
     """
 
     strategy = variant = None  # set by @register
+    checkpoint_name = "ckpt.pt"  # in out_dir; strategies whose state is sharded use a DCP directory, "ckpt"
 
     def __init__(self, cfg, device):
         self.cfg, self.device = cfg, device
@@ -226,11 +232,37 @@ class Strategy:
         self.model.train()
         return self.dp_mean(loss)
 
-    # --- checkpoints -------------------------------------------------------------------------------------
+    # --- state: gathered, and checkpoints ------------------------------------------------------------
+
+    def full_state_dict(self):
+        """The single-device GPT's state_dict ({name: full tensor}), on every rank (collective for sharded
+        strategies: call it on all ranks). Tests compare it with the reference; DTensors are gathered."""
+        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.model.state_dict().items()}
+
+    def sharded_state_dict(self, optimizer):
+        """{"model": {fqn: tensor}, "optim": {fqn: {"step", "exp_avg", "exp_avg_sq"}}} of this rank's part, keyed by
+        the bare GPT's names, with DTensors for sharded tensors (parallel/checkpoint.py). Used when
+        checkpoint_name is a directory. This default is PyTorch's (torch.distributed.checkpoint.state_dict) and
+        serves models whose parameters are DTensors (FSDP2, DTensor TP); custom layouts override it and
+        load_sharded_state_dict. Before the first step the optimizer state is created (zeros) so that a load has
+        somewhere to go."""
+        model_sd = get_model_state_dict(self.model)
+        optim_sd = get_optimizer_state_dict(self.model, optimizer)
+        self._param_groups = optim_sd["param_groups"]
+        return {"model": model_sd, "optim": optim_sd["state"]}
+
+    def load_sharded_state_dict(self, state, optimizer):
+        """Put a state of sharded_state_dict's form, filled in by a DCP load, back into the model and optimizer."""
+        set_model_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(self.model, optimizer, {"state": state["optim"], "param_groups": self._param_groups})
 
     def save_checkpoint(self, path, optimizer, extra):
-        """Write {"model", "optimizer", **extra} to the single file `path`. The model is replicated, so rank 0
-        writes it, atomically (a temporary file, then os.replace); every rank returns once it is on disk."""
+        """Write {"model", "optimizer", **extra} to `path`, atomically (a temporary, then a rename); every rank
+        returns once it is on disk. A replicated model is one file that rank 0 writes; a sharded strategy
+        (checkpoint_name "ckpt") writes a DCP directory in which every rank writes its part."""
+        if self.checkpoint_name != Strategy.checkpoint_name:
+            checkpoint.save(path, self.sharded_state_dict(optimizer), extra, self.rank)
+            return
         if self.rank == 0:
             tmp = f"{path}.tmp"
             torch.save({"model": self.model.state_dict(), "optimizer": optimizer.state_dict(), **extra}, tmp)
@@ -239,8 +271,14 @@ class Strategy:
             dist.barrier()
 
     def load_checkpoint(self, path, optimizer):
-        """Load what save_checkpoint wrote into self.model and optimizer; return the whole dict.
+        """Load what save_checkpoint wrote into self.model and optimizer; return the whole dict (for a sharded
+        checkpoint, the extra values). A sharded checkpoint loads on any world size.
         Raises FileNotFoundError or ValueError naming the file if it is missing or damaged."""
+        if self.checkpoint_name != Strategy.checkpoint_name:
+            state = self.sharded_state_dict(optimizer)
+            extra = checkpoint.load(path, state)
+            self.load_sharded_state_dict(state, optimizer)
+            return extra
         ckpt = load_checkpoint_file(path, self.device)
         self.model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -248,9 +286,14 @@ class Strategy:
 
 
 def load_checkpoint_file(path, device="cpu"):
-    """torch.load a single-file checkpoint (tensors and plain Python values only: weights_only=True).
+    """torch.load a single-file checkpoint (tensors and plain Python values only: weights_only=True), or convert
+    a sharded (DCP) checkpoint directory to the same dict in memory (parallel/checkpoint.py).
     Raises FileNotFoundError if it is missing, ValueError (one line, naming the file) if it is truncated,
     corrupt or not a checkpoint of this project."""
+    if checkpoint.is_sharded(path) or os.path.isdir(f"{path}.old"):
+        ckpt = checkpoint.load_full(path)
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in ckpt.items()} | {
+            "model": {k: v.to(device) for k, v in ckpt["model"].items()}}
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:

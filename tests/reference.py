@@ -80,14 +80,15 @@ def train_strategy(strategy, model_config, batches):
 
 
 def param_diffs(model_a, model_b):
-    """{name: largest absolute difference} over the same-named tensors of two models' state_dicts."""
-    a, b = model_a.state_dict(), model_b.state_dict()
+    """{name: largest absolute difference} over the same-named tensors of two models' state_dicts (a model or
+    a state_dict each: a sharded strategy passes strategy.full_state_dict())."""
+    a, b = (m if isinstance(m, dict) else m.state_dict() for m in (model_a, model_b))
     assert a.keys() == b.keys()
     return {k: (a[k].float() - b[k].float()).abs().max().item() for k in a}
 
 
 def max_param_diff(model_a, model_b):
-    """Largest absolute difference between same-named parameters of two models with the same state_dict keys."""
+    """Largest absolute difference between same-named parameters of two models (or state_dicts) with the same keys."""
     return max(param_diffs(model_a, model_b).values())
 
 
@@ -99,5 +100,6 @@ ZERO_GRADIENT_PARAMS = ("attn.k_proj.bias",)
 
 
 def max_param_diff_but_zero_gradient(model_a, model_b):
-    """max_param_diff over the parameters that can change the model's output (all but ZERO_GRADIENT_PARAMS)."""
+    """max_param_diff (models or state_dicts) over the parameters that can change the model's output (all but
+    ZERO_GRADIENT_PARAMS)."""
     return max(d for k, d in param_diffs(model_a, model_b).items() if not k.endswith(ZERO_GRADIENT_PARAMS))
