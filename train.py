@@ -72,6 +72,15 @@ min_lr = 6e-5
 parallel = "single"  # strategy: single, ddp, ...
 variant = "pytorch"  # pytorch (the native API) or custom (the algorithm written out)
 bucket_cap_mb = 25.0  # ddp: gradient bucket size in MiB
+reshard_after_forward = True  # fsdp: free each unit's gathered parameters after its forward (False: keep to backward)
+sequence_parallel = False  # tp: shard activations outside attention/MLP along the sequence (Korthikanti et al. 2022)
+loss_parallel = False  # tp: cross-entropy on vocab-sharded logits, never gathering the full vocabulary
+pp_schedule = "1f1b"  # pp: gpipe, 1f1b, interleaved_1f1b (+ what torch ships); micro-batches = gradient_accumulation_steps / dp
+pp_virtual_stages = 1  # pp: model chunks per rank (virtual stages) for interleaved schedules
+pp_split = ""  # pp: comma-separated first layer of each stage after the first, e.g. "3,6,9"; "" = balanced
+dp_size = 0  # 3d: data-parallel size (0: world_size / (pp_size * tp_size))
+pp_size = 0  # 3d: pipeline-parallel size (0: the whole world for pp, 1 for 3d)
+tp_size = 0  # 3d: tensor-parallel size (0: the whole world for tp, 1 for 3d)
 timeout_s = 300  # a collective that waits longer than this fails instead of hanging
 # system
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"  # or float16
