@@ -232,8 +232,12 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits, self.loss(logits, targets)
+
+    def loss(self, logits, targets):
+        """Mean cross-entropy of logits (B, T, V) against targets (B, T), ignore_index=-1. A separate method so
+        that a strategy whose logits are sharded over the vocabulary (tensor parallel) can replace it."""
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, params=None):
         """AdamW with weight decay on every parameter of 2 or more dims (matmul weights, embeddings) and none
