@@ -1,0 +1,218 @@
+"""
+FSDP, both variants, against the single-device reference and against each other (CPU, gloo).
+
+    torchrun --standalone --nproc_per_node=2 -m unittest tests/test_fsdp.py     (or 4; pytest launches both)
+"""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from model import GPT
+from parallel import build_strategy
+from parallel.fsdp import FullyShardedDataParallel
+from tests.distributed import DistributedTestCase, run_command, torchrun_launcher
+from tests.reference import (global_batches, max_param_diff, max_param_diff_but_zero_gradient, rank_batches,
+                             tiny_config, train_config, train_single, train_strategy)
+from tests.test_train import TINY, metrics, train
+
+CPU = torch.device("cpu")
+VARIANTS = ("pytorch", "custom")
+
+
+class TestFSDP(DistributedTestCase):
+
+    def fsdp(self, variant, micro_steps_per_rank=1, **overrides):
+        cfg = train_config(parallel="fsdp", variant=variant,
+                           gradient_accumulation_steps=micro_steps_per_rank * self.world_size, **overrides)
+        return build_strategy(cfg, CPU)
+
+    def test_five_steps_with_accumulation_equal_single(self):
+        """5 optimizer steps of 2 micro-batches per rank: losses and gathered parameters equal the single run on
+        the same global batch (1e-5); custom equals pytorch (1e-6, the zero-gradient key bias 1e-5: see
+        tests/reference.py); GPT-2 and Llama-style blocks; with and without reshard_after_forward."""
+        for block, reshard in (("gpt2", True), ("llama", True), ("gpt2", False)):
+            model_config = tiny_config(block=block)
+            batches = global_batches(5, 2 * self.world_size, 2, model_config)
+            ref_losses, ref_model = train_single(model_config, batches, train_config())
+            runs = {}
+            for variant in VARIANTS:
+                strategy = self.fsdp(variant, 2, reshard_after_forward=reshard)
+                losses, _ = train_strategy(strategy, model_config, batches)
+                runs[variant] = losses, strategy.full_state_dict()
+            for variant, (losses, state) in runs.items():
+                with self.subTest(block=block, reshard=reshard, variant=variant):
+                    self.assertLess(max(abs(a - b) for a, b in zip(losses, ref_losses)), 1e-5)
+                    self.assertLess(max_param_diff(state, ref_model), 1e-5)
+            with self.subTest(block=block, reshard=reshard, compare="custom vs pytorch"):
+                (lp, sp), (lc, sc) = runs["pytorch"], runs["custom"]
+                self.assertLess(max(abs(a - b) for a, b in zip(lp, lc)), 1e-6)
+                self.assertLess(max_param_diff_but_zero_gradient(sp, sc), 1e-6)
+                self.assertLess(max_param_diff(sp, sc), 1e-5)
+            self.assertGreater(max_param_diff(ref_model, GPT(model_config)), 1e-3)  # training moved it
+
+    def test_init_equals_eager_init_bitwise(self):
+        """Built on meta and sharded, the gathered parameters equal GPT(config)'s init exactly, on every rank."""
+        for block in ("gpt2", "llama"):
+            model_config = tiny_config(block=block, n_layer=3)
+            eager = GPT(model_config).state_dict()
+            for variant in VARIANTS:
+                with self.subTest(block=block, variant=variant):
+                    strategy = self.fsdp(variant)
+                    strategy.build_model(model_config)
+                    state = strategy.full_state_dict()
+                    self.assertEqual(list(state), list(eager))
+                    for k in eager:
+                        self.assertTrue(torch.equal(state[k], eager[k]), k)
+
+    def test_bf16_mixed_precision_close_to_fp32(self):
+        """bf16 compute (fp32 shards and reduction) stays within 5e-3 of the fp32 run over 5 steps."""
+        model_config = tiny_config()
+        batches = global_batches(5, self.world_size, 2, model_config)
+        for variant in VARIANTS:
+            with self.subTest(variant=variant):
+                fp32 = self.fsdp(variant)
+                fp32_losses, _ = train_strategy(fp32, model_config, batches)
+                bf16 = self.fsdp(variant, dtype="bfloat16")
+                bf16_losses, _ = train_strategy(bf16, model_config, batches)
+                self.assertLess(max(abs(a - b) for a, b in zip(fp32_losses, bf16_losses)), 5e-3)
+                self.assertLess(max_param_diff(fp32.full_state_dict(), bf16.full_state_dict()), 5e-3)
+                self.assertGreater(max(abs(a - b) for a, b in zip(fp32_losses, bf16_losses)), 0)  # bf16 was used
+
+    def test_memory_per_rank_is_a_shard(self):
+        """Between steps a rank holds params + grads + Adam state <= 16·Ψ/N bytes + one unit (+ padding), and no
+        gathered unit (custom)."""
+        model_config = tiny_config(n_layer=4)
+        N = self.world_size
+        batches = global_batches(1, N, 2, model_config)
+        psi = sum(p.numel() for p in GPT(model_config).parameters())
+        unit = max(sum(p.numel() for p in b.parameters()) for b in GPT(model_config).transformer.h.values())
+        for variant in VARIANTS:
+            with self.subTest(variant=variant):
+                strategy = self.fsdp(variant)
+                strategy.build_model(model_config)
+                opt = strategy.configure_optimizer()
+                scaler = torch.amp.GradScaler("cpu", enabled=False)
+                strategy.forward_backward(rank_batches(batches[0], strategy.dp_rank, N), scaler)
+                opt.step()
+                mem = strategy.memory_bytes(opt)
+                held = mem["params"] + mem["grads"] + mem["optimizer"]
+                self.assertLessEqual(held, 16 * psi / N + 16 * unit)
+                self.assertGreater(held, 16 * psi / N * 0.9)  # not vacuous: the shard is really there
+                self.assertEqual(mem["gathered"], 0)
+
+    def test_comm_bytes_per_step(self):
+        """One micro-batch per rank: all-gather bus bytes 2·(N-1)/N·Ψ·4 (forward + backward) and reduce-scatter
+        (N-1)/N·Ψ·4 (1.5x DDP) within 2%; with reshard_after_forward off, all-gather (N-1)/N·Ψ·4 (1x DDP)."""
+        model_config = tiny_config(n_layer=4)
+        N = self.world_size
+        psi = sum(p.numel() for p in GPT(model_config).parameters())
+        batches = global_batches(2, N, 2, model_config)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        for variant in VARIANTS:
+            for reshard, gathers in ((True, 2), (False, 1)):
+                with self.subTest(variant=variant, reshard_after_forward=reshard):
+                    strategy = self.fsdp(variant, reshard_after_forward=reshard)
+                    strategy.build_model(model_config)
+                    for step in batches:
+                        strategy.stats.reset()
+                        strategy.forward_backward(rank_batches(step, strategy.dp_rank, N), scaler)
+                        bus = strategy.stats.bus
+                        self.assertAlmostEqual(bus["all_gather"] / (gathers * (N - 1) / N * psi * 4), 1, delta=0.02)
+                        self.assertAlmostEqual(bus["reduce_scatter"] / ((N - 1) / N * psi * 4), 1, delta=0.02)
+                        self.assertEqual(set(bus), {"all_gather", "reduce_scatter"})
+
+    def test_custom_accumulates_without_reduce_scatter_per_micro_batch(self):
+        """Under no_sync the custom variant gathers but never reduce-scatters; one reduce-scatter per unit after."""
+        model_config = tiny_config(n_layer=3)
+        strategy = self.fsdp("custom")
+        strategy.build_model(model_config)
+        (step,) = global_batches(1, 3, 2, model_config)
+        for x, y in step[:-1]:
+            with strategy.no_sync():
+                strategy.forward(x, y)[1].backward()
+        self.assertEqual(strategy.stats.calls["reduce_scatter"], 0)
+        self.assertGreater(strategy.stats.calls["all_gather"], 0)
+        strategy.forward(*step[-1])[1].backward()
+        strategy.sync_gradients()
+        self.assertEqual(strategy.stats.calls["reduce_scatter"], model_config.n_layer + 1)
+
+    def test_custom_prefetches_next_unit_in_forward(self):
+        """When block i starts its forward, block i+1's all-gather has been launched already (overlap)."""
+        model_config = tiny_config(n_layer=3)
+        strategy = self.fsdp("custom")
+        strategy.build_model(model_config)
+        units = strategy.fsdp.units
+        seen = []
+        for i, block in enumerate(strategy.model.transformer.h.values()):
+            block.register_forward_pre_hook(
+                lambda m, a, i=i: seen.append(units[i + 1].handle is not None or units[i + 1].gathered)
+                if i + 1 < len(units) else None)
+        with torch.no_grad():
+            strategy.forward(*global_batches(1, 1, 2, model_config)[0][0])
+        self.assertEqual(seen, [True, True])
+
+    def test_custom_wraps_any_module_of_repeated_blocks(self):
+        """A small residual MLP (not a GPT) under FullyShardedDataParallel trains like the unsharded module."""
+        torch.manual_seed(0)
+
+        def make():
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Linear(6, 16), *[nn.Sequential(nn.Linear(16, 16), nn.GELU()) for _ in range(3)],
+                                 nn.Linear(16, 1))
+
+        data = [(torch.randn(8 * self.world_size, 6), torch.randn(8 * self.world_size, 1)) for _ in range(3)]
+        ref = make()
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+        for x, y in data:
+            nn.functional.mse_loss(ref(x), y).backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+        from parallel.comm import TorchCollectives
+        net = make()
+        fsdp = FullyShardedDataParallel(net, list(net)[1:4], TorchCollectives())
+        opt = torch.optim.SGD(fsdp.opt_params, lr=0.1)
+        r = self.rank
+        for x, y in data:
+            nn.functional.mse_loss(fsdp(x[8 * r:8 * r + 8]), y[8 * r:8 * r + 8]).backward()
+            fsdp.finish_gradient_sync()
+            opt.step()
+            opt.zero_grad()
+        for unit in fsdp.all_units():
+            full = fsdp.gather_full(unit, unit.shard)
+            for name, t in full.items():
+                self.assertLess((t - ref.get_parameter(name)).abs().max().item(), 1e-6, name)
+
+
+test_torchrun = torchrun_launcher(__file__, nprocs=(2, 4))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sharded checkpoints through train.py: save on 4 ranks, load on 2 and on one device
+
+@pytest.mark.parametrize("saver, loader", [("custom", "custom"), ("pytorch", "custom")])
+def test_checkpoint_saved_on_4_ranks_loads_on_2_and_single(tmp_path, shakespeare_char_dir, saver, loader):
+    """train.py with fsdp/<saver> on 4 ranks writes a DCP checkpoint; fsdp/<loader> on 2 ranks resumes from it,
+    and `single` from its single-file conversion (python -m parallel.checkpoint): the same eval loss on the same
+    8 eval sequences (global batch kept: 4x2, 2x4, 1x8), to 1e-5. The 4-rank and 2-rank layouts differ."""
+    out = str(tmp_path / "run")
+    common = [f"--data_dir={shakespeare_char_dir}", *TINY, f"--out_dir={out}", "--eval_interval=5",
+              "--always_save_checkpoint=False", "--gradient_accumulation_steps=4"]
+    code, log = train(4, [*common, "--parallel=fsdp", f"--variant={saver}", "--max_iters=5", "--batch_size=2"])
+    assert code == 0, log[-5000:]
+    assert 5 in metrics(out, "val/loss")
+    evals = [*common, "--init_from=resume", "--eval_only=True"]
+    code, log = train(2, [*evals, "--parallel=fsdp", f"--variant={loader}", "--batch_size=4"])
+    assert code == 0, log[-5000:]
+    code, log = run_command([sys.executable, "-m", "parallel.checkpoint", f"{out}/ckpt", f"{out}/ckpt.pt"], 120)
+    assert code == 0, log
+    code, log = train(0, [*evals, "--parallel=single", "--batch_size=8"])
+    assert code == 0, log[-5000:]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        vals = [m["val/loss"] for m in map(json.loads, f) if m.get("iter") == 5 and "val/loss" in m]
+    assert len(vals) == 3, vals
+    assert max(vals) - min(vals) < 1e-5, vals
