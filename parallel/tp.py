@@ -61,10 +61,8 @@ The TP group: the strategy builds it in one place (`_build_mesh`); the custom la
 the pytorch plan takes the mesh. The 3-D strategy can hand in a sub-mesh instead of the world.
 """
 
-import math
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh

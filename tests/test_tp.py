@@ -21,12 +21,16 @@ from parallel.comm import TorchCollectives
 from parallel.tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, chunk_bounds,
                          enter_tp_region, vocab_parallel_cross_entropy)
 from tests.distributed import DistributedTestCase, torchrun_launcher
-from tests.reference import (global_batches, max_param_diff, rank_batches, tiny_config, train_config, train_single,
-                             train_strategy)
+from tests.reference import global_batches, max_param_diff, rank_batches, tiny_config, train_config, train_single
 
 CPU = torch.device("cpu")
 VARIANTS = ("custom", "pytorch")
 LAYOUTS = [(sp, lp) for sp in (False, True) for lp in (False, True)]
+
+
+def tp_tiny(**overrides):
+    """tests/reference.py's tiny GPT with 4 heads (TP=4 needs them)."""
+    return tiny_config(**{"n_head": 4, **overrides})
 
 
 def train_tp(strategy, model_config, batches, optimizer=None):
@@ -164,7 +168,7 @@ class TestTPModel(DistributedTestCase):
         within 1e-5, custom equals pytorch within 1e-5, for both variants with and without SP and loss parallel,
         GPT-2 and Llama-style blocks; the shards are slices of the single model's init."""
         for block in ("gpt2", "llama"):
-            model_config = tiny_config(block=block)
+            model_config = tp_tiny(block=block)
             batches = global_batches(5, 2, 4, model_config)
             ref_losses, ref_model = train_single(model_config, batches, train_config())
             self.assertGreater(max_param_diff(ref_model, GPT(model_config)), 1e-3)  # not vacuous
@@ -189,7 +193,7 @@ class TestTPModel(DistributedTestCase):
         """A vocabulary the TP size does not divide (65 characters, as Shakespeare's) splits by torch.chunk's
         rule; losses equal single within 1e-5, parameters within 1e-4 (Adam amplifies rounding noise in near-zero
         gradients of this data's rarely-hit rows), custom and pytorch agree likewise."""
-        model_config = tiny_config(vocab_size=65)
+        model_config = tp_tiny(vocab_size=65)
         batches = global_batches(5, 2, 4, model_config)
         ref_losses, ref_model = train_single(model_config, batches, train_config())
         for variant in VARIANTS:
@@ -202,7 +206,7 @@ class TestTPModel(DistributedTestCase):
 
     def test_tied_and_sharded(self):
         """The head stays tied to the embedding, and each rank holds 1/N of every matmul weight."""
-        model_config = tiny_config()
+        model_config = tp_tiny()
         for variant in VARIANTS:
             with self.subTest(variant=variant):
                 model = self.tp(variant).build_model(model_config)
@@ -216,7 +220,7 @@ class TestTPModel(DistributedTestCase):
         per layer 2 all-reduces of b·s·h forward and 2 backward, or with SP 4 all-gathers + 4 reduce-scatters of
         b·s·h (the same bus volume), plus the embedding, the head and the loss."""
         for block in ("gpt2", "llama"):
-            model_config = tiny_config(block=block)
+            model_config = tp_tiny(block=block)
             ((x, y),) = global_batches(1, 1, 3, model_config)[0]
             b, s, h, V, L = 3, model_config.block_size, model_config.n_embd, model_config.vocab_size, model_config.n_layer
             bsh = b * s * h * 4  # bytes, fp32
@@ -262,7 +266,7 @@ class TestTPModel(DistributedTestCase):
             for what, model_overrides, kw, pattern in cases:
                 with self.subTest(variant=variant, what=what):
                     with self.assertRaisesRegex(ValueError, pattern) as cm:
-                        self.tp(variant, **kw).build_model(tiny_config(**model_overrides))
+                        self.tp(variant, **kw).build_model(tp_tiny(**model_overrides))
                     self.assertNotIn("\n", str(cm.exception))
                     dist.barrier()
             with self.subTest(variant=variant, what="tp_size"):
@@ -274,7 +278,7 @@ class TestTPModel(DistributedTestCase):
         """A DCP checkpoint of either variant: converts to a single-file checkpoint equal to full_state_dict that
         GPT (single, sample.py) loads; loads into the other variant (and SP layout), which then trains on exactly as
         the saving run does."""
-        model_config = tiny_config(block="llama")
+        model_config = tp_tiny(block="llama")
         batches = global_batches(4, 2, 4, model_config)
         shared = [tempfile.mkdtemp() if self.rank == 0 else None]
         dist.broadcast_object_list(shared)
