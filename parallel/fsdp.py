@@ -111,6 +111,9 @@ class PytorchFSDP(FSDPStrategy):
         with torch.device("meta"):
             model = GPT(model_config)
         mp = MixedPrecisionPolicy(param_dtype=LOW_PRECISION.get(cfg.dtype), reduce_dtype=torch.float32)
+        if cfg.compile:  # per block, before sharding (torchtitan's order); FSDP's hooks stay outside the graphs
+            for block in model.transformer.h.values():
+                block.compile(backend=cfg.compile_backend)
         units = [*model.transformer.h.values(), model]
         for unit in units:
             fully_shard(unit, mesh=self.mesh, reshard_after_forward=cfg.reshard_after_forward, mp_policy=mp)
@@ -403,6 +406,8 @@ class CustomFSDP(FSDPStrategy):
 
     def build_model(self, model_config):
         cfg = self.cfg
+        if cfg.compile and self.is_logger:
+            print("fsdp/custom runs eagerly: compile=True is ignored (its saved-tensor hooks would break the graphs)")
         with torch.device("meta"):
             model = GPT(model_config)
         self.comm = self.collectives(self.dp_group)

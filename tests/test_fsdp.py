@@ -216,3 +216,17 @@ def test_checkpoint_saved_on_4_ranks_loads_on_2_and_single(tmp_path, shakespeare
         vals = [m["val/loss"] for m in map(json.loads, f) if m.get("iter") == 5 and "val/loss" in m]
     assert len(vals) == 3, vals
     assert max(vals) - min(vals) < 1e-5, vals
+
+
+def test_damaged_sharded_checkpoint_is_a_one_line_error(tmp_path):
+    """A missing directory is FileNotFoundError, one without DCP metadata or with a corrupt extra.pt ValueError."""
+    from parallel import load_checkpoint_file
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint_file(str(tmp_path / "nothing"))
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(ValueError, match="incomplete"):
+        load_checkpoint_file(str(tmp_path / "ckpt"))
+    (tmp_path / "ckpt" / ".metadata").write_bytes(b"garbage")
+    (tmp_path / "ckpt" / "extra.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_checkpoint_file(str(tmp_path / "ckpt"))

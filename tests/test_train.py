@@ -29,11 +29,12 @@ def metrics(out_dir, key):
         return {m["iter"]: m[key] for m in map(json.loads, f) if key in m}
 
 
-@pytest.mark.parametrize("nproc, parallel", [(0, "single"), (2, "ddp")])
+@pytest.mark.parametrize("nproc, parallel", [(0, "single"), (2, "ddp"), (2, "fsdp")])
 def test_resume_continues_exactly(tmp_path, shakespeare_char_dir, nproc, parallel):
-    """20 steps straight vs 10 steps + resume for 10: identical losses (dropout on, so the RNG state matters)."""
+    """20 steps straight vs 10 steps + resume for 10: identical losses (dropout on, so the RNG state matters).
+    fsdp resumes from a sharded (DCP) checkpoint directory, which sample.py also reads."""
     common = [f"--data_dir={shakespeare_char_dir}", *TINY, "--dropout=0.1", "--eval_interval=10",
-              f"--parallel={parallel}", "--variant=custom" if parallel == "ddp" else "--variant=pytorch",
+              f"--parallel={parallel}", "--variant=pytorch" if parallel == "single" else "--variant=custom",
               "--gradient_accumulation_steps=2"]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     for args in ([f"--out_dir={straight}", "--max_iters=20"],
@@ -46,7 +47,7 @@ def test_resume_continues_exactly(tmp_path, shakespeare_char_dir, nproc, paralle
     assert a == b
     assert metrics(straight, "val/loss") == metrics(split, "val/loss")
 
-    # sample.py loads the single-file checkpoint and decodes characters
+    # sample.py loads the checkpoint (single file, or DCP directory converted in memory) and decodes characters
     code, out = run_command([sys.executable, "sample.py", f"--out_dir={straight}", "--num_samples=1",
                              "--max_new_tokens=30", "--start=ROMEO:"], 120)
     assert code == 0, out
