@@ -537,10 +537,10 @@ class CustomPipeline(Pipeline):
         saved, losses = {}, [None] * m  # (stage, mb) -> (input, output or loss) kept for backward
         self.max_in_flight = 0
         for kind, s, mb in orders[self.pp_rank]:
-            start = time.perf_counter()
             if kind == "F":
                 x, y = batches[mb]
                 inp = x if s == 0 else self._recv(stage_rank(s - 1, p), ("F", s - 1, mb), shape).requires_grad_()
+                start = time.perf_counter()  # the timeline shows compute: waiting for the input is bubble
                 with self.autocast():
                     out = self.chunk_of[s](inp)
                     if s == S - 1:
@@ -549,13 +549,12 @@ class CustomPipeline(Pipeline):
                 if s < S - 1:
                     self._send(out, stage_rank(s + 1, p))
                 saved[s, mb] = (inp, out)
-                self.max_in_flight = max(self.max_in_flight, len({k for _, k in saved}))
+                self.max_in_flight = max(self.max_in_flight, len(saved))
             else:
                 inp, out = saved.pop((s, mb))
-                if s == S - 1:
-                    out.backward()
-                else:
-                    out.backward(self._recv(stage_rank(s + 1, p), ("B", s + 1, mb), shape).to(out.dtype))
+                grad = None if s == S - 1 else self._recv(stage_rank(s + 1, p), ("B", s + 1, mb), shape)
+                start = time.perf_counter()
+                out.backward(None if grad is None else grad.to(out.dtype))
                 if s > 0:
                     self._send(inp.grad, stage_rank(s - 1, p))
             self._record(kind, s, mb, start)

@@ -92,6 +92,16 @@ def test_split_layers():
         split_layers(4, 8)
 
 
+def test_timeline_png(tmp_path):
+    """The drawing tool writes a PNG of a schedule (needs matplotlib; the bubble tests above do not)."""
+    pytest.importorskip("matplotlib")
+    from parallel.pp_timeline import main
+    out = tmp_path / "t.png"
+    assert main(["--unit-costs", "--pp", "4", "--schedule", "interleaved_1f1b", "--microbatches", "8",
+                 "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # under torchrun
 
