@@ -24,6 +24,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from config import ConfigError, load_config
 from model import GPTConfig, flops_per_token
@@ -144,7 +145,8 @@ def main(argv):
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     flops_per_iter = flops_per_token(model_config) * tokens_per_iter
     if master:
-        n_params = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+        local = [p.to_local() if isinstance(p, DTensor) else p for g in optimizer.param_groups for p in g["params"]]
+        n_params = sum(p.numel() for p in local)
         print(f"{strategy.strategy}/{strategy.variant} on {strategy.world_size} process(es), data-parallel size "
               f"{strategy.dp_size}, {strategy.grad_accum} micro-batch(es) of {cfg.batch_size} per rank per step; "
               f"{n_params / 1e6:.2f}M parameters on this rank; {tokens_per_iter:,} tokens per iteration")
