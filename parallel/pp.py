@@ -41,10 +41,10 @@ for the gradient norm.
 
 The logged loss is the last stage's mean over micro-batches, broadcast to every rank. dp_size is 1: every rank
 reads the same micro-batches (only the first stage uses the inputs and the last the targets).
-The `rpc` variant (torch.distributed.rpc, still present in torch 2.13) is not implemented.
+The `rpc` variant (remote stage modules, RRefs, distributed autograd) is not implemented: torch 2.13 still
+ships torch.distributed.rpc (rpc.is_available() is True), but not built here.
 """
 
-import contextlib
 import time
 
 import torch

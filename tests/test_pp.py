@@ -9,6 +9,7 @@ give exactly the formula's bubble, never deadlock and respect the in-flight boun
 
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict
 
@@ -20,9 +21,10 @@ from model import GPT
 from parallel import build_strategy, load_checkpoint_file
 from parallel.pp import (balanced_split, bubble_fraction, formula_bubble, in_flight_bound, schedule_order, simulate,
                          split_layers, stage_costs)
-from tests.distributed import DistributedTestCase, torchrun_launcher
+from tests.distributed import DistributedTestCase, run_command, torchrun_launcher
 from tests.reference import (global_batches, max_param_diff, max_param_diff_but_zero_gradient, tiny_config,
                              train_config, train_single, train_strategy)
+from tests.test_train import TINY, metrics, train
 
 CPU = torch.device("cpu")
 MODEL = tiny_config(n_layer=8)  # 8 layers: p=4 with 2 virtual stages has 8 stages
@@ -98,6 +100,28 @@ def test_timeline_png(tmp_path):
     assert main(["--unit-costs", "--pp", "4", "--schedule", "interleaved_1f1b", "--microbatches", "8",
                  "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args", [["--variant=custom", "--pp_schedule=interleaved_1f1b", "--pp_virtual_stages=2"],
+                                  ["--variant=pytorch", "--pp_schedule=1f1b"]])
+def test_train_py_equals_single(tmp_path, shakespeare_char_dir, args):
+    """train.py end to end on 2 processes: 10 iterations of a 4-layer model with 4 micro-batches log the single
+    run's losses (same micro-batching) and the same val loss; the DCP checkpoint converts and samples."""
+    common = [f"--data_dir={shakespeare_char_dir}", *TINY, "--n_layer=4", "--max_iters=10", "--eval_interval=10",
+              "--gradient_accumulation_steps=4", "--always_save_checkpoint=True"]
+    single, pp = str(tmp_path / "single"), str(tmp_path / "pp")
+    code, out = train(0, [*common, f"--out_dir={single}"])
+    assert code == 0, out[-3000:]
+    code, out = train(2, [*common, f"--out_dir={pp}", "--parallel=pp", *args])
+    assert code == 0, out[-5000:]
+    a, b = metrics(single, "train/loss"), metrics(pp, "train/loss")
+    assert sorted(a) == sorted(b) == list(range(10))
+    assert max(abs(a[i] - b[i]) for i in a) < 1e-5
+    assert abs(metrics(single, "val/loss")[10] - metrics(pp, "val/loss")[10]) < 1e-5
+    assert os.path.isdir(os.path.join(pp, "ckpt"))
+    code, out = run_command([sys.executable, "sample.py", f"--out_dir={pp}", "--num_samples=1", "--max_new_tokens=10",
+                             "--start=ROMEO:"], 120)
+    assert code == 0 and out.startswith("ROMEO:"), out
 
 
 # ----------------------------------------------------------------------------------------------------------
