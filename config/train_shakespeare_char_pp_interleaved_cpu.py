@@ -1,32 +1,8 @@
-# The CPU recipe (config/train_shakespeare_char_cpu.py) as a 2-stage pipeline, variant "custom", interleaved 1F1B with 2 virtual stages per rank.
-# Same global batch as the single run: 4 micro-batches of 3 sequences (12), the same sequences.
+# The CPU recipe (config/train_shakespeare_char_cpu.py) as a 2-stage pipeline, variant "custom", interleaved 1F1B
+# with 2 virtual stages per rank. Same global batch as the single run: 4 micro-batches of 3 sequences (12).
 #   torchrun --standalone --nproc_per_node=2 train.py config/train_shakespeare_char_pp_interleaved_cpu.py
+from config.train_shakespeare_char_pp_custom_cpu import *  # noqa: F403  (below, what differs)
+
 out_dir = "out-shakespeare-char-pp-interleaved-cpu"
-eval_interval = 250
-eval_iters = 20
-log_interval = 1
-always_save_checkpoint = False
-
-dataset = "shakespeare_char"
-gradient_accumulation_steps = 4  # pipeline micro-batches per step (every rank reads all of them)
-batch_size = 3
-block_size = 64
-
-n_layer = 4
-n_head = 4
-n_embd = 128
-dropout = 0.0
-
-learning_rate = 1e-3
-max_iters = 2000
-lr_decay_iters = 2000
-min_lr = 1e-4
-beta2 = 0.99
-warmup_iters = 100
-
-compile = False
-
-parallel = "pp"
-variant = "custom"
 pp_schedule = "interleaved_1f1b"
 pp_virtual_stages = 2  # 4 virtual stages of one layer: rank 0 holds layers 0 and 2, rank 1 layers 1 and 3

@@ -3,30 +3,11 @@
 #   torchrun --standalone --nproc_per_node=2 train.py config/train_shakespeare_char_pp_pytorch_cpu.py
 # Other schedules: --pp_schedule=gpipe, or --pp_schedule=interleaved_1f1b --pp_virtual_stages=2
 # (2 chunks of 1 layer per rank; micro-batches a multiple of the pipeline size).
-out_dir = "out-shakespeare-char-pp-pytorch-cpu"
-eval_interval = 250
-eval_iters = 20
-log_interval = 1
-always_save_checkpoint = False
+from config.train_shakespeare_char_cpu import *  # noqa: F403  (the recipe; below, what differs)
 
-dataset = "shakespeare_char"
+out_dir = "out-shakespeare-char-pp-pytorch-cpu"
 gradient_accumulation_steps = 4  # pipeline micro-batches per step (every rank reads all of them)
 batch_size = 3
-block_size = 64
-
-n_layer = 4
-n_head = 4
-n_embd = 128
-dropout = 0.0
-
-learning_rate = 1e-3
-max_iters = 2000
-lr_decay_iters = 2000
-min_lr = 1e-4
-beta2 = 0.99
-warmup_iters = 100
-
-compile = False
 
 parallel = "pp"
 variant = "pytorch"
