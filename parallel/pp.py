@@ -45,6 +45,7 @@ The `rpc` variant (remote stage modules, RRefs, distributed autograd) is not imp
 ships torch.distributed.rpc (rpc.is_available() is True), but not built here.
 """
 
+import contextlib
 import time
 
 import torch
@@ -119,9 +120,9 @@ class StageModule(nn.Module):
     """Virtual stage `stage` of n_stages of the GPT: blocks [lo, hi), plus the embeddings if first, plus ln_f and
     lm_head if last. Parameter names are the full GPT's (transformer.h.5.attn...). forward: token ids (B, T)
     (first stage) or activations (B, T, n_embd) -> activations, or logits (B, T, vocab) on the last stage.
-    Built on the meta device and materialised on `device` with the full model's initial values."""
+    Built on the meta device and, if `device` is given, materialised there with the full model's initial values."""
 
-    def __init__(self, config, stage, n_stages, lo, hi, device):
+    def __init__(self, config, stage, n_stages, lo, hi, device=None):
         super().__init__()
         self.config, self.stage, self.lo, self.hi = config, stage, lo, hi
         self.first, self.last = stage == 0, stage == n_stages - 1
@@ -135,11 +136,19 @@ class StageModule(nn.Module):
         self.transformer = nn.ModuleDict(parts)
         if self.last:
             self.lm_head = gpt.lm_head
+        if device is not None:
+            self.materialize(device)
+
+    def materialize(self, device, init=None):
+        """Allocate the (meta) parameters on `device` and give each its initial value: init(full GPT name, tensor),
+        by default model.init_parameter_ (the head's copy gets the embedding's values). The 3d strategy passes an
+        init that keeps a tensor-parallel slice of the full init."""
+        init = init or (lambda name, t: init_parameter_(name, t, self.config))
         self.to_empty(device=device)
         if self.first and self.last:
             self.lm_head.weight = self.transformer.wte.weight
         for name, p in self.named_parameters():
-            init_parameter_(WTE if name == HEAD else name, p, config)  # the head's copy gets the embedding's values
+            init(WTE if name == HEAD else name, p)
 
     def forward(self, x):
         tr = self.transformer
@@ -284,29 +293,36 @@ def bubble_fraction(events):
 # the strategy: splitting, checks, everything but the schedule's execution
 
 class Pipeline(Strategy):
-    """Pipeline parallel over one process group (the world here; issue 6's 3d hands in a PP group via
-    `pp_process_group`). Subclasses implement `_step(batches)` (forward+backward of one optimizer step, returning
-    the last stage's per-micro-batch losses there and None elsewhere)."""
+    """Pipeline parallel over one process group: the world here; parallel/3d.py hands in its PP group (and a data-
+    parallel coordinate) by overriding `pp_process_group` and `data_parallel`. Subclasses implement `_step(batches)`
+    (forward+backward of one optimizer step, returning the last stage's per-micro-batch losses there and None
+    elsewhere)."""
 
     checkpoint_name = "ckpt"
     schedules = ()
+    min_stages = 2  # a 1-D pipeline needs 2 ranks; 3d allows pp=1
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
-        self.dp_rank, self.dp_size, self.dp_group = 0, 1, None
+        self.dp_rank, self.dp_size, self.dp_group = self.data_parallel()
         self.pp_group = self.pp_process_group()
         self.comm = self.collectives(self.pp_group)
         self.pp_rank, self.pp_size = self.comm.rank, self.comm.world_size
         self.group_ranks = (dist.get_process_group_ranks(self.pp_group) if self.pp_group is not None
                             else list(range(self.world_size)))
-        self.m = cfg.gradient_accumulation_steps  # micro-batches per step (dp_size is 1)
+        self.m = self.grad_accum  # micro-batches per step through this rank's pipeline
         self.v = cfg.pp_virtual_stages
         self.n_stages = self.pp_size * self.v
         self.check_config(cfg)
         self.my_stages = [s for s in range(self.n_stages) if stage_rank(s, self.pp_size) == self.pp_rank]
         self.first_rank, self.last_rank = stage_rank(0, self.pp_size), stage_rank(self.n_stages - 1, self.pp_size)
+        self.loss_fn = cross_entropy  # the last stage's loss: (logits, targets) -> mean loss
         self.timeline = []        # this rank's events of the last step: (kind, stage, mb, start, end) seconds
         self.max_in_flight = 0    # most micro-batches with saved activations at once, last step (custom)
+
+    def data_parallel(self):
+        """(dp_rank, dp_size, dp_group): one pipeline, every rank reads the same micro-batches."""
+        return 0, 1, None
 
     def pp_process_group(self):
         """The process group of the pipeline: the world (None) for the 1-D strategy."""
@@ -318,7 +334,7 @@ class Pipeline(Strategy):
     def check_config(self, cfg):
         """One-line ValueErrors, before any communication, for configurations the pipeline cannot run."""
         p, v, m, name = self.pp_size, self.v, self.m, cfg.pp_schedule
-        if p < 2:
+        if p < self.min_stages:
             raise ValueError(f"parallel=pp needs at least 2 processes, got {p}; use parallel=single on one")
         if name not in self.schedules:
             raise ValueError(f"pp_schedule={name!r} is not a {self.variant} pipeline schedule; "
@@ -387,7 +403,22 @@ class Pipeline(Strategy):
         if losses is not None:
             loss = torch.stack(losses).sum() / len(losses)
         self.comm.broadcast(loss, src=self.last_rank)
-        return loss
+        return self.dp_mean(loss)
+
+    def activation_shape(self, x):
+        """Shape of what one stage sends the next for input tokens x (B, T): (B, T, n_embd)."""
+        return (*x.shape, self.model.config.n_embd)
+
+    def backward_context(self, stage, mb):
+        """Context of the backward of micro-batch mb on `stage` (3d: no gradient sync before the last one)."""
+        return contextlib.nullcontext()
+
+    def finish_backward(self):
+        """Called after the schedule's last backward, before the gradients are divided by m (3d: DP sync)."""
+
+    def grad_parameters(self):
+        """The tensors whose .grad the optimizer reads (this rank's stage parameters)."""
+        return [p for _, p in self.model.named_stage_parameters()]
 
     def _aligned_clock(self):
         """A barrier, then this rank's clock: timestamps are recorded relative to it, so ranks' timelines line up."""
@@ -431,7 +462,7 @@ class Pipeline(Strategy):
     def eval_loss(self, x, y):
         """Forward-only through the pipeline, stage after stage; the loss (last stage) reaches every rank."""
         self.model.eval()
-        loss, shape, handles = torch.zeros((), device=self.device), (*x.shape, self.model.config.n_embd), []
+        loss, shape, handles = torch.zeros((), device=self.device), self.activation_shape(x), []
         for s in self.my_stages:
             h = x
             if s > 0:
@@ -440,7 +471,7 @@ class Pipeline(Strategy):
             with self.autocast():
                 out = self.chunk_of[s](h)
             if s == self.n_stages - 1:
-                loss = cross_entropy(out, y).float()
+                loss = self.loss_fn(out, y).float()
             else:
                 out = out.float().contiguous()
                 handles.append((self.comm.send(out, stage_rank(s + 1, self.pp_size), async_op=True), out))
@@ -448,7 +479,7 @@ class Pipeline(Strategy):
             handle.wait()
         self.model.train()
         self.comm.broadcast(loss, src=self.last_rank)
-        return loss
+        return self.dp_mean(loss)
 
     # --- state -------------------------------------------------------------------------------------------
 
@@ -533,7 +564,7 @@ class CustomPipeline(Pipeline):
         p, S, m = self.pp_size, self.n_stages, len(batches)
         orders = self.orders(m)
         self._expected, self._inbox, self._outbox = self._expected_messages(orders), {}, []
-        shape = (*batches[0][0].shape, self.model.config.n_embd)
+        shape = self.activation_shape(batches[0][0])
         saved, losses = {}, [None] * m  # (stage, mb) -> (input, output or loss) kept for backward
         self.max_in_flight = 0
         for kind, s, mb in orders[self.pp_rank]:
@@ -544,7 +575,7 @@ class CustomPipeline(Pipeline):
                 with self.autocast():
                     out = self.chunk_of[s](inp)
                     if s == S - 1:
-                        out = cross_entropy(out, y)
+                        out = self.loss_fn(out, y)
                         losses[mb] = out.detach()
                 if s < S - 1:
                     self._send(out, stage_rank(s + 1, p))
@@ -554,14 +585,16 @@ class CustomPipeline(Pipeline):
                 inp, out = saved.pop((s, mb))
                 grad = None if s == S - 1 else self._recv(stage_rank(s + 1, p), ("B", s + 1, mb), shape)
                 start = time.perf_counter()
-                out.backward(None if grad is None else grad.to(out.dtype))
+                with self.backward_context(s, mb):
+                    out.backward(None if grad is None else grad.to(out.dtype))
                 if s > 0:
                     self._send(inp.grad, stage_rank(s - 1, p))
             self._record(kind, s, mb, start)
         for handle, _ in self._outbox:
             handle.wait()
         self._outbox = []
-        for _, param in self.model.named_stage_parameters():  # mean over micro-batches, as PyTorch's schedules
+        self.finish_backward()
+        for param in self.grad_parameters():  # mean over micro-batches, as PyTorch's schedules
             if param.grad is not None:
                 param.grad.div_(m)
         return losses if S - 1 in self.my_stages else None
