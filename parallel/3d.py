@@ -32,11 +32,19 @@ Across dimensions:
 - the logged loss is the mean over micro-batches (last stage) and DP, on every rank.
 """
 
-import importlib
+import contextlib
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+
+from parallel import register
+from parallel.comm import TorchCollectives
+from parallel.ddp import DataParallel
+from parallel.fsdp import LOW_PRECISION, FullyShardedDataParallel
+from parallel.pp import HEAD, WTE, CustomPipeline, LocalStages, StageModule, split_layers, stage_costs
+from parallel.tp import (_gather, check_tp_config, chunk_bounds, full_shapes, is_sequence_parallel_param, shard_dim,
+                         tensor_parallelize, tp_slice_init)
 
 
 class RankGrid:
@@ -105,3 +113,219 @@ def print_grid(dp, pp, tp):
     """Print RankGrid.describe(dp, pp, tp): `python -c "import importlib; importlib.import_module('parallel.3d')
     .print_grid(2, 2, 2)"`."""
     print(RankGrid.describe(dp, pp, tp))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what both variants share: the grid, built before the pipeline so that the pipeline's group is the grid's
+
+class Parallel3D:
+    """Mixin in front of a parallel/pp.py Pipeline class: the RankGrid from cfg.dp_size/pp_size/tp_size (validated
+    before any collective), the data-parallel coordinate and group (dp), the pipeline over the pp group."""
+
+    min_stages = 1  # pp=1 is a valid cut (dp x tp)
+
+    def __init__(self, cfg, device):
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        dp, pp, tp = RankGrid.check(world_size, cfg.dp_size, cfg.pp_size, cfg.tp_size)
+        if cfg.dp_type not in ("ddp", "fsdp"):
+            raise ValueError(f"dp_type must be 'ddp' or 'fsdp', got {cfg.dp_type!r}")
+        self.grid = RankGrid(dp, pp, tp, device.type)
+        super().__init__(cfg, device)
+        self.tp_size = tp
+
+    def data_parallel(self):
+        return self.grid.dp_rank, self.grid.dp, self.grid.dp_group
+
+    def pp_process_group(self):
+        return self.grid.pp_group
+
+    def activation_shape(self, x):
+        """(B, T, n_embd); with sequence parallelism the stages exchange their sequence shard (B, T/tp, n_embd)."""
+        B, T = x.shape
+        return (B, T // self.tp_size if self.cfg.sequence_parallel else T, self.model.config.n_embd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# custom variant: parallel/pp.py's schedules over stages made of parallel/tp.py's layers, each stage wrapped in
+# parallel/ddp.py's DataParallel or parallel/fsdp.py's FullyShardedDataParallel
+
+@register("3d", "custom")
+class Custom3D(Parallel3D, CustomPipeline):
+    """Custom TP layers on the TP group, custom pipeline schedules on the PP group, custom DDP or FSDP
+    (cfg.dp_type) on the DP group: each 1-D plugin's own code, handed its group (module docstring)."""
+
+    def build_model(self, model_config):
+        cfg, grid = self.cfg, self.grid
+        check_tp_config(model_config, grid.tp, cfg.sequence_parallel)
+        torch.manual_seed(cfg.seed + grid.dp_rank)  # TP peers alike: their dropout masks must agree
+        self.tp_comm, self.dp_comm = self.collectives(grid.tp_group), self.collectives(grid.dp_group)
+        self.fsdp = cfg.dp_type == "fsdp"
+        self.bounds = split_layers(model_config.n_layer, self.n_stages, cfg.pp_split, stage_costs(model_config))
+        init = tp_slice_init(model_config, self.tp_comm)
+        chunks, self.wrappers = [], []
+        for s in self.my_stages:
+            chunk = StageModule(model_config, s, self.n_stages, *self.bounds[s])  # meta: nothing allocated yet
+            loss_fn = tensor_parallelize(chunk, self.tp_comm, cfg.sequence_parallel, cfg.loss_parallel)
+            self.loss_fn = loss_fn or self.loss_fn
+            if self.fsdp:
+                if chunk.first and chunk.last:
+                    chunk.lm_head.weight = chunk.transformer.wte.weight
+                # the tied embedding and head are units of their own on the first and last stage: the two copies
+                # then have the same flat layout, so their sharded gradients can be summed shard by shard
+                units = ([chunk.transformer.wte] if chunk.first and not chunk.last else []) + \
+                    list(chunk.transformer.h.values()) + ([chunk.lm_head] if chunk.last and not chunk.first else [])
+                wrapper = FullyShardedDataParallel(
+                    chunk, units, self.dp_comm, compute_dtype=LOW_PRECISION.get(cfg.dtype, torch.float32),
+                    reshard_after_forward=cfg.reshard_after_forward, device=self.device,
+                    init_fn=lambda name, t: init(WTE if name == HEAD else name, t))
+                wrapper.pre_reduce_scatter = self._sum_sequence_parallel_grads
+            else:
+                chunk.materialize(self.device, init)
+                wrapper = DataParallel(chunk, self.dp_comm, cfg.bucket_cap_mb)
+            chunks.append(chunk)
+            self.wrappers.append(wrapper)
+        self.chunk_of = dict(zip(self.my_stages, self.wrappers))  # the schedule runs each stage's wrapper
+        self.model = LocalStages(model_config, chunks)
+        self.sp_names = {n for n in full_shapes(model_config)
+                         if cfg.sequence_parallel and grid.tp > 1 and is_sequence_parallel_param(n)}
+        self.tied_param = self._tied_param()
+        return self.model
+
+    def _tied_param(self):
+        """The first stage's embedding and the last stage's head copy (their gradients are summed): the parameters,
+        or with FSDP the shard of the unit each forms (at most one optimizer view: a 2-D weight, decayed)."""
+        if self.first_rank == self.last_rank or self.pp_rank not in (self.first_rank, self.last_rank):
+            return None
+        first = self.pp_rank == self.first_rank
+        wrapper = self.chunk_of[0 if first else self.n_stages - 1]
+        if self.fsdp:
+            unit = wrapper.units[0 if first else -1]
+            return unit.opt_params[0] if unit.opt_params else None
+        return wrapper.module.transformer.wte.weight if first else wrapper.module.lm_head.weight
+
+    def configure_optimizer(self):
+        if not self.fsdp:
+            return super().configure_optimizer()
+        cfg = self.cfg
+        params = self.grad_parameters()
+        groups = [g for g in ({"params": [p for p in params if p.decay], "weight_decay": cfg.weight_decay},
+                              {"params": [p for p in params if not p.decay], "weight_decay": 0.0}) if g["params"]]
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                                 fused=self.device.type == "cuda")
+
+    def grad_parameters(self):
+        if self.fsdp:
+            return [p for w in self.wrappers for p in w.opt_params]
+        return super().grad_parameters()
+
+    # --- one step: the pipeline's hooks -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def backward_context(self, stage, mb):
+        """Gradients are reduced over DP by the last micro-batch's backward of each stage only (it overlaps the
+        rest of the pipeline's backward); the earlier ones accumulate locally (no_sync)."""
+        wrapper = self.chunk_of[stage]
+        wrapper.require_sync = mb == self.m - 1
+        try:
+            yield
+        finally:
+            wrapper.require_sync = True
+
+    def finish_backward(self):
+        for wrapper in self.wrappers:
+            wrapper.finish_gradient_sync()
+        if self.sp_names and not self.fsdp:  # DDP: the DP-averaged SP gradients, summed over TP
+            grads = [p.grad for n, p in self.model.named_stage_parameters() if n in self.sp_names and p.grad is not None]
+            self._all_reduce_tp(grads)
+
+    def _sum_sequence_parallel_grads(self, unit):
+        """FSDP's pre-reduce-scatter hook: sum over TP the unsharded gradients of the SP parameters of `unit`."""
+        if self.sp_names:
+            self._all_reduce_tp([unit.grad_acc[i["offset"]:i["offset"] + i["numel"]]
+                                 for i in unit.infos if i["name"] in self.sp_names])
+
+    def _all_reduce_tp(self, tensors):
+        """Sum tensors (in place) over the TP group, as one flat buffer."""
+        if not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        self.tp_comm.all_reduce(flat)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    # --- gradient norm and state ---------------------------------------------------------------------------
+
+    def _named_pieces(self, values="grad"):
+        """(GPT name, tensor) for every piece of a parameter this rank holds: the parameter (values="param") or its
+        gradient ("grad"); with FSDP the part of each parameter inside this rank's shard."""
+        if not self.fsdp:
+            for name, p in self.model.named_stage_parameters():
+                t = p.grad if values == "grad" else p.detach()
+                if t is not None:
+                    yield name, t
+            return
+        for wrapper in self.wrappers:
+            for unit in wrapper.all_units():
+                base = self.dp_comm.rank * unit.shard_numel
+                for p in unit.opt_params:
+                    t = p.grad if values == "grad" else p.detach()
+                    if t is None:
+                        continue
+                    lo, hi = base + p.shard_range[0], base + p.shard_range[1]
+                    for info in unit.infos:
+                        a, b = max(lo, info["offset"]), min(hi, info["offset"] + info["numel"])
+                        if a < b:
+                            yield info["name"], t[a - lo:b - lo]
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm):
+        """Global L2 norm, every element of the unsharded model once: TP-sharded parameters summed over TP and
+        TP-replicated ones counted on tp rank 0; each stage's on its pp rank, the tied head copy not at all; with
+        FSDP every DP shard, with DDP the replica of dp rank 0. One all-reduce of a scalar over the world."""
+        sq = torch.zeros((), device=self.device)
+        for name, g in self._named_pieces("grad"):
+            replicated_over_tp = shard_dim(name) is None and self.grid.tp_rank != 0
+            replicated_over_dp = not self.fsdp and self.grid.dp_rank != 0
+            if name != HEAD and not replicated_over_tp and not replicated_over_dp:
+                sq += g.float().pow(2).sum()
+        self.collectives(None).all_reduce(sq)
+        norm = sq.sqrt()
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for p in self.grad_parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef)
+        return norm
+
+    def _local_state(self):
+        """{GPT name: this rank's TP piece of the parameter} for this rank's stages (FSDP: gathered over DP)."""
+        local = {}
+        for chunk, wrapper in zip(self.model.chunks, self.wrappers):
+            if not self.fsdp:
+                local |= {k: v.detach() for k, v in chunk.state_dict().items()}
+                continue
+            for unit in wrapper.all_units():
+                params = wrapper.gather_full(unit, unit.shard)
+                local |= {fqn: params[i["name"]] for i in unit.infos for fqn in i["fqns"]}
+        return local
+
+    def full_state_dict(self):
+        """The single GPT's parameters on every rank: gathered over DP (FSDP), TP and PP (collective: every rank)."""
+        local, shapes = self._local_state(), full_shapes(self.model.config)
+        tp_comm = TorchCollectives(self.grid.tp_group)  # not counted: not part of training
+        full = {}
+        for name in sorted(local):  # the same order on every TP peer
+            dim = shard_dim(name)
+            if dim is None or self.grid.tp == 1:
+                full[name] = local[name].cpu()
+                continue
+            sizes = [e - s for s, e in (chunk_bounds(shapes[name][dim], self.grid.tp, r) for r in range(self.grid.tp))]
+            full[name] = _gather(tp_comm, local[name].contiguous(), dim, sizes).cpu()
+        parts = [None] * self.pp_size
+        dist.all_gather_object(parts, full, group=self.pp_group)
+        merged = {}
+        for part in parts:
+            merged |= part
+        merged[HEAD] = merged[WTE]
+        return {k: v.to(self.device) for k, v in merged.items()}

@@ -151,6 +151,11 @@ class PytorchFSDP(FSDPStrategy):
 # ----------------------------------------------------------------------------------------------------------
 # custom variant: ZeRO-3 with flat parameters
 
+class LeafSet(list):
+    """The leaf views of one gathered unit handed to one forward, and how many of them have their gradient."""
+    ready = 0
+
+
 class FlatParamUnit:
     """One ZeRO-3 unit: the parameters that `module` owns (not those of other units), flattened into one padded
     flat tensor of which this rank keeps the 1/N shard.
@@ -211,8 +216,9 @@ class FlatParamUnit:
                 del mod._parameters[attr]
         self.full = torch.empty(padded, dtype=compute_dtype, device=device)
         self.full.untyped_storage().resize_(0)
-        self.gathered, self.handle, self.leaves = False, None, []
-        self.grad_acc, self.grads_ready, self.reduce = None, 0, None
+        self.gathered, self.handle = False, None
+        self.grad_acc, self.reduce = None, None
+        self.pending = 0  # leaf sets handed to forwards whose gradients are not all in yet
 
     # --- parameters: gather, views, free ---
 
@@ -237,26 +243,27 @@ class FlatParamUnit:
         self.gathered = False
 
     def set_views(self, on_grad):
-        """Point the module's parameter attributes at fresh leaf views of `full`; on_grad(self) runs once all of
-        them have their gradient (post-accumulate-grad hooks)."""
-        self.leaves, self.grads_ready = [], 0
+        """Point the module's parameter attributes at fresh leaf views of `full` (one set per forward: a pipeline
+        runs several micro-batches' forwards before their backwards); on_grad(self, leaves) runs once all leaves of
+        a set have their gradient (post-accumulate-grad hooks)."""
+        leaves = LeafSet()
+        self.pending += torch.is_grad_enabled()
         for info in self.infos:
             leaf = self.full[info["offset"]:info["offset"] + info["numel"]].view(info["shape"])
             if torch.is_grad_enabled():
                 leaf.requires_grad_(True)
-                leaf.register_post_accumulate_grad_hook(lambda _, self=self: on_grad(self))
+                leaf.register_post_accumulate_grad_hook(lambda _, leaves=leaves: on_grad(self, leaves))
             for mod, attr in info["slots"]:
                 setattr(mod, attr, leaf)
-            self.leaves.append(leaf)
+            leaves.append(leaf)
 
     # --- gradients ---
 
-    def accumulate_grads(self):
+    def accumulate_grads(self, leaves):
         """Add the leaves' gradients (compute dtype) into the unsharded fp32 accumulator `grad_acc` (padded,)."""
-        first = self.grad_acc is None
-        if first:
+        if self.grad_acc is None:
             self.grad_acc = torch.zeros(self.full.numel(), dtype=torch.float32, device=self.shard.device)
-        for info, leaf in zip(self.infos, self.leaves):
+        for info, leaf in zip(self.infos, leaves):
             self.grad_acc[info["offset"]:info["offset"] + info["numel"]].add_(leaf.grad.view(-1))
             leaf.grad = None
 
@@ -291,6 +298,9 @@ class FullyShardedDataParallel(nn.Module):
     module: built on the meta device (init_fn(name, tensor) then initialises each parameter) or real; comm: the
     Collectives of the data-parallel group; compute_dtype: the dtype of gathered parameters (fp32 shards are kept,
     gradients are reduced in fp32). Raises ValueError if a parameter is shared by two units.
+    Several micro-batches may be in flight (forwards before backwards, as in a pipeline): each forward gets its
+    own leaf views. `pre_reduce_scatter(unit)`, if set, runs on a unit's unsharded fp32 gradient (unit.grad_acc)
+    just before its reduce-scatter (3d uses it to sum sequence-parallel gradients over TP).
     """
 
     def __init__(self, module, units, comm, *, compute_dtype=torch.float32, reshard_after_forward=True,
@@ -298,6 +308,7 @@ class FullyShardedDataParallel(nn.Module):
         super().__init__()
         self.module, self.comm, self.reshard_after_forward = module, comm, reshard_after_forward
         self.require_sync = True
+        self.pre_reduce_scatter = None  # callback(unit) on the fp32 unsharded gradient before its reduce-scatter
         # which unit owns each parameter: the innermost unit module containing it, else the root (last list)
         prefixes = {name: i for i, unit in enumerate(units) for name, m in module.named_modules() if m is unit}
         names = sorted(prefixes, key=prefixes.get)
@@ -361,17 +372,20 @@ class FullyShardedDataParallel(nn.Module):
         unit, size, stride, offset = packed
         unit.unshard()
         nxt = self.backward_next.get(unit)
-        if nxt is not None and not nxt.gathered and nxt.grads_ready < len(nxt.infos):
+        if nxt is not None and not nxt.gathered and nxt.pending:  # only a unit whose backward is still to come
             nxt.unshard(async_op=True)
         return unit.full.as_strided(size, stride, offset)
 
-    def _on_unit_grads(self, unit):
-        unit.grads_ready += 1
-        if unit.grads_ready < len(unit.infos):
+    def _on_unit_grads(self, unit, leaves):
+        leaves.ready += 1
+        if leaves.ready < len(unit.infos):
             return
-        unit.accumulate_grads()
+        unit.pending -= 1
+        unit.accumulate_grads(leaves)
         unit.reshard()
         if self.require_sync:
+            if self.pre_reduce_scatter is not None:
+                self.pre_reduce_scatter(unit)
             unit.reduce_scatter_grads()
 
     def finish_gradient_sync(self):

@@ -180,39 +180,58 @@ class TensorParallel(Strategy):
 # pytorch variant
 
 
+def pytorch_tp_plan(module, sequence_parallel, loss_parallel):
+    """The parallelize_module plan (torchtitan's, as a dict {submodule name: ParallelStyle}) of the module
+    docstring for `module`: the GPT, or a pipeline stage of it (parallel/pp.py's StageModule) that holds only some
+    of transformer.wte, the blocks transformer.h.<i>, transformer.ln_f and lm_head, under the GPT's names.
+
+    The residual stream between blocks is replicated, or with sequence_parallel sharded along the sequence
+    (Shard(1)): a stage then takes and returns its local (B, T/t, n_embd) piece. With loss_parallel the head's
+    logits stay a DTensor sharded over the vocabulary (Shard(-1)) for loss_parallel()'s cross-entropy."""
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel)
+    sp, lp = sequence_parallel, loss_parallel
+    residual = Shard(1) if sp else Replicate()  # layout of the residual stream between blocks
+    modules = dict(module.named_modules())
+    blocks = sorted(int(n.split(".")[2]) for n in modules if n.count(".") == 2 and n.startswith("transformer.h."))
+    plan = {}
+    if "transformer.wte" in modules:
+        plan["transformer.wte"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+        if sp:  # the embedding's output is replicated: the first block takes its sequence piece
+            plan[f"transformer.h.{blocks[0]}"] = PrepareModuleInput(input_layouts=(Replicate(),),
+                                                                   desired_input_layouts=(Shard(1),),
+                                                                   use_local_output=True)
+    if "lm_head" in modules:
+        plan["lm_head"] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1) if lp else Replicate(),
+                                          use_local_output=not lp)
+    if sp and "transformer.ln_f" in modules:
+        plan["transformer.ln_f"] = SequenceParallel()
+    for i in blocks:
+        p = f"transformer.h.{i}"
+        for name in COLUMN:
+            if f"{p}.{name}" in modules:  # mlp.gate_proj only in the Llama block
+                plan[f"{p}.{name}"] = ColwiseParallel()
+        for name in ROW:
+            plan[f"{p}.{name}"] = RowwiseParallel(output_layouts=residual)
+        if sp:
+            plan[f"{p}.ln_1"] = SequenceParallel()
+            plan[f"{p}.ln_2"] = SequenceParallel()
+            for name in ("attn", "mlp"):
+                plan[f"{p}.{name}"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+    return plan
+
+
 @register("tp", "pytorch")
 class PytorchTP(TensorParallel):
-    """parallelize_module with the plan of the module docstring on a 1-D "tp" DeviceMesh; loss_parallel()."""
+    """parallelize_module with the plan of the module docstring (pytorch_tp_plan) on a 1-D "tp" DeviceMesh;
+    loss_parallel()."""
 
     def build_model(self, model_config):
-        from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                                       SequenceParallel, parallelize_module)
+        from torch.distributed.tensor.parallel import parallelize_module
         self._check(model_config)
         self._build_mesh()
         model = GPT(model_config).to(self.device)  # the full init on every rank; the plan keeps each rank's slice
-        sp, lp = self.sequence_parallel, self.loss_parallel
-        residual = Shard(1) if sp else Replicate()  # layout of the residual stream between blocks
-        plan = {"transformer.wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-                "lm_head": ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1) if lp else Replicate(),
-                                           use_local_output=not lp)}
-        if sp:
-            plan["transformer.h.0"] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),),
-                                                         use_local_output=True)
-            plan["transformer.ln_f"] = SequenceParallel()
-        modules = dict(model.named_modules())
-        for i in model.transformer.h:
-            p = f"transformer.h.{i}"
-            for name in COLUMN:
-                if f"{p}.{name}" in modules:  # mlp.gate_proj only in the Llama block
-                    plan[f"{p}.{name}"] = ColwiseParallel()
-            for name in ROW:
-                plan[f"{p}.{name}"] = RowwiseParallel(output_layouts=residual)
-            if sp:
-                plan[f"{p}.ln_1"] = SequenceParallel()
-                plan[f"{p}.ln_2"] = SequenceParallel()
-                for name in ("attn", "mlp"):
-                    plan[f"{p}.{name}"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
-        parallelize_module(model, self.mesh, plan)
+        parallelize_module(model, self.mesh, pytorch_tp_plan(model, self.sequence_parallel, self.loss_parallel))
         model.tie_weights()  # the plan distributed wte and lm_head separately: share wte's DTensor again
         self.model = model
         return model
@@ -506,6 +525,70 @@ def _load_slice(module_param, full, dim, comm):
         module_param.copy_(full)
 
 
+def full_shapes(model_config):
+    """{name: shape} of every parameter of the unsharded GPT (lm_head.weight: the tied embedding's)."""
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in GPT(model_config).named_parameters()}
+    shapes["lm_head.weight"] = shapes["transformer.wte.weight"]
+    return shapes
+
+
+def tensor_parallelize(model, comm, sequence_parallel=False, loss_parallel=False):
+    """Swap, in place, the linears and the token embedding of a GPT-like module on the meta device for the layers
+    above over `comm` (the TP group): q/k/v/up/gate column-parallel, out/down row-parallel, wte vocab-parallel, the
+    tied lm_head column-parallel over the vocabulary (gathering its output unless loss_parallel). `model` is a GPT or
+    a pipeline stage (parallel/pp.py's StageModule): it has `config` and `transformer.h` (blocks), and wte / lm_head
+    only if it holds them. Parameter names stay the GPT's. Hooks enter the TP region once per attention and MLP
+    input, and with sequence_parallel the residual stream is split along the sequence before block 0.
+    Returns the loss function of the module's logits: vocab-parallel cross-entropy with loss_parallel, else None."""
+    c, sp, tr = model.config, sequence_parallel, model.transformer
+    with torch.device("meta"):
+        if "wte" in tr:
+            tr.wte = VocabParallelEmbedding(c.vocab_size, c.n_embd, comm)
+        if hasattr(model, "lm_head"):
+            model.lm_head = ColumnParallelLinear(c.n_embd, c.vocab_size, comm, bias=False, sequence_parallel=sp,
+                                                 gather_output=not loss_parallel)
+        for block in tr.h.values():
+            for parent in (block.attn, block.mlp):
+                for name, child in list(parent.named_children()):
+                    if not isinstance(child, nn.Linear):
+                        continue
+                    if f"{type(parent).__name__}.{name}" in ("CausalSelfAttention.out_proj", "MLP.down_proj",
+                                                             "SwiGLU.down_proj"):
+                        layer = RowParallelLinear(child.in_features, child.out_features, comm,
+                                                  bias=child.bias is not None, sequence_parallel=sp)
+                    else:
+                        layer = ColumnParallelLinear(child.in_features, child.out_features, comm,
+                                                     bias=child.bias is not None, sequence_parallel=sp,
+                                                     prepare_input=False)
+                    setattr(parent, name, layer)
+                parent.register_forward_pre_hook(lambda m, args: (enter_tp_region(args[0], comm, sp),))
+    if sp and "0" in tr.h:  # the residual stream is sequence-sharded from the first block to the head
+        tr.h["0"].register_forward_pre_hook(lambda m, args: (ScatterToSequenceParallelRegion.apply(args[0], comm),))
+    if loss_parallel and hasattr(model, "lm_head"):
+        head = model.lm_head
+        return lambda logits, targets: vocab_parallel_cross_entropy(logits, targets, head.start, comm)
+    return None
+
+
+def tp_slice_init(model_config, comm):
+    """init(name, tensor): fill a TP-sharded (or replicated) parameter with its slice of the full GPT's init, so TP=1
+    and TP=t start from identical weights (model.init_parameter_ on the full tensor, then this rank's chunk)."""
+    shapes = full_shapes(model_config)
+
+    def init(name, tensor):
+        full = torch.empty(shapes[name])
+        init_parameter_(name, full, model_config)
+        _load_slice(tensor, full, shard_dim(name), comm)
+    return init
+
+
+def is_sequence_parallel_param(name):
+    """With SP: whether parameter `name` is replicated but fed only this rank's positions (norms, row-parallel
+    biases), so its gradient must be summed over TP; the position embedding is used before the split: excluded."""
+    return shard_dim(name) is None and not name.startswith("transformer.wpe")
+
+
 @register("tp", "custom")
 class CustomTP(TensorParallel):
     """Megatron-style TP written out: the GPT's linears and embedding swapped for the layers above (same names,
@@ -514,46 +597,18 @@ class CustomTP(TensorParallel):
     def build_model(self, model_config):
         self._check(model_config)
         self._build_mesh()
-        comm, sp, dev = self.comm, self.sequence_parallel, self.device
         with torch.device("meta"):
             model = GPT(model_config)
-        self.full_shapes = {n: p.shape for n, p in model.named_parameters()}
-        self.full_shapes["lm_head.weight"] = self.full_shapes["transformer.wte.weight"]
-        c = model_config
-        with torch.device("meta"):
-            model.transformer.wte = VocabParallelEmbedding(c.vocab_size, c.n_embd, comm)
-            model.lm_head = ColumnParallelLinear(c.n_embd, c.vocab_size, comm, bias=False, sequence_parallel=sp,
-                                                 gather_output=not self.loss_parallel)
-            for block in model.transformer.h.values():
-                for parent in (block.attn, block.mlp):
-                    for name, child in list(parent.named_children()):
-                        if not isinstance(child, nn.Linear):
-                            continue
-                        if f"{type(parent).__name__}.{name}" in ("CausalSelfAttention.out_proj", "MLP.down_proj",
-                                                                 "SwiGLU.down_proj"):
-                            layer = RowParallelLinear(child.in_features, child.out_features, comm,
-                                                      bias=child.bias is not None, sequence_parallel=sp)
-                        else:
-                            layer = ColumnParallelLinear(child.in_features, child.out_features, comm,
-                                                         bias=child.bias is not None, sequence_parallel=sp,
-                                                         prepare_input=False)
-                        setattr(parent, name, layer)
-                    parent.register_forward_pre_hook(lambda m, args: (enter_tp_region(args[0], comm, sp),))
-        if sp:  # the residual stream is sequence-sharded from the first block to the head
-            model.transformer.h["0"].register_forward_pre_hook(
-                lambda m, args: (ScatterToSequenceParallelRegion.apply(args[0], comm),))
-        model.to_empty(device=dev)
+        self.full_shapes = full_shapes(model_config)
+        loss = tensor_parallelize(model, self.comm, self.sequence_parallel, self.loss_parallel)
+        if loss is not None:
+            model.loss = loss
+        model.to_empty(device=self.device)
         model.tie_weights()
-        for name, p in model.named_parameters():  # each shard = the slice of the full tensor's init
-            full = torch.empty(self.full_shapes[name])
-            init_parameter_(name, full, c)
-            _load_slice(p, full, shard_dim(name), comm)
-        if self.loss_parallel:
-            head = model.lm_head
-            model.loss = lambda logits, targets: vocab_parallel_cross_entropy(logits, targets, head.start, comm)
-        # with SP: replicated parameters fed only this rank's positions, whose gradients are summed over TP
-        self.sp_params = [p for n, p in model.named_parameters()
-                          if sp and shard_dim(n) is None and not n.startswith("transformer.wpe")]
+        init = tp_slice_init(model_config, self.comm)
+        for name, p in model.named_parameters():
+            init(name, p)
+        self.sp_params = [p for n, p in model.named_parameters() if self.sequence_parallel and is_sequence_parallel_param(n)]
         self.model = model
         return model
 

@@ -1,0 +1,135 @@
+"""
+3-D parallelism (parallel/3d.py): data x pipeline x tensor parallel on one rank grid, against the single-device
+reference on the same global batch (CPU, gloo).
+
+    torchrun --standalone --nproc_per_node=8 -m unittest tests/test_3d.py     (or 4; pytest launches both)
+
+At 8 processes the full grid dp=2 x pp=2 x tp=2, at 4 the 2-D cuts dp x tp, dp x pp and pp x tp; DP as DDP and as
+FSDP. The grid layout and its checks need no process group.
+"""
+
+import importlib
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from model import GPT
+from parallel import build_strategy
+from tests.distributed import DistributedTestCase, torchrun_launcher
+from tests.reference import global_batches, max_param_diff, tiny_config, train_config, train_single, train_strategy
+
+RankGrid = importlib.import_module("parallel.3d").RankGrid
+CPU = torch.device("cpu")
+MODEL = tiny_config(n_layer=4, vocab_size=65)  # 4 layers: pp=2 with 2 virtual stages; 65: an uneven vocab split
+B = 2  # micro-batch
+CASES = {  # world size -> [(dp, pp, tp, overrides)]
+    8: [(2, 2, 2, dict(dp_type="ddp")),
+        (2, 2, 2, dict(dp_type="fsdp")),
+        (2, 2, 2, dict(dp_type="fsdp", sequence_parallel=True, loss_parallel=True, pp_schedule="interleaved_1f1b",
+                       pp_virtual_stages=2, gradient_accumulation_steps=8))],
+    4: [(2, 1, 2, dict(dp_type="ddp", sequence_parallel=True)),
+        (2, 1, 2, dict(dp_type="fsdp", loss_parallel=True)),
+        (2, 2, 1, dict(dp_type="ddp", pp_schedule="gpipe")),
+        (2, 2, 1, dict(dp_type="fsdp")),
+        (1, 2, 2, dict(dp_type="fsdp", sequence_parallel=True, loss_parallel=True)),
+        (1, 2, 2, dict(dp_type="ddp", pp_schedule="interleaved_1f1b", pp_virtual_stages=2))],
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# without a process group
+
+def test_rank_grid_for_8_ranks():
+    """Megatron's layout: TP innermost (consecutive ranks), then PP, then DP."""
+    assert [RankGrid.coords(r, 2, 2, 2) for r in range(8)] == [
+        (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)]
+    assert RankGrid.groups(2, 2, 2) == {"dp": [[0, 4], [1, 5], [2, 6], [3, 7]],
+                                        "pp": [[0, 2], [1, 3], [4, 6], [5, 7]],
+                                        "tp": [[0, 1], [2, 3], [4, 5], [6, 7]]}
+    assert RankGrid.groups(1, 2, 4)["tp"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert RankGrid.groups(4, 1, 2)["dp"] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    text = RankGrid.describe(2, 2, 2)
+    assert "rank 5: dp=1 pp=0 tp=1" in text and "tp groups: [0,1] [2,3] [4,5] [6,7]" in text
+
+
+@pytest.mark.parametrize("world, dp, pp, tp, expected", [
+    (8, 0, 2, 2, (2, 2, 2)), (8, 0, 0, 0, (8, 1, 1)), (8, 0, 4, 0, (2, 4, 1)), (8, 1, 2, 4, (1, 2, 4))])
+def test_rank_grid_sizes(world, dp, pp, tp, expected):
+    """0 means: dp takes the rest of the world, pp and tp are 1."""
+    assert RankGrid.check(world, dp, pp, tp) == expected
+
+
+@pytest.mark.parametrize("world, dp, pp, tp", [(8, 3, 2, 2), (8, 0, 3, 1), (8, 2, 2, 1), (6, 0, 4, 1), (8, -1, 2, 2)])
+def test_invalid_grids_are_one_line_errors(world, dp, pp, tp):
+    with pytest.raises(ValueError) as e:
+        RankGrid.check(world, dp, pp, tp)
+    assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# under torchrun
+
+
+class Test3D(DistributedTestCase):
+
+    def strategy(self, variant, dp, pp, tp, **overrides):
+        overrides = {"pp_schedule": "1f1b", "gradient_accumulation_steps": 4, **overrides}
+        cfg = train_config(parallel="3d", variant=variant, dp_size=dp, pp_size=pp, tp_size=tp, n_layer=MODEL.n_layer,
+                           **overrides)
+        return build_strategy(cfg, CPU)
+
+    def test_every_grid_equals_single(self):
+        """3 steps on the same global batch (micro-batch x micro-batches per pipeline x dp sequences): the logged
+        losses (on every rank), the gathered parameters and an eval loss equal the single run within 1e-5."""
+        for dp, pp, tp, overrides in CASES.get(self.world_size, []):
+            m = overrides.get("gradient_accumulation_steps", 4)
+            batches = global_batches(3, m, B, MODEL, seed=m)
+            ref_losses, ref_model = train_single(MODEL, batches, train_config())
+            x, y = batches[0][0]
+            with torch.no_grad():
+                ref_eval = ref_model(x, y)[1].item()
+            for variant in ("custom",):
+                with self.subTest(variant=variant, dp=dp, pp=pp, tp=tp, **overrides):
+                    strategy = self.strategy(variant, dp, pp, tp, **overrides)
+                    self.assertEqual((strategy.dp_size, strategy.pp_size), (dp, pp))
+                    losses, _ = train_strategy(strategy, MODEL, batches)
+                    self.assertLess(max(abs(a - b) for a, b in zip(losses, ref_losses)), 1e-5, (losses, ref_losses))
+                    self.assertLess(max_param_diff(strategy.full_state_dict(), ref_model), 1e-5)
+                    self.assertLess(abs(strategy.eval_loss(x, y).item() - ref_eval), 1e-5)
+                    self.assertLess(losses[-1], losses[0])  # not vacuous: it learned
+
+    def test_grad_norm_counts_every_element_once(self):
+        """clip_grad_norm_(inf) equals the single model's gradient norm on every rank (TP-replicated parameters,
+        DDP replicas and the tied embedding/head copy counted once)."""
+        for dp, pp, tp, overrides in CASES.get(self.world_size, [])[:2]:
+            batches = global_batches(1, 4, B, MODEL)[0]
+            single = GPT(MODEL)
+            for x, y in batches:
+                (single(x, y)[1] / len(batches)).backward()
+            ref = torch.nn.utils.clip_grad_norm_(single.parameters(), float("inf")).item()
+            with self.subTest(dp=dp, pp=pp, tp=tp, **overrides):
+                strategy = self.strategy("custom", dp, pp, tp, **overrides)
+                strategy.build_model(MODEL)
+                strategy.forward_backward(batches[strategy.dp_rank::strategy.dp_size],
+                                          torch.amp.GradScaler("cpu", enabled=False))
+                norm = strategy.clip_grad_norm_(float("inf")).item()
+                self.assertAlmostEqual(norm, ref, delta=1e-5 * ref)
+                everyone = [None] * self.world_size
+                dist.all_gather_object(everyone, norm)
+                self.assertEqual(len(set(everyone)), 1)
+
+    def test_invalid_configs_are_one_line_errors(self):
+        """Raised on every rank before any collective: a grid that is not the world, a TP size that does not
+        divide the heads, an unknown dp_type."""
+        for kwargs in (dict(dp=3, pp=2, tp=2), dict(dp=self.world_size // 4, pp=1, tp=4, n_head=2),
+                       dict(dp=0, pp=1, tp=2, dp_type="zero")):
+            dp, pp, tp = kwargs.pop("dp"), kwargs.pop("pp"), kwargs.pop("tp")
+            with self.subTest(dp=dp, pp=pp, tp=tp, **kwargs):
+                with self.assertRaises(ValueError) as e:
+                    strategy = self.strategy("custom", dp, pp, tp, **kwargs)
+                    strategy.build_model(tiny_config(n_layer=4, n_head=kwargs.get("n_head", 2)))
+                self.assertNotIn("\n", str(e.exception))
+
+
+test_torchrun = torchrun_launcher(__file__, nprocs=(4, 8))
