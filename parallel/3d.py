@@ -37,11 +37,12 @@ import contextlib
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
 
 from parallel import register
 from parallel.comm import TorchCollectives
 from parallel.ddp import DataParallel
-from parallel.fsdp import LOW_PRECISION, FullyShardedDataParallel
+from parallel.fsdp import LOW_PRECISION, FullyShardedDataParallel, flat_optimizer_state
 from parallel.pp import HEAD, WTE, CustomPipeline, LocalStages, StageModule, split_layers, stage_costs
 from parallel.tp import (_gather, check_tp_config, chunk_bounds, full_shapes, is_sequence_parallel_param, shard_dim,
                          tensor_parallelize, tp_slice_init)
@@ -329,3 +330,71 @@ class Custom3D(Parallel3D, CustomPipeline):
             merged |= part
         merged[HEAD] = merged[WTE]
         return {k: v.to(self.device) for k, v in merged.items()}
+
+    # --- sharded checkpoint: per parameter name, this TP rank's piece as a DTensor on the "tp" sub-mesh -------
+
+    def _tp_placed(self, name, t):
+        """t (this rank's TP piece of `name`) as a DTensor Shard(dim) on the tp sub-mesh, or as is if replicated."""
+        dim = shard_dim(name)
+        if dim is None:
+            return t
+        shape = full_shapes(self.model.config)[name]
+        return DTensor.from_local(t, self.grid.mesh["tp"], [Shard(dim)], run_check=False, shape=shape,
+                                  stride=torch.empty(shape, device="meta").stride())
+
+    def sharded_state_dict(self, optimizer):
+        """{"model", "optim"} keyed by the GPT's names (parallel/checkpoint.py): TP-sharded tensors as DTensors on the
+        tp sub-mesh, the others plain; with FSDP each unit is gathered over DP first (one unit at a time), so DP
+        replicas write the same pieces and DCP keeps one. The tied head's copy is saved as lm_head.weight and its
+        AdamW state under the embedding's name (the single model's layout), as parallel/pp.py does."""
+        model_sd, optim_sd = {}, {}
+        for chunk, wrapper in zip(self.model.chunks, self.wrappers):
+            if not self.fsdp:
+                for name, p in chunk.named_parameters():
+                    state = optimizer.state[p]
+                    if not state:  # before the first step: AdamW's state, so that a load has somewhere to go
+                        state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                    model_sd[name] = p.detach()
+                    optim_sd[WTE if name == HEAD else name] = dict(state)
+                continue
+            for unit in wrapper.all_units():
+                params = wrapper.gather_full(unit, unit.shard)
+                moments = {k: wrapper.gather_full(unit, flat_optimizer_state(unit, optimizer, k))
+                           for k in ("exp_avg", "exp_avg_sq")}
+                step = next((optimizer.state[p]["step"] for p in unit.opt_params if p in optimizer.state),
+                            torch.tensor(0.0))
+                for info in unit.infos:
+                    name = info["name"]
+                    model_sd |= {fqn: params[name] for fqn in info["fqns"]}
+                    optim_sd[WTE if name == HEAD else name] = {"step": step.clone(),
+                                                              **{k: v[name] for k, v in moments.items()}}
+        if WTE in model_sd and HEAD not in model_sd and self.first_rank == self.last_rank:
+            model_sd[HEAD] = model_sd[WTE]
+        return {"model": {n: self._tp_placed(n, t) for n, t in model_sd.items()},
+                "optim": {n: {k: t if k == "step" else self._tp_placed(n, t) for k, t in s.items()}
+                          for n, s in optim_sd.items()}}
+
+    @torch.no_grad()
+    def load_sharded_state_dict(self, state, optimizer):
+        """Copy the loaded pieces into the parameters and AdamW state (FSDP: this rank's shard of each unit)."""
+        def local(t):
+            return t.to_local() if isinstance(t, DTensor) else t
+
+        model_sd, optim_sd = state["model"], state["optim"]
+        for chunk, wrapper in zip(self.model.chunks, self.wrappers):
+            if not self.fsdp:
+                for name, p in chunk.named_parameters():
+                    p.copy_(local(model_sd[name]))
+                    for k, t in optim_sd[WTE if name == HEAD else name].items():
+                        optimizer.state[p][k].copy_(local(t))
+                continue
+            for unit in wrapper.all_units():
+                names = [i["name"] for i in unit.infos]
+                unit.shard.copy_(wrapper.shard_of(unit, {n: local(model_sd[n]) for n in names}))
+                opt_names = [WTE if n == HEAD else n for n in names]
+                moments = {k: wrapper.shard_of(unit, {n: local(optim_sd[o][k]) for n, o in zip(names, opt_names)})
+                           for k in ("exp_avg", "exp_avg_sq")}
+                step = optim_sd[opt_names[0]]["step"]
+                for p in unit.opt_params:
+                    lo, hi = p.shard_range
+                    optimizer.state[p] = {"step": step.clone(), **{k: v[lo:hi].clone() for k, v in moments.items()}}

@@ -282,6 +282,16 @@ class FlatParamUnit:
         self.reduce, self.grad_acc = None, None
 
 
+def flat_optimizer_state(unit, optimizer, key):
+    """AdamW's `key` state ("exp_avg" or "exp_avg_sq") of a unit's optimizer views as one shard-sized fp32 tensor
+    (zeros where there is none yet, and in the padding)."""
+    flat = torch.zeros(unit.shard_numel, device=unit.shard.device)
+    for p in unit.opt_params:
+        if p in optimizer.state:
+            flat[p.shard_range[0]:p.shard_range[1]] = optimizer.state[p][key]
+    return flat
+
+
 class FullyShardedDataParallel(nn.Module):
     """ZeRO-3 around `module`: each module of `units` (e.g. the transformer blocks) is one FlatParamUnit, and the
     parameters of `module` outside them form a root unit. Works for any nn.Module made of repeated blocks.
@@ -491,13 +501,6 @@ class CustomFSDP(FSDPStrategy):
         with torch.device("meta"):
             return list(GPT(self.model.config).state_dict().keys())
 
-    def _optimizer_flat_state(self, unit, optimizer, key):
-        flat = torch.zeros(unit.shard_numel, device=self.device)
-        for p in unit.opt_params:
-            if p in optimizer.state:
-                flat[p.shard_range[0]:p.shard_range[1]] = optimizer.state[p][key]
-        return flat
-
     def sharded_state_dict(self, optimizer):
         """Per parameter name, a DTensor Shard(0) over the data-parallel ranks (torch.chunk's split), the layout
         FSDP2 uses, so both variants' checkpoints load into either and on any world size."""
@@ -511,7 +514,7 @@ class CustomFSDP(FSDPStrategy):
         step = next((s["step"] for s in optimizer.state.values()), torch.tensor(0.0))
         for unit in self.fsdp.all_units():
             params = self.fsdp.gather_full(unit, unit.shard)
-            moments = {k: self.fsdp.gather_full(unit, self._optimizer_flat_state(unit, optimizer, k))
+            moments = {k: self.fsdp.gather_full(unit, flat_optimizer_state(unit, optimizer, k))
                        for k in ("exp_avg", "exp_avg_sq")}
             for info in unit.infos:
                 name = info["name"]

@@ -9,13 +9,17 @@ FSDP. The grid layout and its checks need no process group.
 """
 
 import importlib
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from model import GPT
-from parallel import build_strategy
+from parallel import build_strategy, load_checkpoint_file
 from tests.distributed import DistributedTestCase, torchrun_launcher
 from tests.reference import global_batches, max_param_diff, tiny_config, train_config, train_single, train_strategy
 
@@ -130,6 +134,42 @@ class Test3D(DistributedTestCase):
                     strategy = self.strategy("custom", dp, pp, tp, **kwargs)
                     strategy.build_model(tiny_config(n_layer=4, n_head=kwargs.get("n_head", 2)))
                 self.assertNotIn("\n", str(e.exception))
+
+    def test_checkpoint_save_convert_load_and_resume(self):
+        """A DCP checkpoint after 2 steps on one grid (FSDP): converted to one file it holds the single run's model;
+        loaded on another grid (and DP as DDP), one more step equals the single run's third step (resume exact)."""
+        save_grid, load_grid = {8: ((2, 2, 2), (4, 1, 2)), 4: ((2, 2, 1), (1, 2, 2))}[self.world_size]
+        batches = global_batches(3, 4, B, MODEL)
+        ref_losses, ref_model = train_single(MODEL, batches, train_config())
+        ref_two = train_single(MODEL, batches[:2], train_config())[1]
+        path = [tempfile.mkdtemp(prefix="3d-ckpt-") if self.rank == 0 else None]
+        dist.broadcast_object_list(path)
+        path = os.path.join(path[0], "ckpt")
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        try:
+            strategy = self.strategy("custom", *save_grid, dp_type="fsdp")
+            strategy.build_model(MODEL)
+            opt = strategy.configure_optimizer()
+            for step in batches[:2]:
+                strategy.forward_backward(step[strategy.dp_rank::strategy.dp_size], scaler)
+                strategy.clip_grad_norm_(strategy.cfg.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            strategy.save_checkpoint(path, opt, {"model_args": asdict(MODEL), "iter_num": 2, "config": vars(strategy.cfg)})
+            self.assertLess(max_param_diff(load_checkpoint_file(path)["model"], ref_two), 1e-5)
+            fresh = self.strategy("custom", *load_grid, dp_type="ddp")
+            fresh.build_model(MODEL)
+            fresh_opt = fresh.configure_optimizer()
+            self.assertEqual(fresh.load_checkpoint(path, fresh_opt)["iter_num"], 2)
+            loss = fresh.forward_backward(batches[2][fresh.dp_rank::fresh.dp_size], scaler).item()
+            fresh.clip_grad_norm_(fresh.cfg.grad_clip)
+            fresh_opt.step()
+            self.assertLess(abs(loss - ref_losses[2]), 1e-5)
+            self.assertLess(max_param_diff(fresh.full_state_dict(), ref_model), 1e-5)
+        finally:
+            dist.barrier()
+            if self.rank == 0:
+                shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
 
 test_torchrun = torchrun_launcher(__file__, nprocs=(4, 8))
