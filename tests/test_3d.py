@@ -123,6 +123,35 @@ class Test3D(DistributedTestCase):
                 dist.all_gather_object(everyone, norm)
                 self.assertEqual(len(set(everyone)), 1)
 
+    def test_comm_per_step_is_the_sum_of_the_1d_formulas(self):
+        """dp x pp x tp, DP as DDP, no SP: the payload bytes of one step (m micro-batches of b x s tokens, h = n_embd,
+        this rank's L blocks and Psi parameters, 4-byte fp32) are exactly those of the three 1-D algorithms on their
+        groups: DP one all-reduce of Psi; TP per micro-batch 4 all-reduces of b*s*h per block, + 1 for the embedding
+        (first stage) and 1 for the head's input gradient (last stage), and the all-gather of the b*s*V logits
+        (last stage); PP per micro-batch one b*s*h activation sent forward (not from the last stage) and one gradient
+        backward (not from the first), the tied embedding gradient both ways, the loss broadcast; 1 scalar for clip."""
+        dp, pp, tp = {8: (2, 2, 2), 4: (1, 2, 2)}[self.world_size]
+        m = 2
+        strategy = self.strategy("custom", dp, pp, tp, dp_type="ddp", gradient_accumulation_steps=m * dp)
+        strategy.build_model(MODEL)
+        batches = global_batches(1, m * dp, B, MODEL)[0][strategy.dp_rank::dp]
+        strategy.stats.reset()
+        strategy.forward_backward(batches, torch.amp.GradScaler("cpu", enabled=False))
+        strategy.clip_grad_norm_(1.0)
+        first, last = strategy.pp_rank == 0, strategy.pp_rank == pp - 1
+        L = sum(hi - lo for lo, hi in (strategy.bounds[s] for s in strategy.my_stages))
+        psi = sum(p.numel() for p in strategy.grad_parameters())
+        act, V = B * MODEL.block_size * MODEL.n_embd * 4, MODEL.vocab_size
+        v_local = strategy.tied_param.numel() if strategy.tied_param is not None else 0
+        expected = {
+            "all_reduce": psi * 4 + m * (4 * L + first + last) * act + 4,  # (at dp=1 a one-rank all-reduce: 0 bus bytes)
+            "all_gather": m * B * MODEL.block_size * -(-V // tp) * tp * 4 if last else 0,
+            "send": m * act * ((not last) + (not first)) + v_local * 4,
+            "recv": m * act * ((not last) + (not first)) + v_local * 4,
+            "broadcast": 4,
+        }
+        self.assertEqual({k: v for k, v in strategy.stats.payload.items() if v}, {k: v for k, v in expected.items() if v})
+
     def test_invalid_configs_are_one_line_errors(self):
         """Raised on every rank before any collective: a grid that is not the world, a TP size that does not
         divide the heads, an unknown dp_type."""
