@@ -618,8 +618,14 @@ class PytorchPipeline(Pipeline):
                              f"gradient_accumulation_steps={self.m} < {self.pp_size}")
 
     def build_model(self, model_config):
-        from torch.distributed.pipelining import PipelineStage, schedules
         model = super().build_model(model_config)
+        self.build_schedule()
+        return model
+
+    def build_schedule(self):
+        """A PipelineStage for each of this rank's chunks (self.chunk_of) over the PP group, and the schedule that
+        runs them with self.loss_fn (3d calls this on chunks it has tensor- and data-parallelised)."""
+        from torch.distributed.pipelining import PipelineStage, schedules
         cls = {"gpipe": schedules.ScheduleGPipe, "1f1b": schedules.Schedule1F1B,
                "interleaved_1f1b": schedules.ScheduleInterleaved1F1B, "looped_bfs": schedules.ScheduleLoopedBFS,
                "interleaved_zero_bubble": schedules.ScheduleInterleavedZeroBubble}[self.cfg.pp_schedule]
@@ -628,8 +634,7 @@ class PytorchPipeline(Pipeline):
         for stage in self.stages:
             self._instrument(stage)
         self.schedule = cls(self.stages if self.cfg.pp_schedule in MULTI_CHUNK else self.stages[0], self.m,
-                            loss_fn=cross_entropy)
-        return model
+                            loss_fn=self.loss_fn)
 
     def _instrument(self, stage):
         """Record the time of every forward / backward (B: input+weight or input only; W: weight) of `stage`."""
