@@ -29,13 +29,14 @@ def metrics(out_dir, key):
         return {m["iter"]: m[key] for m in map(json.loads, f) if key in m}
 
 
-@pytest.mark.parametrize("nproc, parallel", [(0, "single"), (2, "ddp"), (2, "fsdp")])
-def test_resume_continues_exactly(tmp_path, shakespeare_char_dir, nproc, parallel):
+@pytest.mark.parametrize("nproc, parallel, extra", [(0, "single", []), (2, "ddp", []), (2, "fsdp", []),
+                                                    (4, "3d", ["--dp_size=2", "--pp_size=2", "--tp_size=1"])])
+def test_resume_continues_exactly(tmp_path, shakespeare_char_dir, nproc, parallel, extra):
     """20 steps straight vs 10 steps + resume for 10: identical losses (dropout on, so the RNG state matters).
-    fsdp resumes from a sharded (DCP) checkpoint directory, which sample.py also reads."""
+    fsdp and 3d (dp2 x pp2, FSDP) resume from a sharded (DCP) checkpoint directory, which sample.py also reads."""
     common = [f"--data_dir={shakespeare_char_dir}", *TINY, "--dropout=0.1", "--eval_interval=10",
               f"--parallel={parallel}", "--variant=pytorch" if parallel == "single" else "--variant=custom",
-              "--gradient_accumulation_steps=2"]
+              "--gradient_accumulation_steps=2", *extra]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     for args in ([f"--out_dir={straight}", "--max_iters=20"],
                  [f"--out_dir={split}", "--max_iters=10"],
