@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from model import GPT
-from parallel import build_strategy, load_checkpoint_file
+from parallel import available, build_strategy, load_checkpoint_file
 from parallel.tp import chunk_bounds
 from tests.distributed import DistributedTestCase, torchrun_launcher
 from tests.reference import (global_batches, max_param_diff, rank_batches, tiny_config, train_config, train_single,
@@ -68,20 +68,30 @@ class Test3DPytorch(DistributedTestCase):
 
     def test_equals_single(self):
         """3 steps on every grid of CASES: the logged losses, the gathered parameters and an eval loss equal the single
-        run on the same global batch within 1e-5, and the loss falls."""
+        run on the same global batch within 1e-5, and the loss falls. On the first grid, the custom variant (parallel/
+        3d.py) equals this one within 1e-5."""
         batches = global_batches(3, MICRO_BATCHES, 2, MODEL, seed=1)
         ref_losses, ref_model = train_single(MODEL, batches, train_config())
         x, y = batches[0][0]
         with torch.no_grad():
             ref_eval = ref_model(x, y)[1].item()
         self.assertLess(ref_losses[-1], ref_losses[0])
+        runs = []
         for grid in CASES.get(self.world_size, []):
             with self.subTest(**dict(zip(GRID, grid))):
                 strategy = self.build(*grid)
                 losses, _ = train_strategy(strategy, MODEL, batches)
+                runs.append((grid, losses, strategy.full_state_dict()))
                 self.assertLess(max(abs(a - b) for a, b in zip(losses, ref_losses)), 1e-5)
-                self.assertLess(max_param_diff(strategy.full_state_dict(), ref_model), 1e-5)
+                self.assertLess(max_param_diff(runs[-1][2], ref_model), 1e-5)
                 self.assertLess(abs(strategy.eval_loss(x, y).item() - ref_eval), 1e-5)
+        if runs and ("3d", "custom") in available():
+            grid, losses, state = runs[0]
+            with self.subTest(compare="custom vs pytorch", **dict(zip(GRID, grid))):
+                custom = self.build(*grid, variant="custom")
+                custom_losses, _ = train_strategy(custom, MODEL, batches)
+                self.assertLess(max(abs(a - b) for a, b in zip(losses, custom_losses)), 1e-5)
+                self.assertLess(max_param_diff(state, custom.full_state_dict()), 1e-5)
 
     def test_grid_groups_and_bad_configs(self):
         """The strategy's coordinates and dp/pp/tp groups are Megatron's layout (rank = (dp*pp + pp_rank)*tp + tp_rank);
