@@ -246,6 +246,14 @@ class PytorchTP(TensorParallel):
     def _is_sharded(self, name, p):
         return isinstance(p, DTensor) and any(pl.is_shard() for pl in p.placements)
 
+    def sync_gradients(self):
+        """With SP, DTensor leaves the gradients of the norms (fed only this rank's positions) Partial(sum): bring
+        every gradient to its parameter's placements, which all-reduces those over TP once per step (Megatron's SP
+        gradient all-reduce), so that clipping measures final gradients."""
+        for p in self.model.parameters():
+            if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+                p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+
     def _loss_context(self):
         import contextlib
         from torch.distributed.tensor.parallel import loss_parallel
