@@ -1,5 +1,5 @@
 """
-3-D parallelism, `pytorch` variant (parallel/threed_pytorch.py: DTensor TP x torch.distributed.pipelining x FSDP2 or
+3-D parallelism, `pytorch` variant (parallel/3d.py's Pytorch3D: DTensor TP x torch.distributed.pipelining x FSDP2 or
 replicate), against the single-device reference (CPU, gloo).
 
     torchrun --standalone --nproc_per_node=8 -m unittest tests/test_3d_pytorch.py    (dp=2 x pp=2 x tp=2)
