@@ -227,6 +227,7 @@ def main(argv):
 
     if run is not None:
         run.finish()
+    strategy.close()
     return 0
 
 

@@ -289,6 +289,10 @@ class Strategy:
         self.model.train()
         return self.dp_mean(loss)
 
+    def close(self):
+        """Stop what the strategy started besides the process group (pp/rpc: the RPC agent). Called on every rank
+        once training is over, before teardown; collective where the strategy needs it. Default: nothing."""
+
     # --- state: gathered, and checkpoints ------------------------------------------------------------
 
     def full_state_dict(self):
