@@ -18,10 +18,10 @@ How train.py's keys map to a layout (sim.cost.Parallel), for N devices (--gpus, 
 import os
 
 from config import load_config
-from train import DEFAULTS as TRAIN_DEFAULTS, read_vocab_size
-
 from sim import cluster as clusters
 from sim.cost import Model, Parallel
+from train import DEFAULTS as TRAIN_DEFAULTS
+from train import read_vocab_size
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

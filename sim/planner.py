@@ -125,8 +125,8 @@ def table(steps):
     """The planner's result as text: one line per layout, then the best one's breakdown."""
     pool, simulated = steps[0].searched
     lines = [f"{pool} layouts fit; {simulated} simulated (the rest pruned by their compute bound); fastest first:",
-             f"{'#':>2} {'layout':<66} {'step s':>8} {'tok/s':>10} {'MFU':>6} {'TFLOP/s':>8} {'mem GB':>7} "
-             f"{'idle':>6} {'TP/CP':>6}"]
+             (f"{'#':>2} {'layout':<66} {'step s':>8} {'tok/s':>10} {'MFU':>6} {'TFLOP/s':>8} {'mem GB':>7} "
+              f"{'idle':>6} {'TP/CP':>6}")]
     for i, s in enumerate(steps):
         lanes = [s.lanes(r) for r in range(s.par.pp)]
         idle = sum(lane.get("idle", 0.0) for lane in lanes) / len(lanes) / s.step_time

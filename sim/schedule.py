@@ -32,7 +32,7 @@ COMM_KINDS = ("tp", "cp", "norm")  # segments of compute-stream tasks that are c
 
 class Task:
     """One piece of work on one stream of one (representative) device. deps: Tasks, or keys resolved later."""
-    __slots__ = ("rank", "stream", "kind", "segments", "duration", "deps", "action", "nbytes", "start", "end")
+    __slots__ = ("action", "deps", "duration", "end", "kind", "nbytes", "rank", "segments", "start", "stream")
 
     def __init__(self, rank, stream, kind, segments, deps=(), action=None, nbytes=0):
         self.rank, self.stream, self.kind, self.segments = rank, stream, kind, segments
@@ -85,121 +85,152 @@ def run(tasks):
 def build_tasks(par, costs, overlap=True, layers_per_task=1):
     """The tasks of one optimizer step on the pp representative devices (see the module docstring), in issue
     order, their dependencies resolved to Tasks; `run` gives them times."""
-    p, v, m = par.pp, par.v, par.micro_batches
-    n_stages = p * v
-    stream = (lambda s: s) if overlap else (lambda s: "compute")
-    tasks, keyed = [], {}
+    builder = StepBuilder(par, costs, overlap, layers_per_task)
+    for r in range(par.pp):
+        builder.pipeline_rank(r)
+    return builder.finish()
 
-    def add(rank, name, kind, segments, deps=(), action=None, nbytes=0):
-        t = Task(rank, stream(name), kind, segments, deps, action, nbytes)
-        tasks.append(t)
+
+class StepBuilder:
+    """Issues one step's tasks, pipeline rank by pipeline rank, in the order the device would issue them.
+    Dependencies on other ranks' tasks are keys (("send", kind, stage, mb), ("last", rank)) until `finish`."""
+
+    def __init__(self, par, costs, overlap, layers_per_task):
+        self.par, self.costs, self.overlap, self.layers_per_task = par, costs, overlap, layers_per_task
+        self.n_stages = par.pp * par.v
+        self.tasks, self.keyed = [], {}
+
+    def add(self, rank, stream, kind, segments, deps=(), action=None, nbytes=0):
+        t = Task(rank, stream if self.overlap else "compute", kind, segments, deps, action, nbytes)
+        self.tasks.append(t)
         return t
 
-    def units(stage):
-        lo, hi = costs.split[stage]
-        return [(u, min(u + layers_per_task, hi)) for u in range(lo, hi, layers_per_task)]
+    def units(self, stage):
+        """[(first, end)] layers of each compute task of a stage (layers_per_task at a time)."""
+        lo, hi = self.costs.split[stage]
+        return [(u, min(u + self.layers_per_task, hi)) for u in range(lo, hi, self.layers_per_task)]
 
-    def unit_params(stage, i, n_units, lo, hi):
-        params = (hi - lo) * costs.layer_params
+    def unit_params(self, stage, i, n_units, lo, hi):
+        """Parameters of unit i of a stage: its layers, plus the embedding (first unit of stage 0) and the head's
+        copy and final norm (last unit of the last stage): a ZeRO-3 unit, and what its backward makes grads for."""
+        params = (hi - lo) * self.costs.layer_params
         if stage == 0 and i == 0:
-            params += costs.embed_params
-        if stage == n_stages - 1 and i == n_units - 1:
-            params += costs.head_params
+            params += self.costs.embed_params
+        if stage == self.n_stages - 1 and i == n_units - 1:
+            params += self.costs.head_params
         return params
 
-    for r in range(p):
-        order = schedule_order(par.schedule, p, v, m, r)
-        gathered_users = []           # compute tasks that used an all-gathered unit, in order (ZeRO-3 window)
-        bucket = {"params": 0.0, "task": None}
-        deferred = []                 # (op, bytes) of gradient collectives to run after the last backward
-        last_compute = None
-        cap = par.bucket_mb * 2**20
+    # --- one pipeline rank -------------------------------------------------------------------------------
 
-        def gather(rank, params, action):
-            deps = [gathered_users[-2]] if len(gathered_users) >= 2 else []
-            return add(rank, "ag", "all_gather", [("all_gather", costs.dp_time("all_gather", params * costs.param_bytes))],
-                       deps, action, params * costs.param_bytes)
+    def pipeline_rank(self, r):
+        """Issue rank r's forwards and backwards in parallel/pp.py's schedule order, then its deferred
+        gradient collectives."""
+        par = self.par
+        self.rank, self.last_compute = r, None
+        self.gathered_users = []   # compute tasks that used an all-gathered unit, in order (ZeRO-3's window)
+        self.bucket = [0.0, None]  # gradient parameters waiting in the open bucket, the task that made the last
+        self.deferred = []         # (op, bytes, action) of gradient collectives to run after the last backward
+        for kind, stage, mb in schedule_order(par.schedule, par.pp, par.v, par.micro_batches, r):
+            (self.forward if kind == "F" else self.backward)(stage, mb)
+        for op, nbytes, action in self.deferred:
+            self.add(r, "rs", op, [(op, self.costs.dp_time(op, nbytes))], [self.last_compute], action, nbytes)
+        self.keyed[("last", r)] = self.last_compute
 
-        def reduce_grads(rank, op, params, after, action):
-            nbytes = params * costs.grad_bytes
-            if par.overlap_grad_reduce:
-                add(rank, "rs", op, [(op, costs.dp_time(op, nbytes))], [after], action, nbytes)
-            else:
-                deferred.append((op, nbytes, action))
+    def forward(self, stage, mb):
+        """Forward of micro-batch mb through a stage: after the previous stage's send, one task per unit (each
+        after its ZeRO-3 all-gather), then the send of the activations to the next stage."""
+        costs, action, r = self.costs, ("F", stage, mb), self.rank
+        first, last, us = stage == 0, stage == self.n_stages - 1, self.units(stage)
+        recv = ("send", "F", stage - 1, mb) if not first else None
+        for i, (lo, hi) in enumerate(us):
+            segments = ((costs.embed_forward if first and i == 0 else []) + costs.layer_forward * (hi - lo) +
+                        (costs.head_forward if last and i == len(us) - 1 else []))
+            deps = [recv] if recv and i == 0 else []
+            if self.par.zero == 3:
+                deps.append(self.gather(self.unit_params(stage, i, len(us), lo, hi), action))
+            self.last_compute = self.add(r, "compute", "F", segments, deps, action)
+            if self.par.zero == 3:
+                self.gathered_users.append(self.last_compute)
+        if not last:
+            self.keyed[("send", "F", stage, mb)] = self.add(r, "p2p", "send", [("send", costs.p2p_seconds[stage])],
+                                                            [self.last_compute], action)
 
-        def flush(rank, action):
-            if bucket["params"] > 0:
-                reduce_grads(rank, "all_reduce" if par.zero == 0 else "reduce_scatter", bucket["params"],
-                             bucket["task"], action)
-            bucket["params"], bucket["task"] = 0.0, None
+    def backward(self, stage, mb):
+        """Backward of micro-batch mb through a stage, last unit first: after the next stage's gradient send,
+        each unit's task (ZeRO-3: after its all-gather, then its reduce-scatter; ZeRO 0-2: its gradients join
+        a bucket, reduced when full, on the last micro-batch only for ZeRO 0/1), then the send to the previous
+        stage."""
+        costs, par, action, r = self.costs, self.par, ("B", stage, mb), self.rank
+        first, last, us = stage == 0, stage == self.n_stages - 1, self.units(stage)
+        recv = ("send", "B", stage + 1, mb) if not last else None
+        for i, (lo, hi) in reversed(list(enumerate(us))):
+            segments = ((costs.head_backward if last and i == len(us) - 1 else []) + costs.layer_backward * (hi - lo) +
+                        (costs.embed_backward if first and i == 0 else []))
+            deps = [recv] if recv and i == len(us) - 1 else []
+            params = self.unit_params(stage, i, len(us), lo, hi)
+            if par.zero == 3 and par.reshard_after_forward:
+                deps.append(self.gather(params, action))
+            self.last_compute = self.add(r, "compute", "B", segments, deps, action)
+            if par.zero == 3:
+                self.gathered_users.append(self.last_compute)
+                self.reduce_grads("reduce_scatter", params, action)
+            elif par.zero == 2 or mb == par.micro_batches - 1:
+                self.bucket = [self.bucket[0] + params, self.last_compute]
+                if self.bucket[0] * costs.grad_bytes >= par.bucket_mb * 2**20:
+                    self.flush(action)
+        if par.zero < 3:
+            self.flush(action)
+        if not first:
+            self.keyed[("send", "B", stage, mb)] = self.add(r, "p2p", "send", [("send", costs.p2p_seconds[stage - 1])],
+                                                            [self.last_compute], action)
 
-        for kind, stage, mb in order:
-            action = (kind, stage, mb)
-            first, last = stage == 0, stage == n_stages - 1
-            us = units(stage)
-            if kind == "F":
-                recv = ("send", "F", stage - 1, mb) if not first else None
-                for i, (lo, hi) in enumerate(us):
-                    segments = (costs.embed_forward if first and i == 0 else []) + costs.layer_forward * (hi - lo) + (
-                        costs.head_forward if last and i == len(us) - 1 else [])
-                    deps = [recv] if recv and i == 0 else []
-                    if par.zero == 3:
-                        deps.append(gather(r, unit_params(stage, i, len(us), lo, hi), action))
-                    last_compute = add(r, "compute", "F", segments, deps, action)
-                    if par.zero == 3:
-                        gathered_users.append(last_compute)
-                if not last:
-                    keyed[("send", "F", stage, mb)] = add(r, "p2p", "send", [("send", costs.p2p_seconds[stage])],
-                                                          [last_compute], action)
-            else:
-                recv = ("send", "B", stage + 1, mb) if not last else None
-                for i, (lo, hi) in reversed(list(enumerate(us))):
-                    segments = (costs.head_backward if last and i == len(us) - 1 else []) + \
-                        costs.layer_backward * (hi - lo) + (costs.embed_backward if first and i == 0 else [])
-                    deps = [recv] if recv and i == len(us) - 1 else []
-                    params = unit_params(stage, i, len(us), lo, hi)
-                    if par.zero == 3 and par.reshard_after_forward:
-                        deps.append(gather(r, params, action))
-                    last_compute = add(r, "compute", "B", segments, deps, action)
-                    if par.zero == 3:
-                        gathered_users.append(last_compute)
-                        reduce_grads(r, "reduce_scatter", params, last_compute, action)
-                    elif par.zero == 2 or mb == m - 1:  # ZeRO 0/1: gradients reduced once, after the last micro-batch
-                        bucket["params"] += params
-                        bucket["task"] = last_compute
-                        if bucket["params"] * costs.grad_bytes >= cap:
-                            flush(r, action)
-                if par.zero < 3:
-                    flush(r, action)
-                if not first:
-                    keyed[("send", "B", stage, mb)] = add(r, "p2p", "send", [("send", costs.p2p_seconds[stage - 1])],
-                                                          [last_compute], action)
-        for op, nbytes, action in deferred:
-            add(r, "rs", op, [(op, costs.dp_time(op, nbytes))], [last_compute], action, nbytes)
-        keyed[("last", r)] = last_compute
+    def gather(self, params, action):
+        """A ZeRO-3 all-gather of a unit, issued one unit ahead: it may start once the unit two before it is
+        done (at most two units gathered at a time)."""
+        nbytes = params * self.costs.param_bytes
+        deps = [self.gathered_users[-2]] if len(self.gathered_users) >= 2 else []
+        return self.add(self.rank, "ag", "all_gather", [("all_gather", self.costs.dp_time("all_gather", nbytes))],
+                        deps, action, nbytes)
 
-    # end of step: tied embedding gradients (first and last stage), the gradient norm over everyone, AdamW,
-    # and for ZeRO-1/2 the all-gather of the updated parameter shards
-    if p > 1:
-        for r in sorted({0, (n_stages - 1) % p}):
-            keyed[("tied", r)] = add(r, "p2p", "tied", [("all_reduce", costs.tied_seconds)],
-                                     [("last", 0), ("last", (n_stages - 1) % p)])
-    last_on = {}
-    for t in tasks:
-        last_on[(t.rank, t.stream)] = t
-    norm_deps = list(last_on.values())
-    for r in range(p):
-        params = rank_params(par, costs, r)
-        norm = add(r, "compute", "norm", [("norm", costs.norm_seconds)], norm_deps)
-        opt = add(r, "compute", "optimizer",
-                  [("optimizer", costs.optimizer_time(params / (costs.dp_shards if par.zero >= 1 else 1)))], [norm])
-        if par.zero in (1, 2):
-            nbytes = params * costs.param_bytes
-            add(r, "ag", "all_gather", [("all_gather", costs.dp_time("all_gather", nbytes))], [opt], None, nbytes)
+    def reduce_grads(self, op, params, action):
+        """The gradients of `params` parameters reduced over dp x cp, after the last compute task: at once on the
+        rs stream, or after the last backward when overlap_grad_reduce is off."""
+        nbytes = params * self.costs.grad_bytes
+        if self.par.overlap_grad_reduce:
+            self.add(self.rank, "rs", op, [(op, self.costs.dp_time(op, nbytes))], [self.last_compute], action, nbytes)
+        else:
+            self.deferred.append((op, nbytes, action))
 
-    for t in tasks:
-        t.deps = [keyed[d] if isinstance(d, tuple) else d for d in t.deps]
-    return tasks
+    def flush(self, action):
+        """Reduce the open gradient bucket (all-reduce for ZeRO-0, reduce-scatter for ZeRO-1/2)."""
+        if self.bucket[0] > 0:
+            self.reduce_grads("all_reduce" if self.par.zero == 0 else "reduce_scatter", self.bucket[0], action)
+        self.bucket = [0.0, None]
+
+    # --- end of step -----------------------------------------------------------------------------------
+
+    def finish(self):
+        """The end of the step: the tied embedding/head gradients summed between the first and last stage's
+        ranks, the gradient norm's all-reduce over everyone (after every rank's last task of every stream),
+        AdamW, and for ZeRO-1/2 the all-gather of the updated parameter shards. Resolves keys; returns tasks."""
+        par, costs, p = self.par, self.costs, self.par.pp
+        if p > 1:
+            ends = sorted({0, (self.n_stages - 1) % p})
+            for r in ends:
+                self.add(r, "p2p", "tied", [("all_reduce", costs.tied_seconds)], [("last", e) for e in ends])
+        norm_deps = list({(t.rank, t.stream): t for t in self.tasks}.values())
+        for r in range(p):
+            params = rank_params(par, costs, r)
+            norm = self.add(r, "compute", "norm", [("norm", costs.norm_seconds)], norm_deps)
+            shard = params / (costs.dp_shards if par.zero >= 1 else 1)
+            opt = self.add(r, "compute", "optimizer", [("optimizer", costs.optimizer_time(shard))], [norm])
+            if par.zero in (1, 2):
+                nbytes = params * costs.param_bytes
+                self.add(r, "ag", "all_gather", [("all_gather", costs.dp_time("all_gather", nbytes))], [opt], None,
+                         nbytes)
+        for t in self.tasks:
+            t.deps = [self.keyed[d] if isinstance(d, tuple) else d for d in t.deps]
+        return self.tasks
 
 
 def activation_peak(par, costs, rank):
@@ -300,9 +331,9 @@ class Step:
         """Several lines: time, throughput, MFU, memory per pipeline rank, and where the time goes."""
         par, GB = self.par, 1e9
         lines = [f"{par.describe()}  on {par.world} x {self.cluster.name}",
-                 f"step {self.step_time:.4g} s, {self.tokens_per_s:,.0f} tokens/s, MFU {100 * self.mfu:.1f}%, "
-                 f"{self.tflops_per_device:.1f} TFLOP/s per device incl. recompute "
-                 f"({self.flops['model'] / self.step_time / par.world / 1e12:.1f} model)"]
+                 (f"step {self.step_time:.4g} s, {self.tokens_per_s:,.0f} tokens/s, MFU {100 * self.mfu:.1f}%, "
+                  f"{self.tflops_per_device:.1f} TFLOP/s per device incl. recompute "
+                  f"({self.flops['model'] / self.step_time / par.world / 1e12:.1f} model)")]
         worst = max(range(par.pp), key=lambda r: self.memory[r]["total"])
         mem = self.memory[worst]
         lines.append(f"memory per device (pp rank {worst}, the fullest): " + ", ".join(

@@ -19,8 +19,15 @@ from model import GPT, GPTConfig
 from parallel.pp import formula_bubble
 from sim.cluster import PRESETS, Cluster, Link
 from sim.config import build, load
-from sim.cost import (Costs, Model, Parallel, collective_time, layer_activation_bytes, state_bytes,
-                      step_flops)
+from sim.cost import (
+    Costs,
+    Model,
+    Parallel,
+    collective_time,
+    layer_activation_bytes,
+    state_bytes,
+    step_flops,
+)
 from sim.planner import plan
 from sim.schedule import Task, run, simulate
 
@@ -91,8 +98,9 @@ def test_ddp_step_without_compute_is_one_ring_all_reduce():
                           gpus_per_node=per_node, **{link: Link(100e9, 5e-6)})
         par = Parallel(dp=n, bucket_mb=1e6, algorithm="ring")
         step = simulate(TINY, par, cluster)
-        ring = lambda S: 2 * (n - 1) / n * S / 100e9 + 2 * (n - 1) * 5e-6  # noqa: E731
-        assert step.step_time == pytest.approx(ring(TINY.params * 2) + ring(4), rel=1e-12)
+        grads, norm = TINY.params * 2, 4
+        ring = [2 * (n - 1) / n * S / 100e9 + 2 * (n - 1) * 5e-6 for S in (grads, norm)]
+        assert step.step_time == pytest.approx(sum(ring), rel=1e-12)
 
 
 def test_gradient_all_reduce_overlaps_backward():
@@ -127,7 +135,7 @@ def test_korthikanti_activations():
     """Per layer and micro-batch (Korthikanti et al. 2022, table 2), 16-bit activations with dropout."""
     s, b, h, a, t = GPT3.seq_len, 1, GPT3.n_embd, GPT3.n_head, 8
     sbh = s * b * h
-    naive = dict(dtype="bfloat16", flash_attention=False)
+    naive = {"dtype": "bfloat16", "flash_attention": False}
     cases = [
         (Parallel(**naive), sbh * (34 + 5 * a * s / h)),
         (Parallel(tp=t, **naive), sbh * (10 + 24 / t + 5 * a * s / (h * t))),
