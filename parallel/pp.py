@@ -788,6 +788,7 @@ class RpcPipeline(Pipeline):
     def _step(self, batches):
         m, S = len(batches), self.n_stages
         losses = torch.zeros(m, device=self.device)
+        self.comm.barrier()  # every rank has reset its timeline (forward_backward) before the driver's calls arrive
         if self.pp_rank == 0:
             with dist_autograd.context() as context_id:
                 futures = []
