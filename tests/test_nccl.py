@@ -176,10 +176,10 @@ class TestNCCLOnGPU(DistributedTestCase):
     def test_strategies_nccl_equals_custom(self):
         from tests.test_triton_comm import STRATEGIES, train
         N = self.world_size
-        model_config = tiny_config(n_head=4, n_layer=max(2, N))
         for name, overrides in STRATEGIES.items():
             with self.subTest(strategy=name):
-                cfg = dict(parallel=name, n_layer=model_config.n_layer, **overrides(N))
+                cfg = dict(parallel=name, **overrides(N))
+                model_config = tiny_config(n_head=4, n_layer=cfg["n_layer"])
                 batches = global_batches(3, cfg["gradient_accumulation_steps"], 2, model_config)
                 custom = build_strategy(train_config(variant="custom", **cfg), torch.device("cpu"))
                 lc = train(custom, model_config, batches)
