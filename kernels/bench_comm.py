@@ -103,8 +103,8 @@ def main(argv):
             nbytes = tensor.numel() * tensor.element_size()
             algbw = nbytes / t / 1e9
             if rank == 0:
-                print(f"{name:<8} {human(nbytes):>7} {t * 1e3:>8.3f} ms {algbw:>11.4f} {algbw * 2 * (N - 1) / N:>11.4f}",
-                      flush=True)
+                busbw = algbw * 2 * (N - 1) / N
+                print(f"{name:<8} {human(nbytes):>7} {t * 1e3:>8.3f} ms {algbw:>11.4f} {busbw:>11.4f}", flush=True)
     return 0
 
 

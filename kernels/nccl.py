@@ -56,10 +56,10 @@ _p, _size, _int = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
 SIGNATURES = {
     "ncclGetVersion": [ctypes.POINTER(_int)],
     "ncclGetUniqueId": [ctypes.POINTER(ncclUniqueId)],
-    "ncclCommInitRank": [ctypes.POINTER(_p), _int, ncclUniqueId, _int],          # comm*, nranks, id, rank
+    "ncclCommInitRank": [ctypes.POINTER(_p), _int, ncclUniqueId, _int],          # comm*, nranks, id (by value), rank
     "ncclCommDestroy": [_p],
-    "ncclAllReduce": [_p, _p, _size, _int, _int, _p, _p],                        # send, recv, count, type, op, comm, stream
-    "ncclAllGather": [_p, _p, _size, _int, _p, _p],                              # send, recv, sendcount, type, comm, stream
+    "ncclAllReduce": [_p, _p, _size, _int, _int, _p, _p],                        # send, recv, count, type, op, ...
+    "ncclAllGather": [_p, _p, _size, _int, _p, _p],                              # send, recv, sendcount, type, ...
     "ncclReduceScatter": [_p, _p, _size, _int, _int, _p, _p],                    # send, recv, recvcount, type, op, ...
     "ncclBroadcast": [_p, _p, _size, _int, _int, _p, _p],                        # send, recv, count, type, root, ...
     "ncclSend": [_p, _size, _int, _int, _p, _p],                                 # buf, count, type, peer, comm, stream

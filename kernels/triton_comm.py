@@ -247,8 +247,8 @@ class SymmetricHeap:
         try:
             self._maps = [torch.from_file(mine, shared=True, size=size, dtype=torch.uint8)]  # a new, zero-filled file
             dist.barrier(self.group)
-            self._maps = [self._maps[0] if r == self.rank else torch.from_file(p, shared=True, size=size, dtype=torch.uint8)
-                          for r, p in enumerate(paths)]
+            self._maps = [self._maps[0] if r == self.rank else
+                          torch.from_file(p, shared=True, size=size, dtype=torch.uint8) for r, p in enumerate(paths)]
             dist.barrier(self.group)  # every rank mapped every file: the names can go
         finally:
             _unlink(mine)
@@ -357,7 +357,7 @@ class TritonCollectives(Collectives):
             raise ValueError(f"algorithm must be 'auto', 'one_shot' or 'two_shot', got {algorithm!r}")
         cuda = device.type == "cuda"
         if heap_bytes is None:
-            heap_bytes = int(float(os.environ.get("NANOPARALLEL_TRITON_HEAP_MB", 256 if cuda else 16)) * 2**20)
+            heap_bytes = int(float(os.environ.get("NANOPARALLEL_TRITON_HEAP_MB", "256" if cuda else "16")) * 2**20)
         self.device, self.algorithm, self.one_shot_max_bytes = device, algorithm, one_shot_max_bytes
         self.data_bytes = heap_bytes // 32 * 32
         self.half_bytes = self.data_bytes // 2  # one collective (one chunk of it) uses one half
@@ -365,7 +365,9 @@ class TritonCollectives(Collectives):
         self.slots, self.slot_bytes = slots, slot_bytes // 16 * 16
         if self.half_bytes < 16 * self.world_size or self.slot_bytes < 16 or slots < 1:
             raise ValueError(f"heap of {heap_bytes} bytes, {slots} slots of {slot_bytes} bytes: too small")
-        self.timeout_s = float(timeout_s if timeout_s is not None else os.environ.get("NANOPARALLEL_TRITON_TIMEOUT_S", 300))
+        if timeout_s is None:
+            timeout_s = os.environ.get("NANOPARALLEL_TRITON_TIMEOUT_S", "300")
+        self.timeout_s = float(timeout_s)
         self.block = 1024 if cuda else 1 << 16      # elements per program (the interpreter likes wide blocks)
         self.spins = 1 << 16 if cuda else 8          # CAS attempts per kernel before the host retries
         self.max_pause = 0.0 if cuda else 1e-3       # seconds slept between retries, at most
@@ -395,7 +397,7 @@ class TritonCollectives(Collectives):
             raise ValueError("the triton backend on CPU runs Triton's interpreter: TRITON_INTERPRET must be 1 "
                              f"(it is {os.environ.get('TRITON_INTERPRET')!r}) when kernels/triton_comm.py is imported")
         if not os.path.isdir("/dev/shm"):
-            raise ValueError("the triton backend on CPU maps shared-memory files in /dev/shm, which does not exist here")
+            raise ValueError("the triton backend on CPU maps shared-memory files in /dev/shm, which is missing here")
 
     def close(self):
         """Release the heap. Collective use of a closed backend is an error."""
@@ -451,7 +453,8 @@ class TritonCollectives(Collectives):
     def _reduce(self, in_offset, out_addr, n, op, kind):
         if n > 0:
             _reduce_kernel[(triton.cdiv(n, self.block),)](self.heap.buffers, in_offset, out_addr, n,
-                                                          WORLD=self.world_size, OP=OPS[op], KIND=kind, BLOCK=self.block)
+                                                          WORLD=self.world_size, OP=OPS[op], KIND=kind,
+                                                          BLOCK=self.block)
 
     def _gather(self, first_peer, peers, in_offset, in_stride, out_addr, out_stride, n, limit, element_size):
         if n > 0:

@@ -8,7 +8,8 @@ loaded; and the nccl variant failing at once, in one line, without a GPU.
 On a GPU (2 ranks on GPU 0, a different NCCL_HOSTID per rank, gloo for torch's own group): every collective against
 exact references, and each strategy's nccl variant equal to its custom variant (on CPU) within 1e-5.
 
-    pytest tests/test_nccl.py        (the GPU part: torchrun --standalone --nproc_per_node=2 -m unittest tests/test_nccl.py)
+    pytest tests/test_nccl.py
+    torchrun --standalone --nproc_per_node=2 -m unittest tests/test_nccl.py     (the GPU part alone)
 """
 
 import atexit
@@ -130,7 +131,7 @@ class TestNCCLOnGPU(DistributedTestCase):
 
     @classmethod
     def setUpClass(cls):
-        os.environ["NCCL_HOSTID"] = f"nanoparallel-rank{os.environ.get('RANK', 0)}"  # two ranks, one GPU
+        os.environ["NCCL_HOSTID"] = f"nanoparallel-rank{os.environ.get('RANK', '0')}"  # two ranks, one GPU
         if not dist.is_initialized():
             torch.cuda.set_device(0)
             dist.init_process_group("gloo")
@@ -159,8 +160,8 @@ class TestNCCLOnGPU(DistributedTestCase):
             big = self.inputs(N * 100, dtype, seed=1)
             part = torch.empty(100, dtype=dtype, device=self.device)
             self.comm.reduce_scatter(part, big[r])
-            torch.testing.assert_close(part.float(), torch.stack([b.float() for b in big]).sum(0)[r * 100:(r + 1) * 100],
-                                       rtol=1e-2, atol=1e-2)
+            ref = torch.stack([b.float() for b in big]).sum(0)[r * 100:(r + 1) * 100]
+            torch.testing.assert_close(part.float(), ref, rtol=1e-2, atol=1e-2)
             t = xs[r].clone()
             self.comm.broadcast(t, 1)
             self.assertTrue(torch.equal(t, xs[1]))

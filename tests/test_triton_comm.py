@@ -170,13 +170,14 @@ class TestTritonCollectives(DistributedTestCase):
             theirs = torch.empty(10, 5, dtype=torch.bfloat16, device=DEVICE).t()
             self.small.recv(theirs, peer)
             h.wait()
-            self.assertTrue(torch.equal(theirs, (torch.arange(50, dtype=torch.bfloat16, device=DEVICE) + peer).view(5, 10)))
+            expected = torch.arange(50, dtype=torch.bfloat16, device=DEVICE) + peer
+            self.assertTrue(torch.equal(theirs, expected.view(5, 10)))
 
     def test_several_groups_each_with_its_own_heap(self):
         """Pairs of ranks (N=4: {0,1}, {2,3}; N=2: a second group over both ranks, as a TP mesh's group is) each get
         their own heap next to the world's: pair all-reduces equal the pair's sum, and a pair's messages, larger than
         its one-slot ring, go through while both ranks are inside a world all-reduce and then a blocking receive."""
-        N, r = self.world_size, self.rank
+        r = self.rank
         pair, _ = dist.new_subgroups(group_size=2)
         comm = self.Backend(pair, device=DEVICE, slots=1, slot_bytes=64)
         self.assertEqual(comm.world_size, 2)
@@ -225,6 +226,15 @@ class TestTritonCollectives(DistributedTestCase):
             self.small.send(torch.ones(3, device=DEVICE), self.rank)
         with self.assertRaisesRegex(ValueError, "all_gather"):
             self.small.all_gather(torch.empty(3, device=DEVICE), torch.ones(3, device=DEVICE))
+
+    def test_a_missing_peer_is_a_timeout_error(self):
+        """A barrier that the other ranks never join raises RuntimeError after timeout_s instead of hanging."""
+        backend = self.Backend(device=DEVICE, heap_bytes=1024, timeout_s=0.5)
+        if self.rank == 0:
+            with self.assertRaisesRegex(RuntimeError, "barrier on ranks .* timed out after"):
+                backend.barrier()
+        backend.close()
+        dist.barrier()
 
     def test_heap_files_are_removed_and_close_releases(self):
         """Once every rank has its heap, none of its /dev/shm files is left (CPU); close() releases it."""
