@@ -49,6 +49,7 @@ dataset = "openwebtext"
 data_dir = ""  # default: data/<dataset>
 gradient_accumulation_steps = 5 * 8  # micro-batches per optimizer step over ALL data-parallel ranks together
 batch_size = 12  # micro-batch size (sequences) per rank
+eval_batch_size = 0  # sequences per rank of each eval batch (0: batch_size); e.g. a pipeline's global batch
 block_size = 1024
 # model
 n_layer = 12
@@ -107,14 +108,15 @@ def main(argv):
     tokens = {split: open_tokens(data_dir, split, cfg.dataset, cfg.block_size, vocab_size) for split in ("train", "val")}
 
     def get_batch(split, step, micro_step, micro_steps, eval=False):
-        """This rank's micro-batch `micro_step` of global batch `step`: x, y (batch_size, block_size) int64.
+        """This rank's micro-batch `micro_step` of global batch `step`: x, y (batch_size, block_size) int64
+        (eval batches: eval_batch_size rows, if set).
 
         A global batch is micro_steps x dp_size x batch_size sequences at offsets drawn from a generator seeded by
         (seed, split, eval, step): the same on every rank and for any dp size, so every strategy sees the single
         run's data, and a resumed run needs no data state beyond the step. Micro-batch k of data-parallel rank r
         is rows (k * dp_size + r) * batch_size onwards.
         """
-        data, B, T = tokens[split], cfg.batch_size, cfg.block_size
+        data, B, T = tokens[split], (eval and cfg.eval_batch_size) or cfg.batch_size, cfg.block_size
         rng = np.random.default_rng([cfg.seed, ("train", "val").index(split), int(eval), step])
         offsets = rng.integers(0, len(data) - T, size=micro_steps * strategy.dp_size * B)
         start = (micro_step * strategy.dp_size + strategy.dp_rank) * B
@@ -228,6 +230,7 @@ def main(argv):
 
     if run is not None:
         run.finish()
+    strategy.close()
     return 0
 
 

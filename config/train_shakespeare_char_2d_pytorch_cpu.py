@@ -11,6 +11,7 @@ from config.train_shakespeare_char_cpu import *  # noqa: F403  (the recipe; belo
 out_dir = "out-shakespeare-char-2d-pytorch-cpu"
 gradient_accumulation_steps = 2  # micro-batches per step over all data-parallel ranks (1 per pipeline)
 batch_size = 6
+eval_batch_size = 6  # 2 DP ranks x 6 = the single run's 12-sequence eval batches
 
 parallel = "3d"
 variant = "pytorch"

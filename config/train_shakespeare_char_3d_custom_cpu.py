@@ -8,6 +8,7 @@ from config.train_shakespeare_char_cpu import *  # noqa: F403  (the recipe; belo
 out_dir = "out-shakespeare-char-3d-custom-cpu"
 gradient_accumulation_steps = 4  # micro-batches per step over all data-parallel ranks (2 per pipeline)
 batch_size = 3
+eval_batch_size = 6  # 2 DP ranks x 6 = the single run's 12-sequence eval batches
 
 parallel = "3d"
 variant = "custom"

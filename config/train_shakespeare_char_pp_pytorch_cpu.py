@@ -8,6 +8,7 @@ from config.train_shakespeare_char_cpu import *  # noqa: F403  (the recipe; belo
 out_dir = "out-shakespeare-char-pp-pytorch-cpu"
 gradient_accumulation_steps = 4  # pipeline micro-batches per step (every rank reads all of them)
 batch_size = 3
+eval_batch_size = 12  # evaluate on the single run's 12-sequence batches (the same val estimate), not 3-row ones
 
 parallel = "pp"
 variant = "pytorch"

@@ -8,7 +8,8 @@ Each file parallel/<strategy>.py registers one class per variant:
 
 and the config picks one with `parallel = "ddp"` and `variant = "custom"`. Variants, the same strategy at four
 levels of abstraction: "pytorch" (PyTorch's native API), "custom" (the algorithm written out with the
-Collectives of parallel/comm.py), later "triton" and "nccl" (the custom algorithm over other Collectives).
+Collectives of parallel/comm.py), "triton" and "nccl" (the custom algorithm over the Collectives of
+kernels/triton_comm.py and kernels/nccl.py: derived here for every strategy with a custom variant, see BACKENDS).
 `python -c "import parallel; print(parallel.available())"` lists what exists.
 
 train.py never branches on the strategy. It asks the Strategy for everything that differs:
@@ -53,11 +54,51 @@ def register(strategy, variant):
 
 
 def available():
-    """All registered (strategy, variant) pairs, sorted. Imports every parallel/*.py (names like "3d" too)."""
+    """All registered (strategy, variant) pairs, sorted. Imports every parallel/*.py (names like "3d" too), then
+    derives the backend variants of every custom one (_derive_backend_variants)."""
     for path in sorted(Path(__file__).parent.glob("*.py")):
         if path.stem != "__init__":
             importlib.import_module(f"parallel.{path.stem}")
+    _derive_backend_variants()
     return sorted(_REGISTRY)
+
+
+# variant -> the Collectives class that replaces parallel.comm.TorchCollectives in a strategy's custom algorithm,
+# as "module:Class", imported only when that variant is built (triton and libnccl are heavy or absent).
+BACKENDS = {"triton": "kernels.triton_comm:TritonCollectives", "nccl": "kernels.nccl:NCCLCollectives"}
+
+
+def _backend_class(name):
+    module, cls = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def _derive_backend_variants():
+    """Register (s, v) for every backend v of BACKENDS and every registered (s, "custom") that lacks it: a subclass
+    of the custom class that differs only in `collectives(group)`, which returns the backend (one per group,
+    counting into self.stats). So each strategy's algorithm is written once. The backend's check_available(device)
+    runs first in __init__, so an unusable backend (nccl without a GPU) is a one-line ValueError before any
+    process-group work."""
+    for (strategy, variant), custom in list(_REGISTRY.items()):
+        if variant != "custom":
+            continue
+        for name in BACKENDS:
+            if (strategy, name) in _REGISTRY:
+                continue
+
+            def __init__(self, cfg, device, custom=custom, name=name):
+                _backend_class(name).check_available(device)
+                self._backends = {}
+                custom.__init__(self, cfg, device)
+
+            def collectives(self, group=None, name=name):
+                if group not in self._backends:
+                    self._backends[group] = _backend_class(name)(group, stats=self.stats, device=self.device)
+                return self._backends[group]
+
+            doc = f"{custom.__name__} over kernels' {name} Collectives ({BACKENDS[name]})."
+            register(strategy, name)(type(f"{custom.__name__}_{name}", (custom,), {
+                "__init__": __init__, "collectives": collectives, "__doc__": doc, "__module__": custom.__module__}))
 
 
 def build_strategy(cfg, device):
@@ -100,17 +141,33 @@ def init_distributed(timeout_s=300):
     return device
 
 
+_TEARDOWN_HOOKS = []
+
+
+def on_teardown(fn):
+    """Register fn() to run in teardown before the process group is destroyed: os._exit skips atexit, so whatever
+    must be released at the end (shared memory of kernels/triton_comm.py, NCCL communicators) registers here."""
+    _TEARDOWN_HOOKS.append(fn)
+    return fn
+
+
 def teardown(exit_code=0):
     """End the process without the gloo crash at exit: barrier, gc, destroy the process group, flush, os._exit.
+    The on_teardown hooks run after the barrier (after all ranks are done communicating).
 
     From ../shared/notes/cpu-facts.md (upstream pytorch issue 190489): letting the interpreter exit normally
     after destroy_process_group() still aborts one rank in ~17% of gloo runs; this sequence gave 0 in 40.
     Never returns.
     """
     try:
+        if dist.is_initialized() and exit_code == 0:
+            dist.barrier()
+        for fn in reversed(_TEARDOWN_HOOKS):
+            try:
+                fn()
+            except Exception as e:  # report, and go on ending the process
+                print(f"teardown: {getattr(fn, '__qualname__', fn)} failed: {type(e).__name__}: {e}", file=sys.stderr)
         if dist.is_initialized():
-            if exit_code == 0:
-                dist.barrier()
             gc.collect()
             dist.destroy_process_group()
     finally:
@@ -231,6 +288,10 @@ class Strategy:
             _, loss = self.forward(x, y)
         self.model.train()
         return self.dp_mean(loss)
+
+    def close(self):
+        """Stop what the strategy started besides the process group (pp/rpc: the RPC agent). Called on every rank
+        once training is over, before teardown; collective where the strategy needs it. Default: nothing."""
 
     # --- state: gathered, and checkpoints ------------------------------------------------------------
 

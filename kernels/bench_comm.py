@@ -1,0 +1,116 @@
+"""
+All-reduce latency and bus bandwidth of the Collectives backends, by nccl-tests' definitions (doc/PERFORMANCE.md):
+for S bytes all-reduced in t seconds over N ranks, algbw = S / t and busbw = algbw · 2(N-1)/N.
+
+    torchrun --standalone --nproc_per_node=2 kernels/bench_comm.py                       # CPU: gloo vs triton
+    torchrun --standalone --nproc_per_node=2 kernels/bench_comm.py --sizes=1M,16M,256M,1G --backends=triton,nccl
+
+Backends: torch (parallel.comm.TorchCollectives over the process group: gloo), triton (kernels/triton_comm.py:
+the Triton interpreter over /dev/shm on CPU, CUDA symmetric memory on a GPU), nccl (kernels/nccl.py, GPU only).
+The process group is gloo everywhere; on a GPU every rank uses GPU 0 (one GPU is what the device tool lends) with its
+own NCCL_HOSTID, so NCCL accepts several ranks on it. Each size: `warmup` calls, then `iters` timed calls (a CUDA
+synchronize before and after); the time is the slowest rank's mean per call. Prints one row per (backend, size).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from parallel import teardown  # noqa: E402
+from parallel.comm import TorchCollectives  # noqa: E402
+
+UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def parse_size(text):
+    """"4", "64K", "1M", "1G" -> bytes."""
+    text = text.strip().upper().removesuffix("B")
+    unit = text[-1] if text[-1] in "KMG" else ""
+    return int(float(text[:len(text) - len(unit)]) * UNITS[unit])
+
+
+def human(nbytes):
+    for unit in ("G", "M", "K"):
+        if nbytes >= UNITS[unit]:
+            return f"{nbytes / UNITS[unit]:g}{unit}B"
+    return f"{nbytes}B"
+
+
+def make_backend(name, device, algorithm):
+    if name == "torch":
+        return TorchCollectives()
+    if name == "triton":
+        from kernels.triton_comm import TritonCollectives
+        return TritonCollectives(device=device, algorithm=algorithm)
+    if name == "nccl":
+        from kernels.nccl import NCCLCollectives
+        return NCCLCollectives(device=device)
+    raise ValueError(f"unknown backend {name!r}: torch, triton or nccl")
+
+
+def time_all_reduce(comm, tensor, warmup, iters):
+    """Seconds per all_reduce (sum) of `tensor` on the slowest rank."""
+    cuda = tensor.is_cuda
+    for _ in range(warmup):
+        comm.all_reduce(tensor)
+    if cuda:
+        torch.cuda.synchronize()
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(iters):
+        comm.all_reduce(tensor)
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = torch.tensor([(time.perf_counter() - start) / iters], dtype=torch.float64)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return elapsed.item()
+
+
+def main(argv):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backends", default="triton,nccl" if cuda else "torch,triton")
+    p.add_argument("--sizes", default="1M,4M,16M,64M,256M,1G" if cuda else "4,1K,64K,1M,4M")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--algorithm", default="auto", help="triton all-reduce: auto, one_shot or two_shot")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=10 if cuda else 5)
+    args = p.parse_args(argv)
+
+    if cuda:
+        os.environ["NCCL_HOSTID"] = f"nanoparallel-rank{os.environ['RANK']}"
+        torch.cuda.set_device(0)
+    dist.init_process_group("gloo")
+    rank, N = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    dtype = getattr(torch, args.dtype)
+    if rank == 0:
+        print(f"all-reduce (sum, {args.dtype}) over {N} ranks on {torch.cuda.get_device_name(0) if cuda else 'CPU'}; "
+              f"busbw = S/t * 2(N-1)/N")
+        print(f"{'backend':<8} {'size':>7} {'time':>11} {'algbw GB/s':>11} {'busbw GB/s':>11}")
+    for name in args.backends.split(","):
+        comm = make_backend(name, device, args.algorithm)
+        for size in map(parse_size, args.sizes.split(",")):
+            numel = max(1, size // torch.empty((), dtype=dtype).element_size())
+            tensor = torch.ones(numel, dtype=dtype, device=device)
+            t = time_all_reduce(comm, tensor, args.warmup, args.iters)
+            nbytes = tensor.numel() * tensor.element_size()
+            algbw = nbytes / t / 1e9
+            if rank == 0:
+                busbw = algbw * 2 * (N - 1) / N
+                print(f"{name:<8} {human(nbytes):>7} {t * 1e3:>8.3f} ms {algbw:>11.4f} {busbw:>11.4f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    code = 1
+    try:
+        code = main(sys.argv[1:])
+    finally:
+        teardown(code)

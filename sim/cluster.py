@@ -1,0 +1,152 @@
+"""
+Cluster descriptions: what one device computes and holds, and how fast the links between devices are.
+
+A cluster is `nodes` x `gpus_per_node` devices. Each device has a peak dense FLOP/s per dtype, an achievable
+fraction of it for matmuls (`matmul_efficiency`), HBM capacity and bandwidth (the rate of memory-bound work:
+norms, activations functions, the optimizer). Two links, each with the alpha-beta model's latency alpha (s per
+message step) and bandwidth beta (bytes/s one device sends in one direction): `intra` between devices of a node
+(NVLink) and `inter` between nodes (InfiniBand; the node's NICs divided among its devices).
+
+Presets (`PRESETS`; `get(name)`):
+- a100-80gb: A100-SXM4-80GB in DGX A100 nodes: 312 TFLOP/s dense bf16/fp16, 156 tf32, 19.5 fp32; 80 GiB HBM2e at
+  2.039 TB/s; NVLink 3 600 GB/s total per GPU (300 GB/s each way); 8 x 200 Gb/s HDR InfiniBand per node
+  (25 GB/s per GPU each way). NVIDIA A100 datasheet; DGX A100 user guide.
+- h100-sxm: H100-SXM5-80GB in DGX H100 nodes: 989 TFLOP/s dense bf16/fp16, 494 tf32, 67 fp32; 80 GiB HBM3 at
+  3.35 TB/s; NVLink 4 900 GB/s total (450 GB/s each way); 8 x 400 Gb/s NDR InfiniBand per node (50 GB/s per GPU).
+  NVIDIA H100 datasheet; DGX H100 user guide.
+- cpu-local: this machine, fitted by `python -m sim.calibrate` from timed train.py runs and gloo collectives
+  (sim/cpu_local.json): the achieved fp32 matmul rate of one core (matmul_efficiency 1), memory bandwidth, a
+  per-operator framework latency, gloo's alpha and beta. Its "devices" are processes; when there are more
+  processes than cores they share them (`cores`), and since gloo moves data with the same cores that compute,
+  communication does not overlap computation (`overlap=False`).
+
+Assumptions, not measured here (change them with dataclasses.replace or a JSON file, `load`):
+- matmul_efficiency 0.8 of peak for both GPUs: ~798 of 989 TFLOP/s were measured on an 8192^3 bf16 matmul on a
+  lent H100 (../shared/notes/formulas.md); the A100 preset assumes the same fraction.
+- link_efficiency 0.8: collectives reach about 80% of the nominal link rate (nccl-tests bus bandwidth on DGX
+  systems is typically ~230 of 300 GB/s on A100 NVLink); the latencies alpha are order-of-magnitude figures
+  for NCCL's ring steps (a few microseconds on NVLink, ~10 on InfiniBand).
+- reserved_bytes 2 GiB per GPU that training cannot use (CUDA context, NCCL buffers, allocator fragmentation).
+"""
+
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+
+GiB = 2**30
+HERE = os.path.dirname(os.path.abspath(__file__))
+CPU_LOCAL_JSON = os.path.join(HERE, "cpu_local.json")
+
+
+@dataclass(frozen=True)
+class Link:
+    """One device's link: bandwidth (bytes/s sent in one direction) and latency alpha (s per message step)."""
+    bandwidth: float
+    latency: float
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A homogeneous cluster; see the module docstring for the fields' meaning and units."""
+    name: str
+    gpus_per_node: int
+    peak_flops: dict            # dtype name -> dense FLOP/s of one device
+    hbm_bytes: float            # memory capacity of one device
+    hbm_bandwidth: float        # bytes/s of memory-bound work
+    intra: Link                 # between devices of one node
+    inter: Link                 # between nodes, per device
+    nodes: int = 1
+    matmul_efficiency: float = 0.8
+    link_efficiency: float = 0.8
+    op_latency: float = 0.0     # s of framework overhead per operator (CPU eager PyTorch; ~0 for GPUs)
+    cores: int = 0              # > 0: devices on one node share this many cores (CPU processes)
+    overlap: bool = True        # communication runs beside computation (its own streams)
+    reserved_bytes: float = 0.0
+    default_dtype: str = "bfloat16"
+    source: str = ""
+
+    @property
+    def devices(self):
+        return self.nodes * self.gpus_per_node
+
+    def flop_rate(self, dtype):
+        """Achievable matmul FLOP/s of one device in `dtype`. Raises ValueError if the cluster has no peak for it."""
+        if dtype not in self.peak_flops:
+            raise ValueError(f"cluster {self.name} has no peak FLOP/s for dtype {dtype!r} "
+                             f"(it knows {', '.join(self.peak_flops)})")
+        return self.peak_flops[dtype] * self.matmul_efficiency
+
+    def sized(self, devices):
+        """This cluster with enough nodes for `devices` devices (fewer than a node: one partly used node)."""
+        if devices < 1:
+            raise ValueError(f"need at least one device, got {devices}")
+        if devices <= self.gpus_per_node:
+            return replace(self, nodes=1)
+        if devices % self.gpus_per_node:
+            raise ValueError(f"{devices} devices do not fill whole nodes of {self.gpus_per_node} ({self.name})")
+        return replace(self, nodes=devices // self.gpus_per_node)
+
+    def group_link(self, ranks):
+        """The effective Link of a collective over global `ranks` (ranks fill nodes in order, gpus_per_node each).
+
+        Inside one node: the intra link. Across nodes: the inter link, whose bandwidth scales with the group's
+        members per node k (a ring crosses each node boundary once per k members, and the node's k NICs carry
+        it in parallel; capped by the intra link). Bandwidths are scaled by link_efficiency."""
+        nodes = {r // self.gpus_per_node for r in ranks}
+        if len(nodes) <= 1:
+            return Link(self.intra.bandwidth * self.link_efficiency, self.intra.latency)
+        per_node = len(ranks) // len(nodes)
+        bandwidth = min(self.inter.bandwidth * per_node, self.intra.bandwidth)
+        return Link(bandwidth * self.link_efficiency, self.inter.latency)
+
+
+PRESETS = {
+    "a100-80gb": Cluster(
+        name="a100-80gb", gpus_per_node=8,
+        peak_flops={"bfloat16": 312e12, "float16": 312e12, "tf32": 156e12, "float32": 19.5e12},
+        hbm_bytes=80 * GiB, hbm_bandwidth=2.039e12,
+        intra=Link(bandwidth=300e9, latency=3e-6), inter=Link(bandwidth=25e9, latency=10e-6),
+        reserved_bytes=2 * GiB,
+        source="A100-SXM4-80GB datasheet; DGX A100: NVLink 600 GB/s per GPU, 8x200 Gb/s HDR IB per node"),
+    "h100-sxm": Cluster(
+        name="h100-sxm", gpus_per_node=8,
+        peak_flops={"bfloat16": 989e12, "float16": 989e12, "tf32": 494e12, "float32": 67e12},
+        hbm_bytes=80 * GiB, hbm_bandwidth=3.35e12,
+        intra=Link(bandwidth=450e9, latency=3e-6), inter=Link(bandwidth=50e9, latency=10e-6),
+        reserved_bytes=2 * GiB,
+        source="H100-SXM5-80GB datasheet; DGX H100: NVLink 900 GB/s per GPU, 8x400 Gb/s NDR IB per node"),
+}
+
+
+def load(path):
+    """A Cluster from a JSON file of its fields (links as {"bandwidth", "latency"}), e.g. sim/cpu_local.json.
+    Raises FileNotFoundError naming the file (and how to make the CPU one) if it does not exist."""
+    if not os.path.isfile(path):
+        hint = " (run `python -m sim.calibrate` to measure this machine)" if path == CPU_LOCAL_JSON else ""
+        raise FileNotFoundError(f"cluster file {path} not found{hint}")
+    with open(path) as f:
+        d = json.load(f)
+    fields = set(Cluster.__dataclass_fields__)
+    d = {k: v for k, v in d.items() if k in fields}
+    return Cluster(**{**d, "intra": Link(**d["intra"]), "inter": Link(**d["inter"])})
+
+
+def save(cluster, path, **extra):
+    """Write `cluster` (and any extra JSON-able facts, e.g. how it was measured) to `path` as JSON."""
+    with open(path, "w") as f:
+        json.dump({**asdict(cluster), **extra}, f, indent=2)
+        f.write("\n")
+
+
+def get(name):
+    """The preset `name` (a100-80gb, h100-sxm, cpu-local) or a cluster JSON file path.
+    Raises ValueError listing the presets for an unknown name."""
+    if name == "cpu-local":
+        return load(CPU_LOCAL_JSON)
+    if name in PRESETS:
+        return PRESETS[name]
+    if name.endswith(".json"):
+        return load(name)
+    raise ValueError(f"unknown cluster {name!r}; presets: {', '.join([*PRESETS, 'cpu-local'])}, or a .json file")
+
+

@@ -1,0 +1,106 @@
+"""
+The simulator reads train.py's configuration: the same config files and --key=value overrides (config/__init__.py,
+train.py's defaults), plus the keys below that only the simulator has. So any run train.py can do can be
+simulated first, on this machine's calibration or on a cluster preset.
+
+How train.py's keys map to a layout (sim.cost.Parallel), for N devices (--gpus, or --nodes x devices per node):
+- tp = tp_size, or N/cp for parallel="tp", else 1; pp = pp_size, or N/cp for parallel="pp", else 1;
+  dp = dp_size, or N / (tp·pp·cp)  (so ddp and fsdp are pure data parallel, single is N = 1);
+- micro_batch = batch_size, micro-batches per pipeline m = gradient_accumulation_steps / dp (train.py's convention:
+  the global batch is gradient_accumulation_steps x batch_size sequences for any dp);
+- zero = zero_stage, or 3 for parallel="fsdp", else 0; schedule = pp_schedule, v = pp_virtual_stages;
+  sequence_parallel, loss_parallel, reshard_after_forward, bucket_cap_mb, pp_split as train.py;
+- dtype "auto" is the cluster's (bfloat16 on the GPU presets, float32 on cpu-local); n_layer, n_head, n_embd,
+  block_size, block, bias, dropout: the model; vocab_size from the dataset's meta.pkl as train.py reads it,
+  unless the simulator's vocab_size key sets it.
+"""
+
+import os
+
+from config import load_config
+from sim import cluster as clusters
+from sim.cost import Model, Parallel
+from train import DEFAULTS as TRAIN_DEFAULTS
+from train import read_vocab_size
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SIM_DEFAULTS = {
+    "cluster": "a100-80gb",      # a100-80gb, h100-sxm, cpu-local, or a cluster .json (sim/cluster.py)
+    "gpus": 0,                   # devices in all (0: nodes x devices per node; 1 for parallel=single)
+    "nodes": 0,
+    "vocab_size": 0,             # 0: the dataset's (meta.pkl), 50304 without one, as train.py
+    "cp_size": 1,                # context parallelism (ring attention), between dp and pp in the rank grid
+    "zero_stage": -1,            # -1: 3 for parallel=fsdp, else 0; 1 and 2 shard optimizer (and gradients)
+    "recompute": "none",         # none, selective (attention core), full (every layer's forward)
+    "flash_attention": True,     # False: the softmax is memory-bound work and its output is kept (5as/h term)
+    "overlap_grad_reduce": True,  # gradient buckets reduced during backward (False: after it, Megatron-LM 2021)
+    "matmul_efficiency": 0.0,    # fraction of peak matmuls reach; 0: the cluster's
+    "algorithm": "auto",         # all-reduce algorithm: ring, tree, auto (the faster per call)
+    "layers_per_task": 1,        # layers per simulated compute task (coarser is faster, slightly less exact)
+    "timeline": "",              # write the simulated step's timeline to this PNG
+    "plan": False,               # search layouts for the fastest that fits instead of simulating this one
+    "global_batch": 0,           # planner: sequences per step (0: gradient_accumulation_steps x batch_size)
+    "top": 5,                    # planner: layouts to print
+}
+DEFAULTS = {**TRAIN_DEFAULTS, "dtype": "auto", **SIM_DEFAULTS}
+FLAGS = ("plan",)  # may be given as a bare --plan
+
+
+def load(argv):
+    """The config dict from config files and --key=value overrides (train.py's keys and SIM_DEFAULTS).
+    Raises config.ConfigError for an unknown key or a wrong type."""
+    argv = [f"{a}=True" if a.lstrip("-") in FLAGS and a.startswith("--") else a for a in argv]
+    return load_config(DEFAULTS, argv)
+
+
+def devices(cfg, cluster):
+    """Devices in all: gpus, else nodes x the cluster's devices per node, else 1 for parallel=single.
+    Raises ValueError if neither is given for a parallel strategy."""
+    if cfg["gpus"]:
+        return cfg["gpus"]
+    if cfg["nodes"]:
+        return cfg["nodes"] * cluster.gpus_per_node
+    if cfg["parallel"] == "single":
+        return 1
+    raise ValueError(f"parallel={cfg['parallel']!r} needs the number of devices: --gpus=N or --nodes=N")
+
+
+def build(cfg, cluster=None):
+    """(Model, Parallel, Cluster sized for the layout) from a config dict; `cluster` (a Cluster) instead of the
+    one cfg names. Raises ValueError (one line) for a layout that does not divide the devices, the
+    micro-batches or the model."""
+    from dataclasses import replace
+
+    cluster = cluster or clusters.get(cfg["cluster"])
+    if cfg["matmul_efficiency"]:
+        cluster = replace(cluster, matmul_efficiency=cfg["matmul_efficiency"])
+    n = devices(cfg, cluster)
+    cp = cfg["cp_size"]
+    if cp < 1 or n % cp:
+        raise ValueError(f"cp_size={cp} must divide the {n} devices")
+    tp = cfg["tp_size"] or (n // cp if cfg["parallel"] == "tp" else 1)
+    pp = cfg["pp_size"] or (n // cp if cfg["parallel"] == "pp" else 1)
+    if n % (tp * pp * cp):
+        raise ValueError(f"tp={tp} x pp={pp} x cp={cp} does not divide the {n} devices")
+    dp = cfg["dp_size"] or n // (tp * pp * cp)
+    if dp * tp * pp * cp != n:
+        raise ValueError(f"dp={dp} x tp={tp} x pp={pp} x cp={cp} = {dp * tp * pp * cp}, not the {n} devices")
+    gas = cfg["gradient_accumulation_steps"]
+    if gas % dp:
+        raise ValueError(f"gradient_accumulation_steps={gas} is the global number of micro-batches and must be "
+                         f"divisible by the data-parallel size {dp}")
+    vocab = cfg["vocab_size"] or read_vocab_size(cfg["data_dir"] or os.path.join(REPO, "data", cfg["dataset"]))
+    model = Model(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], seq_len=cfg["block_size"],
+                  vocab_size=vocab, block=cfg["block"], bias=cfg["bias"], dropout=cfg["dropout"])
+    zero = cfg["zero_stage"] if cfg["zero_stage"] >= 0 else (3 if cfg["parallel"] == "fsdp" else 0)
+    dtype = cluster.default_dtype if cfg["dtype"] == "auto" else cfg["dtype"]
+    par = Parallel(dp=dp, tp=tp, pp=pp, cp=cp, v=cfg["pp_virtual_stages"], micro_batch=cfg["batch_size"],
+                   micro_batches=gas // dp, zero=zero, sequence_parallel=cfg["sequence_parallel"] and tp > 1,
+                   recompute=cfg["recompute"], schedule=cfg["pp_schedule"],
+                   reshard_after_forward=cfg["reshard_after_forward"], overlap_grad_reduce=cfg["overlap_grad_reduce"],
+                   bucket_mb=cfg["bucket_cap_mb"], loss_parallel=cfg["loss_parallel"],
+                   flash_attention=cfg["flash_attention"], dtype=dtype, pp_split=cfg["pp_split"],
+                   algorithm=cfg["algorithm"])
+    par.check(model)
+    return model, par, cluster.sized(n)

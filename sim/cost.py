@@ -1,0 +1,476 @@
+"""
+The cost model: from the model's shapes and a parallel layout to FLOPs, bytes, seconds and memory per device.
+
+Notation (../shared/notes/formulas.md): L layers, h hidden, a heads, f MLP hidden, s sequence, V vocabulary,
+b micro-batch, m micro-batches per step, t TP, p PP, c CP, d DP, v virtual stages, B bytes per element.
+
+FLOPs (Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM",
+section 5.1 / appendix; PaLM appendix B): per token and layer, forward, 2·(4h² + 2hf) for the projections and the
+MLP (3hf for SwiGLU) plus 4·s·h for attention (QKᵀ and the attention-weighted values, counted without the causal
+mask's saving, as both papers do); the head 2hV. Backward is 2x forward. Recomputation adds a forward of every
+layer ("full") or of the attention core QKᵀ/softmax/AV ("selective", Korthikanti et al. 2022). With GPT-2's
+f = 4h and full recomputation this is Megatron's 96·B·s·L·h²·(1 + s/6h + V/16Lh) per step.
+
+Time of a piece of work on one device: FLOPs / (peak · matmul_efficiency) + bytes of memory-bound work / HBM
+bandwidth + operators · op_latency (the framework's per-operator overhead; 0 on the GPU presets). The
+memory-bound bytes count what the norms, residual adds, activation function, softmax (unless flash attention),
+RoPE, embedding and cross-entropy read and write: per token and layer 10h (two norms and two residual adds,
+replicated over TP unless sequence parallel) + 2f (GeLU; 3f SwiGLU) + 3·a·s (softmax, without flash attention).
+
+Collectives (alpha-beta model; Thakur, Rabenseifner & Gropp 2005; Patarasuk & Yuan 2009 for the ring; Sanders,
+Speck & Träff 2009 for the pipelined double binary tree NCCL uses): over n ranks on a link of latency alpha and
+bandwidth beta, with S the full buffer (all-gather output, reduce-scatter input):
+    ring all-reduce      2(n-1)·alpha + 2(n-1)/n · S/beta
+    tree all-reduce      2·ceil(log2 n)·alpha + 2 · S/beta
+    ring all-gather / reduce-scatter   (n-1)·alpha + (n-1)/n · S/beta
+    point-to-point       alpha + S/beta
+The link a group uses is the slowest its ranks span (sim/cluster.py: TP inside a node, DP/PP across nodes when
+the rank grid puts them there). Rank layout, Megatron's with CP between DP and PP (../shared/DESIGN.md):
+rank = ((dp_rank·c + cp_rank)·p + pp_rank)·t + tp_rank.
+
+Communication per micro-batch (formulas.md): TP 2 all-reduces of b·s·h in forward and 2 in backward per layer
+(with sequence parallelism all-gather + reduce-scatter, the same volume; Shoeybi et al. 2019, Korthikanti et al.
+2022); PP b·s·h per stage boundary each way (divided by t with sequence parallelism: Megatron's scatter/gather
+optimisation); CP (ring attention, Liu et al. 2023) c-1 passes of the local K and V blocks, overlapped with the
+blockwise attention (gradients of K and V also travel in backward); DP per step one all-reduce of the gradients
+(ZeRO-0), reduce-scatter + all-gather (ZeRO-1/2, ZeRO-2 reduce-scatters every micro-batch), and for ZeRO-3 an
+all-gather of every layer's parameters in forward and again in backward plus a reduce-scatter of its gradients,
+every micro-batch (Rajbhandari et al. 2020).
+
+Memory per device: parameters, gradients, optimizer states per ZeRO stage (formulas.md: mixed precision 2Ψ +
+2Ψ + 12Ψ, ZeRO-1 4Ψ + 12Ψ/N, ZeRO-2 2Ψ + 14Ψ/N, ZeRO-3 16Ψ/N; fp32 4 + 4 + 8), plus activations per layer and
+micro-batch from Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
+section 4, table 2): sbh(34 + 5as/h) without parallelism, sbh(10 + 24/t + 5as/ht) with TP, sbh/t·(34 + 5as/h) with
+TP and SP, the 5as/h term gone with selective recomputation (or flash attention), 2sbh (per t with SP) with full
+recomputation; times the micro-batches in flight that the pipeline schedule holds (sim/schedule.py).
+"""
+
+import functools
+import math
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+RECOMPUTE = ("none", "selective", "full")
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+ALGORITHMS = ("ring", "tree", "auto")
+
+# framework operators per layer and micro-batch (forward; backward counts twice): with op_latency, the per-operator
+# overhead of eager PyTorch that dominates tiny models on a CPU. Rough counts of ATen calls in model.py's blocks.
+OPS = {"attention": 12, "core": 4, "mlp": 6, "embedding": 4, "head": 6, "optimizer": 30}
+OPTIMIZER_BYTES_PER_PARAM = 40  # AdamW step + gradient clipping: read/write params, m, v, read grads (twice)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the model's shapes
+
+@dataclass(frozen=True)
+class Model:
+    """A GPT's shapes (model.py's GPTConfig with the sequence length named seq_len). Raises ValueError for shapes
+    model.py would reject."""
+    n_layer: int
+    n_head: int
+    n_embd: int
+    seq_len: int
+    vocab_size: int
+    ffn_hidden: int = 0  # 0: 4h (gpt2) or 8h/3 rounded up to 64 (llama), as model.py
+    block: str = "gpt2"
+    bias: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.block not in ("gpt2", "llama"):
+            raise ValueError(f"block must be 'gpt2' or 'llama', got {self.block!r}")
+        if min(self.n_layer, self.n_head, self.n_embd, self.seq_len, self.vocab_size) < 1:
+            raise ValueError(f"model sizes must be positive: {self}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.ffn_hidden == 0:
+            f = 4 * self.n_embd if self.block == "gpt2" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
+            object.__setattr__(self, "ffn_hidden", f)
+
+    @property
+    def mlp_matrices(self):
+        return 3 if self.block == "llama" else 2
+
+    @property
+    def layer_matrix_params(self):
+        """Weights of the q/k/v/out projections and the MLP of one block (split by TP)."""
+        h = self.n_embd
+        return 4 * h * h + self.mlp_matrices * h * self.ffn_hidden
+
+    @property
+    def layer_vector_params(self):
+        """Norm weights and biases of one block (kept whole by TP in this model)."""
+        h, f = self.n_embd, self.ffn_hidden
+        if self.block == "llama":
+            return 2 * h
+        return 2 * h * (2 if self.bias else 1) + ((4 * h + f + h) if self.bias else 0)
+
+    @property
+    def layer_params(self):
+        return self.layer_matrix_params + self.layer_vector_params
+
+    @property
+    def embedding_params(self):
+        """Token embedding (tied to the head) and, for gpt2, learned positions."""
+        return self.vocab_size * self.n_embd + (self.seq_len * self.n_embd if self.block == "gpt2" else 0)
+
+    @property
+    def final_norm_params(self):
+        return self.n_embd * (2 if self.block == "gpt2" and self.bias else 1)
+
+    @property
+    def params(self):
+        """All parameters, the head tied to the embedding (= sum of model.GPT's parameters)."""
+        return self.n_layer * self.layer_params + self.embedding_params + self.final_norm_params
+
+    def layer_forward_flops(self, tokens, kv_len=None):
+        """Forward FLOPs of one block over `tokens` query tokens attending to kv_len keys (default seq_len)."""
+        h, kv = self.n_embd, self.seq_len if kv_len is None else kv_len
+        return 2 * tokens * self.layer_matrix_params + 4 * tokens * kv * h
+
+    def head_forward_flops(self, tokens):
+        return 2 * tokens * self.n_embd * self.vocab_size
+
+
+def step_flops(model, par):
+    """{"model", "hardware"}: FLOPs of one optimizer step over the global batch. "model" counts forward and
+    backward (3x forward), what MFU is measured against; "hardware" adds the recomputed forward work, the count
+    Megatron-LM reports as achieved TFLOP/s (Narayanan et al. 2021, eq. 3)."""
+    tokens = par.global_batch * model.seq_len
+    layer = model.layer_forward_flops(tokens)
+    forward = model.n_layer * layer + model.head_forward_flops(tokens)
+    extra = {"none": 0, "full": model.n_layer * layer,
+             "selective": model.n_layer * 4 * tokens * model.seq_len * model.n_embd}[par.recompute]
+    return {"model": 3 * forward, "hardware": 3 * forward + extra}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the parallel layout
+
+@dataclass(frozen=True)
+class Parallel:
+    """A parallel layout and the training settings that change costs.
+
+    dp, tp, pp, cp: sizes of the four dimensions; v: virtual stages (model chunks) per pipeline rank;
+    micro_batch: b sequences; micro_batches: m per pipeline and step (train.py's gradient_accumulation_steps / dp);
+    zero: 0 (DDP), 1, 2, 3 (FSDP), sharded over the dp x cp ranks holding the same parameters;
+    recompute: none / selective / full; schedule: gpipe / 1f1b / interleaved_1f1b; algorithm: all-reduce algorithm
+    ring / tree / auto (the faster); bucket_mb: gradient bucket size (MiB) for ZeRO 0-2; dtype: float32 or a
+    16-bit type (mixed precision: 16-bit parameters, gradients and activations, fp32 master weights and Adam)."""
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    v: int = 1
+    micro_batch: int = 1
+    micro_batches: int = 1
+    zero: int = 0
+    sequence_parallel: bool = False
+    recompute: str = "none"
+    schedule: str = "1f1b"
+    reshard_after_forward: bool = True
+    overlap_grad_reduce: bool = True
+    bucket_mb: float = 25.0
+    loss_parallel: bool = True
+    flash_attention: bool = True
+    dtype: str = "bfloat16"
+    pp_split: str = ""
+    algorithm: str = "auto"
+
+    @property
+    def world(self):
+        return self.dp * self.tp * self.pp * self.cp
+
+    @property
+    def global_batch(self):
+        """Sequences per optimizer step."""
+        return self.dp * self.micro_batch * self.micro_batches
+
+    @property
+    def mixed(self):
+        return self.dtype != "float32"
+
+    def rank(self, dp_rank=0, cp_rank=0, pp_rank=0, tp_rank=0):
+        """Global rank of a grid coordinate: ((dp_rank·c + cp_rank)·p + pp_rank)·t + tp_rank."""
+        return ((dp_rank * self.cp + cp_rank) * self.pp + pp_rank) * self.tp + tp_rank
+
+    def groups(self):
+        """Rank 0's groups: {"tp", "cp", "dp" (the dp x cp ranks that share parameters), "world"} -> ranks."""
+        return {"tp": [self.rank(tp_rank=i) for i in range(self.tp)],
+                "cp": [self.rank(cp_rank=i) for i in range(self.cp)],
+                "dp": [self.rank(d, c) for d in range(self.dp) for c in range(self.cp)],
+                "world": list(range(self.world))}
+
+    def describe(self):
+        s = (f"dp={self.dp} tp={self.tp} pp={self.pp} cp={self.cp} v={self.v} b={self.micro_batch} "
+             f"m={self.micro_batches} zero={self.zero} recompute={self.recompute}")
+        if self.tp > 1:
+            s += " sp" if self.sequence_parallel else " no-sp"
+        if self.pp > 1:
+            s += f" {self.schedule}"
+        return s
+
+    def check(self, model):
+        """Raise ValueError (one line) if this layout cannot run `model`."""
+        for name in ("dp", "tp", "pp", "cp", "v", "micro_batch", "micro_batches"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.zero not in (0, 1, 2, 3):
+            raise ValueError(f"zero stage must be 0, 1, 2 or 3, got {self.zero!r}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {self.recompute!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"the simulator knows the pipeline schedules {', '.join(SCHEDULES)}, "
+                             f"not {self.schedule!r}")
+        if self.dtype not in BYTES:
+            raise ValueError(f"dtype must be one of {', '.join(BYTES)}, got {self.dtype!r}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+        if model.n_head % self.tp or model.ffn_hidden % self.tp:
+            raise ValueError(f"tp={self.tp} must divide n_head={model.n_head} and ffn_hidden={model.ffn_hidden}")
+        if self.cp > 1 and model.seq_len % (2 * self.cp):
+            raise ValueError(f"cp={self.cp} needs seq_len={model.seq_len} divisible by 2*cp (causal load balance)")
+        if self.sequence_parallel and self.tp > 1 and (model.seq_len // self.cp) % self.tp:
+            raise ValueError(f"sequence parallelism needs the sequence per CP rank ({model.seq_len // self.cp}) "
+                             f"divisible by tp={self.tp}")
+        if self.pp * self.v > model.n_layer:
+            raise ValueError(f"pipeline has {self.pp * self.v} stages (pp x v) but the model only {model.n_layer} "
+                             f"layers")
+        if self.schedule == "interleaved_1f1b":
+            if self.pp > 1 and self.v < 2:
+                raise ValueError("interleaved_1f1b needs v (pp_virtual_stages) >= 2")
+            if self.pp > 1 and self.micro_batches % self.pp:
+                raise ValueError(f"interleaved_1f1b needs micro-batches per pipeline ({self.micro_batches}) "
+                                 f"divisible by pp={self.pp}")
+        elif self.v != 1:
+            raise ValueError(f"v={self.v} virtual stages need schedule interleaved_1f1b, not {self.schedule}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# collectives
+
+def collective_time(op, nbytes, n, link, algorithm="ring"):
+    """Seconds for collective `op` over n ranks on `link` (sim.cluster.Link), alpha-beta model.
+
+    op: all_reduce, all_gather, reduce_scatter, broadcast, send; nbytes: S, the full buffer (all-gather output,
+    reduce-scatter input, the message for send); algorithm for all_reduce: ring, tree or auto (the faster).
+    Returns 0 for n == 1 (except send). Raises ValueError for an unknown op or algorithm."""
+    alpha, beta = link.latency, link.bandwidth
+    if op == "send":
+        return alpha + nbytes / beta
+    if n == 1:
+        return 0.0
+    if op == "all_reduce":
+        ring = 2 * (n - 1) * alpha + 2 * (n - 1) / n * nbytes / beta
+        tree = 2 * math.ceil(math.log2(n)) * alpha + 2 * nbytes / beta
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown all-reduce algorithm {algorithm!r}")
+        return {"ring": ring, "tree": tree, "auto": min(ring, tree)}[algorithm]
+    if op in ("all_gather", "reduce_scatter"):
+        return (n - 1) * alpha + (n - 1) / n * nbytes / beta
+    if op == "broadcast":
+        return (n - 1) * alpha + nbytes / beta
+    raise ValueError(f"unknown collective {op!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# memory
+
+def layer_activation_bytes(model, par, recompute=None):
+    """Bytes of activations one block keeps for backward, per micro-batch, on one device (Korthikanti et al. 2022,
+    section 4.1 and table 2), generalised to f != 4h, SwiGLU (3 MLP tensors of f), dtype B bytes (the paper's
+    constants are for B = 2), 1-byte dropout masks only when dropout > 0, and c-way context parallelism (the
+    sequence divided by c; ring attention keeps no score matrix). recompute: default par.recompute.
+
+    Per token: replicated over TP unless sequence parallel: two norm inputs, the QKV and MLP inputs (4h·B) and
+    two dropout masks (2h); split over TP: Q, K, V, the out-projection input (4h·B) and the MLP's hidden
+    tensors (2f·B, SwiGLU 3f·B); attention scores, split over TP: softmax output a·s·B, plus its dropout mask
+    and output a·s·(1 + B) with dropout; none with selective recompute or flash attention. Full recompute keeps
+    only the block's input h·B (split with SP)."""
+    recompute = par.recompute if recompute is None else recompute
+    h, a, s, t, B = model.n_embd, model.n_head, model.seq_len, par.tp, BYTES[par.dtype]
+    tokens = par.micro_batch * s / par.cp
+    mask = 1 if model.dropout > 0 else 0
+    sp = t if par.sequence_parallel else 1
+    if recompute == "full":
+        return tokens * h * B / sp
+    replicated = 4 * h * B + 2 * h * mask
+    split = 4 * h * B + (3 if model.block == "llama" else 2) * model.ffn_hidden * B
+    scores = 0 if (recompute == "selective" or par.flash_attention or par.cp > 1) else a * s * (B + mask * (1 + B))
+    return tokens * (replicated / sp + (split + scores) / t)
+
+
+def embedding_activation_bytes(model, par):
+    """The first stage's extra per micro-batch: the embedding dropout mask (Korthikanti et al. 2022, section 4.3)."""
+    sp = par.tp if par.sequence_parallel else 1
+    return par.micro_batch * model.seq_len / par.cp * model.n_embd * (1 if model.dropout > 0 else 0) / sp
+
+
+def output_activation_bytes(model, par):
+    """The last stage's transient for one micro-batch: final norm and head inputs and the fp32 logits for the
+    cross-entropy, 4sbh/t + 4sbV/t (Korthikanti et al. 2022, section 4.3), scaled to dtype B."""
+    tokens = par.micro_batch * model.seq_len / par.cp
+    sp = par.tp if par.sequence_parallel else 1
+    return tokens * (2 * model.n_embd * BYTES[par.dtype] / sp + 4 * model.vocab_size / par.tp)
+
+
+def state_bytes(params, shards, zero, mixed=True):
+    """{"params", "grads", "optimizer"} bytes for `params` parameters held on a device, ZeRO stage `zero` over
+    `shards` ranks. Mixed precision (formulas.md): 16-bit params 2, 16-bit grads 2, fp32 master + Adam m, v 12;
+    fp32: 4, 4, 8. ZeRO-1 shards the optimizer, ZeRO-2 also the gradients, ZeRO-3 also the parameters."""
+    p, g, o = (2, 2, 12) if mixed else (4, 4, 8)
+    return {"params": p * params / (shards if zero >= 3 else 1),
+            "grads": g * params / (shards if zero >= 2 else 1),
+            "optimizer": o * params / (shards if zero >= 1 else 1)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# per-device durations
+
+@dataclass
+class Costs:
+    """Durations (seconds) of the pieces of one step on one device, which sim/schedule.py strings together.
+
+    Compute pieces are lists of segments [(kind, seconds)] run back to back on the compute stream: kinds
+    forward, backward, recompute, and the collectives that block it (tp, cp). Collectives the schedule runs on
+    their own streams are functions of bytes. `split`: the [first, end) layers of each virtual stage."""
+    split: list
+    layer_forward: list
+    layer_backward: list
+    embed_forward: list = field(default_factory=list)
+    embed_backward: list = field(default_factory=list)
+    head_forward: list = field(default_factory=list)
+    head_backward: list = field(default_factory=list)
+    layer_params: float = 0.0        # parameters of one block on this device (after TP)
+    embed_params: float = 0.0        # token (+ position) embedding on the first stage
+    head_params: float = 0.0         # the head's copy on the last stage (pp > 1), plus the final norm
+    param_bytes: int = 2
+    grad_bytes: int = 2
+    p2p_seconds: list = field(default_factory=list)  # per stage boundary (stage s -> s+1's rank), one message
+    dp_shards: int = 1
+    dp_time: object = None           # (op, nbytes) -> seconds over the dp x cp group
+    tied_seconds: float = 0.0        # embedding/head gradient all-reduce between the first and last stage
+    norm_seconds: float = 0.0        # the gradient norm's scalar all-reduce over the world
+    optimizer_time: object = None    # params updated on this device -> seconds
+    layer_activation: float = 0.0    # bytes kept per layer and micro-batch
+    layer_activation_full: float = 0.0  # ... without recomputation (the working set of a recomputed layer)
+    embed_activation: float = 0.0
+    output_activation: float = 0.0
+
+    @classmethod
+    def uniform(cls, n_layer, n_stages, forward=1.0, backward=2.0):
+        """Unit costs for analytic checks: every layer takes `forward` and `backward`, nothing else costs
+        anything, communication is free; n_layer layers split evenly over n_stages stages."""
+        per = n_layer // n_stages
+        return cls(split=[(i * per, (i + 1) * per) for i in range(n_stages)],
+                   layer_forward=[("forward", forward)], layer_backward=[("backward", backward)],
+                   p2p_seconds=[0.0] * n_stages, dp_time=lambda op, nbytes: 0.0, optimizer_time=lambda n: 0.0)
+
+
+def build_costs(model, par, cluster):
+    """Costs of `par` training `model` on `cluster` (already sized for par.world devices)."""
+    par.check(model)
+    h, a, s, f, V = model.n_embd, model.n_head, model.seq_len, model.ffn_hidden, model.vocab_size
+    t, c, B = par.tp, par.cp, BYTES[par.dtype]
+    tokens = par.micro_batch * s / c  # per device and micro-batch
+    sp = t if par.sequence_parallel else 1
+    rate = cluster.flop_rate(par.dtype)
+    share = max(1.0, min(par.world, cluster.gpus_per_node) / cluster.cores) if cluster.cores else 1.0
+
+    def compute(flops, nbytes, ops):
+        return share * (flops / rate + nbytes / cluster.hbm_bandwidth + ops * cluster.op_latency)
+
+    groups = par.groups()
+    links = {k: cluster.group_link(g) for k, g in groups.items()}
+
+    def coll(op, nbytes, group):
+        return collective_time(op, nbytes, len(groups[group]), links[group], par.algorithm)
+
+    # one block, forward: attention (projections, norm, residual; the core QK^T-softmax-AV), then the MLP
+    flash = par.flash_attention or c > 1
+    proj = compute(2 * tokens * 4 * h * h / t, tokens * B * (5 * h / sp + (4 * h / t if model.block == "llama" else 0)),
+                   OPS["attention"])
+    core = compute(4 * tokens * s * h / t, 0 if flash else tokens * B * 3 * a * s / t, OPS["core"])
+    mlp = compute(2 * tokens * h * f * model.mlp_matrices / t,
+                  tokens * B * (5 * h / sp + (3 if model.block == "llama" else 2) * f / t), OPS["mlp"])
+    act = tokens * h * B  # b·s·h on this CP rank: the TP collectives' buffer
+    tp_block = coll("all_reduce", act, "tp") if not par.sequence_parallel else (
+        coll("all_gather", act, "tp") + coll("reduce_scatter", act, "tp"))
+    kv = collective_time("send", 2 * tokens * h / t * B, 2, links["cp"]) if c > 1 else 0.0
+    cp_fwd = (c - 1) * max(0.0, kv - core / c)          # ring attention: K/V passes hidden behind block compute
+    cp_bwd = (c - 1) * max(0.0, 2 * kv - 2 * core / c)  # backward also passes dK, dV
+
+    def clean(segments):
+        return [(k, d) for k, d in segments if d > 0]
+
+    forward = [("forward", proj + core), ("cp", cp_fwd), ("tp", tp_block), ("forward", mlp), ("tp", tp_block)]
+    backward = [("backward", 2 * mlp), ("tp", tp_block), ("backward", 2 * (proj + core)), ("cp", cp_bwd),
+                ("tp", tp_block)]
+    if par.recompute == "full":
+        backward = [("recompute" if k == "forward" else k, d) for k, d in forward] + backward
+    elif par.recompute == "selective":
+        backward = [("recompute", core)] + backward
+
+    # embedding (vocab-parallel: all-reduce over TP) and head + cross-entropy (vocab-parallel, loss parallel)
+    embed_fwd = [("forward", compute(0, tokens * h * B * 3, OPS["embedding"])),
+                 ("tp", coll("all_reduce", act, "tp"))]
+    embed_bwd = [("backward", compute(0, tokens * h * B * 3, 2 * OPS["embedding"])),
+                 ("tp", coll("all_gather", act, "tp") if par.sequence_parallel else 0.0)]
+    logits = tokens * V / t
+    loss_comm = (coll("all_reduce", tokens * 4, "tp") + coll("all_reduce", tokens * 8, "tp") if par.loss_parallel
+                 else coll("all_gather", logits * t * B, "tp"))
+    head_fwd = [("tp", coll("all_gather", act, "tp") if par.sequence_parallel else 0.0),
+                ("forward", compute(model.head_forward_flops(tokens) / t, tokens * h * B * 2 / sp + logits * 12,
+                                    OPS["head"])),
+                ("tp", loss_comm)]
+    head_bwd = [("backward", compute(2 * model.head_forward_flops(tokens) / t, tokens * h * B * 4 / sp + logits * 8,
+                                     2 * OPS["head"])),
+                ("tp", coll("reduce_scatter" if par.sequence_parallel else "all_reduce", act, "tp"))]
+
+    # pipeline messages: stage s on rank s % p sends to stage s+1 on rank (s+1) % p
+    n_stages = par.pp * par.v
+    message = tokens * h * B / sp
+
+    def boundary(stage):
+        src, dst = par.rank(pp_rank=stage % par.pp), par.rank(pp_rank=(stage + 1) % par.pp)
+        return collective_time("send", message, 2, cluster.group_link([src, dst]))
+    p2p = [boundary(st) if par.pp > 1 else 0.0 for st in range(n_stages)]
+
+    layer_params = model.layer_matrix_params / t + model.layer_vector_params
+    head_params = (V * h / t if par.pp > 1 else 0.0) + model.final_norm_params
+    tied_link = cluster.group_link([0, par.rank(pp_rank=par.pp - 1)])
+    params_b, grads_b = (2, 2) if par.mixed else (4, 4)
+
+    def dp_time(op, nbytes):
+        return coll(op, nbytes, "dp")
+
+    def optimizer_time(params):
+        return compute(0, params * OPTIMIZER_BYTES_PER_PARAM, OPS["optimizer"])
+
+    return Costs(
+        split=list(pipeline_split(model.n_layer, n_stages, par.pp_split, h, s, V)),
+        layer_forward=clean(forward), layer_backward=clean(backward),
+        embed_forward=clean(embed_fwd), embed_backward=clean(embed_bwd),
+        head_forward=clean(head_fwd), head_backward=clean(head_bwd),
+        layer_params=layer_params, embed_params=V * h / t + (s * h if model.block == "gpt2" else 0),
+        head_params=head_params, param_bytes=params_b, grad_bytes=grads_b, p2p_seconds=p2p,
+        dp_shards=par.dp * par.cp, dp_time=dp_time,
+        tied_seconds=(collective_time("all_reduce", V * h / t * grads_b, 2, tied_link, par.algorithm)
+                      if par.pp > 1 else 0.0),
+        norm_seconds=coll("all_reduce", 4, "world"), optimizer_time=optimizer_time,
+        layer_activation=layer_activation_bytes(model, par),
+        layer_activation_full=layer_activation_bytes(model, par, recompute="none") if par.recompute != "none" else 0.0,
+        embed_activation=embedding_activation_bytes(model, par),
+        output_activation=output_activation_bytes(model, par))
+
+
+@functools.lru_cache(maxsize=512)
+def pipeline_split(n_layer, n_stages, pp_split, n_embd, seq_len, vocab_size):
+    """The [first, end) layers of each virtual stage: parallel/pp.py's split (train.py's pipeline uses it),
+    balanced by forward cost with the embedding on the first and the head on the last stage."""
+    from parallel.pp import split_layers, stage_costs
+
+    shapes = SimpleNamespace(n_embd=n_embd, block_size=seq_len, vocab_size=vocab_size)
+    return tuple(split_layers(n_layer, n_stages, pp_split, stage_costs(shapes)))
