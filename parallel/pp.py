@@ -773,7 +773,7 @@ class RpcPipeline(Pipeline):
 
     One RPC agent per process, started by the first build_model and shut down by close() (on every rank, before
     teardown; train.py calls it): torch 2.13 re-initialises RPC after rpc.shutdown(), but RRefs then fail ("RPC
-    is no longer running on this node", pytorch issue 46491), so later strategies of the same process reuse it.
+    is no longer running on this node"; cf. pytorch issue 46491), so later strategies of the same process reuse it.
     torch 2.13 still ships torch.distributed.rpc (TensorPipe backend), though PyTorch no longer develops it;
     torch.distributed.pipelining replaced its pipeline (torch.distributed.pipeline.sync.Pipe, removed in 2.4)."""
 
