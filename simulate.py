@@ -25,8 +25,8 @@ def main(argv):
     model, par, cluster = build(cfg)
     print(f"model: {model.n_layer} layers, h={model.n_embd}, {model.n_head} heads, s={model.seq_len}, "
           f"V={model.vocab_size}, {model.params / 1e9:.3g}B parameters; global batch {par.global_batch} sequences "
-          f"({par.global_batch * model.seq_len:,} tokens); {cluster.devices} x {cluster.name} "
-          f"({cluster.nodes} node(s) of {cluster.gpus_per_node}), {par.dtype}")
+          f"({par.global_batch * model.seq_len:,} tokens); {par.world} x {cluster.name} "
+          f"({cluster.nodes} node(s) of up to {cluster.gpus_per_node}), {par.dtype}")
     if cfg["plan"]:
         from sim.planner import plan, table
         results = plan(model, par, cluster, global_batch=cfg["global_batch"] or par.global_batch, top=cfg["top"])

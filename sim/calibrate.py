@@ -6,13 +6,15 @@ Calibrate the simulator on this machine, then test it on runs it was not fitted 
 
 What is measured (every process single-threaded, OMP_NUM_THREADS=1, as torchrun sets it):
 1. memory bandwidth: a 64 MiB tensor copy in one process (bytes read + written per second);
-2. gloo all-reduce times for 1 KiB - 16 MiB on 2 and 4 processes (torchrun; median of 10 after warm-up);
+2. gloo all-reduce, all-gather, reduce-scatter and send times for 1 KiB - 16 MiB on 2 and 4 processes
+   (torchrun; median of 10 after warm-up);
 3. train.py's median ms/iter (iterations 5..K of a K-iteration run, from out_dir/metrics.jsonl) for several
    strategies and sizes of the CPU Shakespeare recipe: single at 4 sizes (the fit set), and held out: another
    single size and the custom DDP, FSDP, TP (+SP) and PP (1F1B, interleaved) runs on 2 processes, DDP on 4.
 
 What is fitted, once, and written to sim/cpu_local.json (the `cpu-local` cluster):
-- from (2): gloo's alpha and beta, least squares (relative) of t = 2(N-1)·alpha + 2(N-1)/N·S/beta, both N;
+- from (2): gloo's alpha and beta per collective, least squares (relative) of its ring formula, e.g. for the
+  all-reduce t = 2(N-1)·alpha + 2(N-1)/N·S/beta, both N together;
 - from (3)'s fit set, with (1) fixed: the fp32 matmul rate R of one core and the per-operator latency o, least
   squares (relative) of the simulated single-process step, which is linear in 1/R and o.
 Then every run of (3) is simulated on cpu-local and the table prints predicted vs measured ms/iter and the error.
@@ -29,6 +31,7 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from functools import partial
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS_JSON = os.path.join(REPO, "sim", "calibration_runs.json")
@@ -77,28 +80,37 @@ def memory_bandwidth():
 
 
 def collectives_worker():
-    """Under torchrun: time gloo all-reduces of COLLECTIVE_BYTES; rank 0 prints {"N", "times": {bytes: s}}."""
+    """Under torchrun: time gloo's all_reduce, all_gather, reduce_scatter (S = COLLECTIVE_BYTES, the full buffer)
+    and a send from rank 0 to rank 1; rank 0 prints {"N", "times": {op: {bytes: s}}}."""
     import torch
     import torch.distributed as dist
 
     from parallel import init_distributed, teardown
+    from parallel.comm import _all_gather_single, _reduce_scatter_single
     code = 1
     try:
         init_distributed(timeout_s=120)
         torch.set_num_threads(1)
+        rank, n = dist.get_rank(), dist.get_world_size()
         times = {}
         for nbytes in COLLECTIVE_BYTES:
-            x = torch.ones(nbytes // 4)
-            samples = []
-            for i in range(13):
-                dist.barrier()
-                t0 = time.perf_counter()
-                dist.all_reduce(x)
-                if i >= 3:
-                    samples.append(time.perf_counter() - t0)
-            times[nbytes] = statistics.median(samples)
-        if dist.get_rank() == 0:
-            print(json.dumps({"N": dist.get_world_size(), "times": times}), flush=True)
+            full, shard = torch.ones(nbytes // 4), torch.ones(nbytes // 4 // n)
+            ops = {"all_reduce": partial(dist.all_reduce, full),
+                   "all_gather": partial(_all_gather_single, full, shard),
+                   "reduce_scatter": partial(_reduce_scatter_single, shard, full),
+                   "send": (partial(dist.send, full, 1) if rank == 0 else partial(dist.recv, full, 0) if rank == 1
+                            else (lambda: None))}
+            for op, call in ops.items():
+                samples = []
+                for i in range(13):
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    call()
+                    if i >= 3:
+                        samples.append(time.perf_counter() - t0)
+                times.setdefault(op, {})[nbytes] = statistics.median(samples)
+        if rank == 0:
+            print(json.dumps({"N": n, "times": times}), flush=True)
         code = 0
     finally:
         teardown(code)
@@ -139,9 +151,10 @@ def measure(iters=ITERS, only=(), repeat=1):
             res = subprocess.run(torchrun(n, "-m", "sim.calibrate", "--collectives-worker"), cwd=REPO, check=True,
                                  env=env, capture_output=True, text=True, timeout=600)
             times = json.loads(res.stdout.strip().splitlines()[-1])["times"]
-            best = times if best is None else {k: min(v, best[k]) for k, v in times.items()}
+            best = times if best is None else {op: {k: min(v, best[op][k]) for k, v in t.items()}
+                                               for op, t in times.items()}
         out["collectives"].append({"N": n, "times": best, "load": loadavg()})
-        print(f"gloo all-reduce N={n}: measured (load {loadavg():.1f})", flush=True)
+        print(f"gloo collectives N={n}: measured (load {loadavg():.1f})", flush=True)
     for _ in range(repeat):
         for name, nproc, config, overrides, role in RUNS:
             if only and name not in only:
@@ -197,17 +210,24 @@ def step_time(cfg, cluster):
 
 def fit(measured):
     """The cpu-local Cluster fitted to `measured`, and a dict of fit diagnostics."""
+    from sim.cluster import Link
     base = base_cluster(measured)
-    # gloo: t = 2(N-1) alpha + 2(N-1)/N S / beta
-    rows, targets = [], []
-    for entry in measured["collectives"]:
-        n = entry["N"]
-        for nbytes, seconds in entry["times"].items():
-            rows.append([2 * (n - 1), 2 * (n - 1) / n * int(nbytes)])
-            targets.append(seconds)
-    alpha, inv_beta = lstsq_nonneg(rows, targets)
-    link = replace(base.intra, latency=alpha, bandwidth=1 / inv_beta)
-    comm_err = max(abs(r[0] * alpha + r[1] * inv_beta - t) / t for r, t in zip(rows, targets))
+    # gloo, per collective: alpha and beta of its ring formula (sim.cost.collective_time), both N together
+    terms = {"all_reduce": lambda n, S: [2 * (n - 1), 2 * (n - 1) / n * S],
+             "all_gather": lambda n, S: [n - 1, (n - 1) / n * S],
+             "reduce_scatter": lambda n, S: [n - 1, (n - 1) / n * S],
+             "send": lambda n, S: [1, S]}
+    op_links, residuals = {}, {}
+    for op, term in terms.items():
+        rows, targets = [], []
+        for entry in measured["collectives"]:
+            for nbytes, seconds in entry["times"][op].items():
+                if op != "send" or entry["N"] == 2:  # a send is between two ranks: once is enough
+                    rows.append(term(entry["N"], int(nbytes)))
+                    targets.append(seconds)
+        alpha, inv_beta = lstsq_nonneg(rows, targets)
+        op_links[op] = Link(bandwidth=1 / max(inv_beta, 1e-15), latency=alpha)
+        residuals[op] = max(abs(r[0] * alpha + r[1] * inv_beta - t) / t for r, t in zip(rows, targets))
     # compute: the single-process step is linear in 1/R and o (memory bandwidth fixed, measured)
     rows, targets = [], []
     for name, nproc, config, overrides, role in RUNS:
@@ -221,17 +241,20 @@ def fit(measured):
         rows.append([t_flops, t_ops])
         targets.append(measured["runs"][name]["ms"] / 1000 - t_mem)
     inv_rate, op_latency = lstsq_nonneg(rows, targets)
-    cluster = replace(base, peak_flops={"float32": 1 / inv_rate}, op_latency=op_latency, intra=link, inter=link)
-    return cluster, {"gloo_max_rel_residual": comm_err}
+    link = op_links["all_reduce"]
+    cluster = replace(base, peak_flops={"float32": 1 / inv_rate}, op_latency=op_latency, intra=link, inter=link,
+                      op_links=op_links)
+    return cluster, {"gloo_max_rel_residual": residuals}
 
 
 def report(measured, cluster, diagnostics):
     """The calibration and prediction table as text."""
     lines = [f"measured {measured['date']} on {measured['cores']} cores, {measured['iters']} iterations per run",
              (f"fitted: matmul {cluster.peak_flops['float32'] / 1e9:.1f} GFLOP/s per core, memory "
-              f"{cluster.hbm_bandwidth / 1e9:.2f} GB/s, {cluster.op_latency * 1e6:.1f} us per operator; gloo alpha "
-              f"{cluster.intra.latency * 1e6:.1f} us, beta {cluster.intra.bandwidth / 1e9:.3f} GB/s (all-reduce fit "
-              f"within {100 * diagnostics['gloo_max_rel_residual']:.0f}% on 2 and 4 processes)"),
+              f"{cluster.hbm_bandwidth / 1e9:.2f} GB/s, {cluster.op_latency * 1e6:.1f} us per operator"),
+             "gloo (alpha, beta; worst relative residual of the fit over 1 KiB-16 MiB on 2 and 4 processes): " +
+             ", ".join(f"{op} {link.latency * 1e6:.0f} us, {link.bandwidth / 1e9:.2f} GB/s "
+                       f"({100 * diagnostics['gloo_max_rel_residual'][op]:.0f}%)" for op, link in cluster.op_links.items()),
              "", "| run | processes | role | measured ms/iter | predicted | error | load avg |",
              "|---|---|---|---|---|---|---|"]
     errors = []

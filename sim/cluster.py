@@ -16,7 +16,8 @@ Presets (`PRESETS`; `get(name)`):
   NVIDIA H100 datasheet; DGX H100 user guide.
 - cpu-local: this machine, fitted by `python -m sim.calibrate` from timed train.py runs and gloo collectives
   (sim/cpu_local.json): the achieved fp32 matmul rate of one core (matmul_efficiency 1), memory bandwidth, a
-  per-operator framework latency, gloo's alpha and beta. Its "devices" are processes; when there are more
+  per-operator framework latency, gloo's alpha and beta for each collective (`op_links`: gloo's reduce-scatter,
+  for one, is not a ring and costs about an all-reduce). Its "devices" are processes; when there are more
   processes than cores they share them (`cores`), and since gloo moves data with the same cores that compute,
   communication does not overlap computation (`overlap=False`).
 
@@ -31,7 +32,7 @@ Assumptions, not measured here (change them with dataclasses.replace or a JSON f
 
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 GiB = 2**30
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -64,6 +65,7 @@ class Cluster:
     reserved_bytes: float = 0.0
     default_dtype: str = "bfloat16"
     source: str = ""
+    op_links: dict = field(default_factory=dict)  # collective -> Link measured for it inside a node (cpu-local)
 
     @property
     def devices(self):
@@ -86,15 +88,18 @@ class Cluster:
             raise ValueError(f"{devices} devices do not fill whole nodes of {self.gpus_per_node} ({self.name})")
         return replace(self, nodes=devices // self.gpus_per_node)
 
-    def group_link(self, ranks):
-        """The effective Link of a collective over global `ranks` (ranks fill nodes in order, gpus_per_node each).
+    def group_link(self, ranks, op=None):
+        """The effective Link of collective `op` (all_reduce, all_gather, reduce_scatter, send) over global
+        `ranks` (ranks fill nodes in order, gpus_per_node each).
 
-        Inside one node: the intra link. Across nodes: the inter link, whose bandwidth scales with the group's
-        members per node k (a ring crosses each node boundary once per k members, and the node's k NICs carry
-        it in parallel; capped by the intra link). Bandwidths are scaled by link_efficiency."""
+        Inside one node: the intra link, or the link measured for `op` if op_links has one (a backend whose
+        collectives are not all rings of the same speed: gloo). Across nodes: the inter link, whose bandwidth
+        scales with the group's members per node k (a ring crosses each node boundary once per k members, and the
+        node's k NICs carry it in parallel; capped by the intra link). Bandwidths are scaled by link_efficiency."""
         nodes = {r // self.gpus_per_node for r in ranks}
         if len(nodes) <= 1:
-            return Link(self.intra.bandwidth * self.link_efficiency, self.intra.latency)
+            link = self.op_links.get(op, self.intra)
+            return Link(link.bandwidth * self.link_efficiency, link.latency)
         per_node = len(ranks) // len(nodes)
         bandwidth = min(self.inter.bandwidth * per_node, self.intra.bandwidth)
         return Link(bandwidth * self.link_efficiency, self.inter.latency)
@@ -128,7 +133,8 @@ def load(path):
         d = json.load(f)
     fields = set(Cluster.__dataclass_fields__)
     d = {k: v for k, v in d.items() if k in fields}
-    return Cluster(**{**d, "intra": Link(**d["intra"]), "inter": Link(**d["inter"])})
+    op_links = {op: Link(**link) for op, link in d.get("op_links", {}).items()}
+    return Cluster(**{**d, "intra": Link(**d["intra"]), "inter": Link(**d["inter"]), "op_links": op_links})
 
 
 def save(cluster, path, **extra):

@@ -383,10 +383,9 @@ def build_costs(model, par, cluster):
         return share * (flops / rate + nbytes / cluster.hbm_bandwidth + ops * cluster.op_latency)
 
     groups = par.groups()
-    links = {k: cluster.group_link(g) for k, g in groups.items()}
 
     def coll(op, nbytes, group):
-        return collective_time(op, nbytes, len(groups[group]), links[group], par.algorithm)
+        return collective_time(op, nbytes, len(groups[group]), cluster.group_link(groups[group], op), par.algorithm)
 
     # one block, forward: attention (projections, norm, residual; the core QK^T-softmax-AV), then the MLP
     flash = par.flash_attention or c > 1
@@ -398,7 +397,7 @@ def build_costs(model, par, cluster):
     act = tokens * h * B  # b·s·h on this CP rank: the TP collectives' buffer
     tp_block = coll("all_reduce", act, "tp") if not par.sequence_parallel else (
         coll("all_gather", act, "tp") + coll("reduce_scatter", act, "tp"))
-    kv = collective_time("send", 2 * tokens * h / t * B, 2, links["cp"]) if c > 1 else 0.0
+    kv = collective_time("send", 2 * tokens * h / t * B, 2, cluster.group_link(groups["cp"], "send")) if c > 1 else 0.0
     cp_fwd = (c - 1) * max(0.0, kv - core / c)          # ring attention: K/V passes hidden behind block compute
     cp_bwd = (c - 1) * max(0.0, 2 * kv - 2 * core / c)  # backward also passes dK, dV
 
@@ -435,12 +434,12 @@ def build_costs(model, par, cluster):
 
     def boundary(stage):
         src, dst = par.rank(pp_rank=stage % par.pp), par.rank(pp_rank=(stage + 1) % par.pp)
-        return collective_time("send", message, 2, cluster.group_link([src, dst]))
+        return collective_time("send", message, 2, cluster.group_link([src, dst], "send"))
     p2p = [boundary(st) if par.pp > 1 else 0.0 for st in range(n_stages)]
 
     layer_params = model.layer_matrix_params / t + model.layer_vector_params
     head_params = (V * h / t if par.pp > 1 else 0.0) + model.final_norm_params
-    tied_link = cluster.group_link([0, par.rank(pp_rank=par.pp - 1)])
+    tied_link = cluster.group_link([0, par.rank(pp_rank=par.pp - 1)], "all_reduce")
     params_b, grads_b = (2, 2) if par.mixed else (4, 4)
 
     def dp_time(op, nbytes):

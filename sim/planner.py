@@ -30,10 +30,9 @@ def divisors(n):
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def layouts(model, base, cluster, global_batch):
-    """Every (tp, cp, pp, dp, b, v) layout of cluster.devices devices for global_batch sequences, as Parallel
-    copies of `base` (recompute and zero still base's)."""
-    n = cluster.devices
+def layouts(model, base, cluster, global_batch, n):
+    """Every (tp, cp, pp, dp, b, v) layout of n devices for global_batch sequences, as Parallel copies of `base`
+    (recompute and zero still base's)."""
     for tp in divisors(min(cluster.gpus_per_node, n)):
         if model.n_head % tp or model.ffn_hidden % tp:
             continue
@@ -94,15 +93,17 @@ def busy_bound(par, costs):
     return most
 
 
-def plan(model, base, cluster, global_batch, top=5, max_simulations=300):
-    """The `top` fastest layouts (sim.schedule.Step, fastest first) that fit, for global_batch sequences on
-    cluster.devices devices. Raises ValueError if no layout fits."""
+def plan(model, base, cluster, global_batch, devices=None, top=5, max_simulations=300):
+    """The `top` fastest layouts (sim.schedule.Step, fastest first; equal to 4 digits: less memory first) that fit, for
+    global_batch sequences on `devices` devices (default base.world). Raises ValueError if no layout fits."""
+    devices = devices or base.world
+    cluster = cluster.sized(devices)
     pool = []
-    for par in layouts(model, base, cluster, global_batch):
+    for par in layouts(model, base, cluster, global_batch, devices):
         for candidate, costs in fitting(model, par, cluster):
             pool.append((busy_bound(candidate, costs), candidate, costs))
     if not pool:
-        raise ValueError(f"no layout of {model.params / 1e9:.3g}B parameters fits on {cluster.devices} x "
+        raise ValueError(f"no layout of {model.params / 1e9:.3g}B parameters fits on {devices} x "
                          f"{cluster.name} for a global batch of {global_batch}")
     pool.sort(key=lambda x: x[0])
     best, simulated = [], 0
@@ -114,8 +115,8 @@ def plan(model, base, cluster, global_batch, top=5, max_simulations=300):
         per_chunk = max(hi - lo for lo, hi in costs.split)
         step = simulate(model, par, cluster, costs=costs, layers_per_task=max(1, per_chunk // 3))
         simulated += 1
-        best = sorted(best + [(step.step_time, par)], key=lambda x: x[0])[:top]
-    steps = sorted((simulate(model, par, cluster) for _, par in best), key=lambda s: s.step_time)
+        best = sorted([*best, (step.step_time, par)], key=lambda x: x[0])[:top]
+    steps = sorted((simulate(model, par, cluster) for _, par in best), key=lambda s: (float(f"{s.step_time:.4g}"), s.peak_memory))
     for s in steps:
         s.searched = (len(pool), simulated)
     return steps

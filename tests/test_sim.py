@@ -217,7 +217,7 @@ def test_config_maps_train_keys():
 def test_planner_finds_layouts_no_worse_than_pure_dp():
     model = Model(n_layer=8, n_head=16, n_embd=2048, seq_len=1024, vocab_size=32000)
     cluster = A100.sized(16)
-    steps = plan(model, Parallel(), cluster, global_batch=64, top=3)
+    steps = plan(model, Parallel(), cluster, global_batch=64, devices=16, top=3)
     assert [s.step_time for s in steps] == sorted(s.step_time for s in steps) and all(s.fits for s in steps)
     assert steps[0].step_time <= simulate(model, Parallel(dp=16, micro_batch=4, micro_batches=1), cluster).step_time
     assert all(s.par.global_batch == 64 and s.par.world == 16 for s in steps)
