@@ -332,8 +332,8 @@ class Step:
         par, GB = self.par, 1e9
         lines = [f"{par.describe()}  on {par.world} x {self.cluster.name}",
                  (f"step {self.step_time:.4g} s, {self.tokens_per_s:,.0f} tokens/s, MFU {100 * self.mfu:.1f}%, "
-                  f"{self.tflops_per_device:.1f} TFLOP/s per device incl. recompute "
-                  f"({self.flops['model'] / self.step_time / par.world / 1e12:.1f} model)")]
+                  f"{self.tflops_per_device:.4g} TFLOP/s per device incl. recompute "
+                  f"({self.flops['model'] / self.step_time / par.world / 1e12:.4g} model)")]
         worst = max(range(par.pp), key=lambda r: self.memory[r]["total"])
         mem = self.memory[worst]
         lines.append(f"memory per device (pp rank {worst}, the fullest): " + ", ".join(
