@@ -5,7 +5,7 @@ for S bytes all-reduced in t seconds over N ranks, algbw = S / t and busbw = alg
     torchrun --standalone --nproc_per_node=2 kernels/bench_comm.py                       # CPU: gloo vs triton
     torchrun --standalone --nproc_per_node=2 kernels/bench_comm.py --sizes=1M,16M,256M,1G --backends=triton,nccl
 
-Backends: torch (parallel.comm.TorchCollectives over the process group: gloo), triton (kernels/triton_comm.py:
+Backends: torch (comm.TorchCollectives over the process group: gloo), triton (kernels/triton_comm.py:
 the Triton interpreter over /dev/shm on CPU, CUDA symmetric memory on a GPU), nccl (kernels/nccl.py, GPU only).
 The process group is gloo everywhere; on a GPU every rank uses GPU 0 (one GPU is what the device tool lends) with its
 own NCCL_HOSTID, so NCCL accepts several ranks on it. Each size: `warmup` calls, then `iters` timed calls (a CUDA
@@ -22,8 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from parallel import teardown  # noqa: E402
-from parallel.comm import TorchCollectives  # noqa: E402
+from comm import TorchCollectives, teardown  # noqa: E402
 
 UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
 

@@ -30,8 +30,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from parallel import on_teardown
-from parallel.comm import Collectives
+from comm import Collectives, on_teardown
 
 LIBRARY_ENV = "NANOPARALLEL_NCCL_LIB"
 NCCL_UNIQUE_ID_BYTES = 128
@@ -193,7 +192,7 @@ class _Work:
 class NCCLCollectives(Collectives):
     """Collectives through libnccl called with ctypes, one communicator for `group` (see the module docstring).
 
-    group: a process group (None: the world); stats: a parallel.comm.CommStats; device: the CUDA device (default:
+    group: a process group (None: the world); stats: a comm.CommStats; device: the CUDA device (default:
     the current one); library: an NCCLLibrary (default: loaded as load_library does). Constructing it is collective
     over the group. Tensors must be on `device`; non-contiguous ones go through a contiguous copy.
     """

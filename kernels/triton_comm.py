@@ -58,8 +58,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from parallel import on_teardown  # noqa: E402
-from parallel.comm import Collectives  # noqa: E402
+from comm import Collectives, on_teardown  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 REDUCE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the dtypes the kernels reduce
@@ -336,7 +335,7 @@ class _Work:
 class TritonCollectives(Collectives):
     """Collectives as Triton kernels over a SymmetricHeap of `group` (see the module docstring).
 
-    group: a process group (None: the world); stats: a parallel.comm.CommStats; device: where the tensors live
+    group: a process group (None: the world); stats: a comm.CommStats; device: where the tensors live
     (default: the current CUDA device if there is one, else CPU). heap_bytes: the collective region of each rank's
     heap (default 16 MiB on CPU, 256 MiB on CUDA, or NANOPARALLEL_TRITON_HEAP_MB), two halves used in turn; a
     tensor larger than a half goes in chunks.

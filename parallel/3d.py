@@ -44,7 +44,7 @@ from torch.distributed.tensor.parallel import loss_parallel, parallelize_module
 
 from model import init_parameter_
 from parallel import register
-from parallel.comm import TorchCollectives
+from comm import TorchCollectives
 from parallel.ddp import DataParallel
 from parallel.fsdp import (
     LOW_PRECISION,

@@ -23,11 +23,8 @@ Also here: process-group start-up and the teardown that every torchrun entry poi
 """
 
 import contextlib
-import gc
 import importlib
 import os
-import sys
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -38,8 +35,8 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
 from torch.distributed.tensor import DTensor
 
 from model import GPT
+from comm import CommStats, TorchCollectives, init_distributed, on_teardown, teardown  # noqa: F401 (re-exported)
 from parallel import checkpoint
-from parallel.comm import CommStats, TorchCollectives
 
 _REGISTRY = {}
 
@@ -118,62 +115,6 @@ def build_strategy(cfg, device):
         raise ValueError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is the global number of "
                          f"micro-batches and must be divisible by the data-parallel size {strategy.dp_size}")
     return strategy
-
-
-# -----------------------------------------------------------------------------
-# process group start-up and teardown
-
-def init_distributed(timeout_s=300):
-    """Start the default process group if launched by torchrun (WORLD_SIZE set), else do nothing.
-
-    Backend: NCCL when CUDA is available (one GPU per local rank), gloo otherwise. Returns this rank's
-    torch.device (cuda:LOCAL_RANK, cuda, or cpu). timeout_s bounds every collective, so a rank that dies
-    makes the others fail instead of hanging forever.
-    """
-    cuda = torch.cuda.is_available()
-    if "WORLD_SIZE" not in os.environ:
-        return torch.device("cuda" if cuda else "cpu")
-    device = torch.device("cpu")
-    if cuda:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
-    return device
-
-
-_TEARDOWN_HOOKS = []
-
-
-def on_teardown(fn):
-    """Register fn() to run in teardown before the process group is destroyed: os._exit skips atexit, so whatever
-    must be released at the end (shared memory of kernels/triton_comm.py, NCCL communicators) registers here."""
-    _TEARDOWN_HOOKS.append(fn)
-    return fn
-
-
-def teardown(exit_code=0):
-    """End the process without the gloo crash at exit: barrier, gc, destroy the process group, flush, os._exit.
-    The on_teardown hooks run after the barrier (after all ranks are done communicating).
-
-    From ../shared/notes/cpu-facts.md (upstream pytorch issue 190489): letting the interpreter exit normally
-    after destroy_process_group() still aborts one rank in ~17% of gloo runs; this sequence gave 0 in 40.
-    Never returns.
-    """
-    try:
-        if dist.is_initialized() and exit_code == 0:
-            dist.barrier()
-        for fn in reversed(_TEARDOWN_HOOKS):
-            try:
-                fn()
-            except Exception as e:  # report, and go on ending the process
-                print(f"teardown: {getattr(fn, '__qualname__', fn)} failed: {type(e).__name__}: {e}", file=sys.stderr)
-        if dist.is_initialized():
-            gc.collect()
-            dist.destroy_process_group()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exit_code)
 
 
 # -----------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from model import GPT, init_parameter_
 from parallel import Strategy, register
-from parallel.comm import _all_gather_single, _reduce_scatter_single
+from comm import all_gather_single, reduce_scatter_single
 
 LOW_PRECISION = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -83,7 +83,7 @@ class CountingAllGather(AllGather):
 
     def __call__(self, output_tensor, input_tensor, group, async_op=False):
         self.stats.record("all_gather", output_tensor.numel() * output_tensor.element_size(), group.size())
-        return _all_gather_single(output_tensor, input_tensor, group=group, async_op=async_op)
+        return all_gather_single(output_tensor, input_tensor, group=group, async_op=async_op)
 
 
 class CountingReduceScatter(ReduceScatter):
@@ -97,7 +97,7 @@ class CountingReduceScatter(ReduceScatter):
 
     def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
         self.stats.record("reduce_scatter", input_tensor.numel() * input_tensor.element_size(), group.size())
-        return _reduce_scatter_single(output_tensor, input_tensor, op, group=group, async_op=async_op)
+        return reduce_scatter_single(output_tensor, input_tensor, op, group=group, async_op=async_op)
 
 
 @register("fsdp", "pytorch")

@@ -70,7 +70,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from model import GPT, init_parameter_
 from parallel import Strategy, register
-from parallel.comm import TorchCollectives
+from comm import TorchCollectives
 
 COLUMN = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.up_proj", "mlp.gate_proj")
 ROW = ("attn.out_proj", "mlp.down_proj")

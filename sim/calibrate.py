@@ -85,8 +85,7 @@ def collectives_worker():
     import torch
     import torch.distributed as dist
 
-    from parallel import init_distributed, teardown
-    from parallel.comm import _all_gather_single, _reduce_scatter_single
+    from comm import all_gather_single, init_distributed, reduce_scatter_single, teardown
     code = 1
     try:
         init_distributed(timeout_s=120)
@@ -96,8 +95,8 @@ def collectives_worker():
         for nbytes in COLLECTIVE_BYTES:
             full, shard = torch.ones(nbytes // 4), torch.ones(nbytes // 4 // n)
             ops = {"all_reduce": partial(dist.all_reduce, full),
-                   "all_gather": partial(_all_gather_single, full, shard),
-                   "reduce_scatter": partial(_reduce_scatter_single, shard, full),
+                   "all_gather": partial(all_gather_single, full, shard),
+                   "reduce_scatter": partial(reduce_scatter_single, shard, full),
                    "send": (partial(dist.send, full, 1) if rank == 0 else partial(dist.recv, full, 0) if rank == 1
                             else (lambda: None))}
             for op, call in ops.items():

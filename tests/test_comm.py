@@ -1,5 +1,5 @@
 """
-parallel/comm.py: every collective of the torch backend gives the right values, sync and async, and counts
+comm.py: every collective of the torch backend gives the right values, sync and async, and counts
 payload and bus bytes by nccl-tests' convention.
 
     torchrun --standalone --nproc_per_node=2 -m unittest tests/test_comm.py     (or 4; pytest launches both)
@@ -7,7 +7,7 @@ payload and bus bytes by nccl-tests' convention.
 
 import torch
 
-from parallel.comm import CommStats, TorchCollectives
+from comm import CommStats, TorchCollectives
 from tests.distributed import DistributedTestCase, torchrun_launcher
 
 

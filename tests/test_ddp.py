@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from model import GPT
 from parallel import build_strategy
-from parallel.comm import TorchCollectives
+from comm import TorchCollectives
 from parallel.ddp import DataParallel
 from tests.distributed import DistributedTestCase, torchrun_launcher
 from tests.reference import (global_batches, max_param_diff, max_param_diff_but_zero_gradient, rank_batches,

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from parallel import available, build_strategy
-from parallel.comm import TorchCollectives
+from comm import TorchCollectives
 from tests.distributed import DistributedTestCase, _exit_through_teardown, torchrun_launcher
 from tests.reference import (global_batches, max_param_diff, max_param_diff_but_zero_gradient, rank_batches,
                              tiny_config, train_config)
