@@ -74,7 +74,8 @@ min_lr = 6e-5
 parallel = "single"  # strategy: single, ddp, ...
 variant = "pytorch"  # pytorch (the native API) or custom (the algorithm written out)
 bucket_cap_mb = 25.0  # ddp: gradient bucket size in MiB
-reshard_after_forward = True  # fsdp: free each unit's gathered parameters after its forward (False: keep to backward)
+reshard_after_forward = "default"  # fsdp: "always" free a unit's gathered parameters after its forward, "never" keep
+# them to backward (1x DDP traffic), "default": always, but never inside a pipeline (torchtitan's policy)
 sequence_parallel = False  # tp: shard activations outside attention/MLP along the sequence (Korthikanti et al. 2022)
 loss_parallel = False  # tp: cross-entropy on vocab-sharded logits, never gathering the full vocabulary
 pp_schedule = "1f1b"  # pp: gpipe, 1f1b, interleaved_1f1b (+ what torch ships); micro-batches = gradient_accumulation_steps / dp

@@ -1,109 +1,69 @@
 """
 The registry of parallel strategies, and the seam between train.py and a strategy.
 
-Each file parallel/<strategy>.py registers one class per variant:
+Each file parallel/<strategy>.py first exports the functions that apply its parallelism to a model (or a pipeline
+stage) on a process group or DeviceMesh dimension, the PyTorch-native way and then written out by hand, and then
+registers a thin Strategy for its 1-D use:
 
-    @register("ddp", "custom")
+    @register("ddp", "custom", "triton", "nccl")
     class CustomDDP(Strategy): ...
 
-and the config picks one with `parallel = "ddp"` and `variant = "custom"`. Variants, the same strategy at four
-levels of abstraction: "pytorch" (PyTorch's native API), "custom" (the algorithm written out with the
-Collectives of parallel/comm.py), "triton" and "nccl" (the custom algorithm over the Collectives of
-kernels/triton_comm.py and kernels/nccl.py: derived here for every strategy with a custom variant, see BACKENDS).
+parallel/3d.py composes the same functions on one rank grid (parallel/grid.py). The config picks a strategy with
+`parallel = "ddp"` and `variant = "custom"`. Variants, the same strategy at four levels of abstraction: "pytorch"
+(PyTorch's native API), "custom" (the algorithm written out over the Collectives of comm.py), "triton" and "nccl"
+(the same custom algorithm over the Collectives of kernels/triton_comm.py and kernels/nccl.py: one class is registered
+for all three, and `Strategy.collectives` hands it the backend its variant names).
 `python -c "import parallel; print(parallel.available())"` lists what exists.
 
-train.py never branches on the strategy. It asks the Strategy for everything that differs:
-building the model (wrapping, sharding), which data-parallel slice of the global batch this rank reads
-(dp_rank, dp_size), one optimizer step's forward and backward over the micro-batches, gradient-norm clipping,
-the loss averaged for logging, eval, and checkpoint save/load. The base class below is the replicated,
-one-model-per-rank behaviour (single and DDP); other strategies override the methods that differ.
-
-Also here: process-group start-up and the teardown that every torchrun entry point must use
-(../shared/notes/cpu-facts.md: without it ~17% of gloo runs crash at exit).
+train.py never branches on the strategy. It asks the Strategy for everything that differs: building the model,
+which data-parallel slice of the global batch this rank reads (dp_rank, dp_size), one optimizer step's forward and
+backward over the micro-batches, gradient-norm clipping, the loss averaged for logging, eval, and checkpoints.
+What is the same for every strategy lives here, once: the micro-batch loop (or the pipeline's schedule), clipping
+(each strategy only says which gradients count on which rank), the logged-loss reduction, eval, and the model and
+optimizer state behind checkpoints (parallel/checkpoint.py).
 """
 
 import contextlib
 import importlib
-import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
 
-from model import GPT
-from comm import CommStats, TorchCollectives, init_distributed, on_teardown, teardown  # noqa: F401 (re-exported)
+from comm import CommStats, TorchCollectives, init_distributed, teardown  # noqa: F401 (re-exported for entry points)
+from model import GPT, init_parameter_
 from parallel import checkpoint
+from parallel.checkpoint import HEAD, WTE, load_checkpoint_file  # noqa: F401 (re-exported)
+from parallel.grid import RankGrid
 
 _REGISTRY = {}
 
 
-def register(strategy, variant):
-    """Class decorator registering a Strategy subclass as the implementation of (strategy, variant)."""
+def register(strategy, *variants):
+    """Class decorator: the Strategy subclass implements `strategy` in each of `variants`."""
     def decorate(cls):
-        _REGISTRY[(strategy, variant)] = cls
-        cls.strategy, cls.variant = strategy, variant
+        for variant in variants:
+            _REGISTRY[(strategy, variant)] = cls
+        cls.strategy = strategy
         return cls
     return decorate
 
 
 def available():
-    """All registered (strategy, variant) pairs, sorted. Imports every parallel/*.py (names like "3d" too), then
-    derives the backend variants of every custom one (_derive_backend_variants)."""
+    """All registered (strategy, variant) pairs, sorted; imports every parallel/*.py (names like "3d" too)."""
     for path in sorted(Path(__file__).parent.glob("*.py")):
         if path.stem != "__init__":
             importlib.import_module(f"parallel.{path.stem}")
-    _derive_backend_variants()
     return sorted(_REGISTRY)
-
-
-# variant -> the Collectives class that replaces parallel.comm.TorchCollectives in a strategy's custom algorithm,
-# as "module:Class", imported only when that variant is built (triton and libnccl are heavy or absent).
-BACKENDS = {"triton": "kernels.triton_comm:TritonCollectives", "nccl": "kernels.nccl:NCCLCollectives"}
-
-
-def _backend_class(name):
-    module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
-
-
-def _derive_backend_variants():
-    """Register (s, v) for every backend v of BACKENDS and every registered (s, "custom") that lacks it: a subclass
-    of the custom class that differs only in `collectives(group)`, which returns the backend (one per group,
-    counting into self.stats). So each strategy's algorithm is written once. The backend's check_available(device)
-    runs first in __init__, so an unusable backend (nccl without a GPU) is a one-line ValueError before any
-    process-group work."""
-    for (strategy, variant), custom in list(_REGISTRY.items()):
-        if variant != "custom":
-            continue
-        for name in BACKENDS:
-            if (strategy, name) in _REGISTRY:
-                continue
-
-            def __init__(self, cfg, device, custom=custom, name=name):
-                _backend_class(name).check_available(device)
-                self._backends = {}
-                custom.__init__(self, cfg, device)
-
-            def collectives(self, group=None, name=name):
-                if group not in self._backends:
-                    self._backends[group] = _backend_class(name)(group, stats=self.stats, device=self.device)
-                return self._backends[group]
-
-            doc = f"{custom.__name__} over kernels' {name} Collectives ({BACKENDS[name]})."
-            register(strategy, name)(type(f"{custom.__name__}_{name}", (custom,), {
-                "__init__": __init__, "collectives": collectives, "__doc__": doc, "__module__": custom.__module__}))
 
 
 def build_strategy(cfg, device):
     """Construct the Strategy that cfg.parallel and cfg.variant name.
 
     cfg: the training config (attributes as in train.py's defaults); device: torch.device of this rank.
-    Raises ValueError, before any collective, for an unknown pair (listing those that exist) or a
-    gradient_accumulation_steps that the data-parallel size does not divide.
+    Raises ValueError, before any collective, for an unknown pair (listing those that exist), an unusable backend
+    (nccl without a GPU), or a gradient_accumulation_steps that the data-parallel size does not divide.
     """
     pairs = available()
     key = (cfg.parallel, cfg.variant)
@@ -117,37 +77,177 @@ def build_strategy(cfg, device):
     return strategy
 
 
+def backend(variant):
+    """The Collectives class of a variant: comm.TorchCollectives for "custom", kernels/triton_comm.py's for "triton",
+    kernels/nccl.py's for "nccl" (imported only when asked for: triton and libnccl are heavy or absent)."""
+    if variant == "triton":
+        from kernels.triton_comm import TritonCollectives
+        return TritonCollectives
+    if variant == "nccl":
+        from kernels.nccl import NCCLCollectives
+        return NCCLCollectives
+    return TorchCollectives
+
+
+# -----------------------------------------------------------------------------
+# what every strategy shares
+
+@torch.no_grad()
+def clip_grad_norm_(grads, max_norm, counted=None, comm=None, device=None):
+    """Scale gradients so that the L2 norm of the whole model's gradient is at most max_norm; return that norm (0-dim,
+    the same on every rank), as torch.nn.utils.clip_grad_norm_ (get_total_norm, then clip_grads_with_norm_'s
+    coefficient) does on one device, and torchtitan's dist_utils.clip_grad_norm_ across parallelisms.
+
+    grads: this rank's local gradient tensors (plain tensors: DTensors' local shards), every one of which is scaled;
+    counted: those whose elements this rank counts in the norm (default: all), chosen by the strategy so that every
+    element of the full gradient is counted on exactly one rank; comm: Collectives over which the ranks' squared
+    norms are summed (None: this rank holds the whole gradient, as in single and DDP). max_norm=inf only measures.
+    """
+    counted = grads if counted is None else counted
+    norm = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros(())
+    if comm is not None:
+        square = norm.float().pow(2)
+        comm.all_reduce(square)
+        norm = square.sqrt()
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.device, g.dtype))
+    return norm
+
+
+def is_first_replica(tensor, grid):
+    """Whether this rank counts `tensor` (a DTensor, or a plain tensor) once in a sum over all ranks of a grid: it is
+    split over the mesh dims where its placement is not Replicate, and replicated over every other dim of the grid
+    but pp (a plain tensor: over all of them), so it counts on coordinate 0 of those. The pipeline dimension holds
+    different stages, not copies."""
+    split = set()
+    if isinstance(tensor, DTensor):
+        split = {dim for dim, placement in zip(tensor.device_mesh.mesh_dim_names, tensor.placements)
+                 if not placement.is_replicate()}
+    return all(grid.coord[dim] == 0 for dim in ("dp", "cp", "tp") if dim not in split)
+
+
+@contextlib.contextmanager
+def skipping_sync(wrapper):
+    """Clear wrapper.require_sync for the backwards run inside: our data-parallel wrappers' no_sync() (gradients
+    accumulate locally, no communication)."""
+    wrapper.require_sync = False
+    try:
+        yield
+    finally:
+        wrapper.require_sync = True
+
+
+def local_bytes(tensors):
+    """Bytes of memory behind `tensors` on this rank (plain tensors, or DTensors: their local shard), each storage
+    counted once however many views of it are listed (a flat shard and its parameter views)."""
+    storages = {}
+    for t in tensors:
+        if t is not None:
+            t = t.to_local() if isinstance(t, DTensor) else t
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def as_dtensor(local, mesh, placements, shape):
+    """A DTensor of global `shape` (contiguous) whose piece on this rank is `local`, laid out by `placements` on
+    `mesh`: how a custom variant presents its shards to DCP and to clip_grad_norm_ (no communication)."""
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape,
+                              stride=torch.empty(shape, device="meta").stride())
+
+
+def materialize(module, device, init):
+    """Allocate the parameters of a GPT-like module built on the meta device on `device` and give each its initial
+    value: init(GPT name, tensor) fills it (with a DTensor, its local shard; see slice_init). A head tied to the
+    embedding stays tied (to_empty unties shared parameters)."""
+    tied = hasattr(module, "lm_head") and "wte" in module.transformer and (
+        module.lm_head.weight is module.transformer.wte.weight)
+    module.to_empty(device=device)
+    if tied and module.lm_head.weight is not module.transformer.wte.weight:
+        module.lm_head.weight = module.transformer.wte.weight
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            init(name, p)
+
+
+def full_shapes(model_config):
+    """{name: shape} of every parameter of the unsharded GPT, lm_head.weight included (the tied embedding's)."""
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in GPT(model_config).named_parameters()}
+    shapes[HEAD] = shapes[WTE]
+    return shapes
+
+
+def slice_init(model_config, local_slice=None):
+    """init(name, tensor) for materialize: the tensor receives its part of the full GPT's initial value
+    (model.init_parameter_ on the full tensor), so every layout starts from the single model's weights. A DTensor
+    keeps the slice its placements select (distribute_tensor with src_data_rank=None: no communication); a plain
+    tensor the slice local_slice(name, full) picks (custom tensor parallelism), else all of it. The head's copy in a
+    pipeline gets the tied embedding's value."""
+    shapes = full_shapes(model_config)
+
+    def init(name, tensor):
+        full = torch.empty(shapes[name])
+        init_parameter_(WTE if name == HEAD else name, full, model_config)
+        if isinstance(tensor, DTensor):
+            from torch.distributed.tensor import distribute_tensor
+            full = distribute_tensor(full.to(tensor.device), tensor.device_mesh, tensor.placements,
+                                     src_data_rank=None).to_local()
+            tensor = tensor.to_local()
+        elif local_slice is not None:
+            full = local_slice(name, full)
+        tensor.copy_(full)
+    return init
+
+
 # -----------------------------------------------------------------------------
 # the seam
 
 class Strategy:
-    """How one parallel strategy trains the GPT, as train.py sees it. This base class is the replicated case:
-    every rank holds the whole model and reads its own slice of the global batch (single, DDP).
+    """How one parallel strategy trains the GPT, as train.py sees it. This base class is the replicated case (every
+    rank holds the whole model and reads its own slice of the global batch) and everything strategies share.
 
-    Attributes: rank, world_size; dp_rank, dp_size (this rank's data-parallel coordinate: ranks with the same
-    dp_rank read the same data); dp_group (the process group over which gradients and the logged loss are
-    averaged; None means the whole world); is_logger (this rank prints, writes wandb and checkpoints);
-    model (the bare GPT whose state_dict keys a single-device checkpoint uses); stats (CommStats of the
-    collectives this strategy's algorithm issued).
+    A subclass sets, in __init__, the rank grid (`self.grid`, parallel/grid.py) when it has one, and builds in
+    build_model: `self.model`, the bare module whose parameters carry the GPT's names (a GPT, or this rank's pipeline
+    stages); `self.module`, what a forward calls (a data-parallel wrapper around the model, or the model); and for a
+    pipeline `self.pipeline` (parallel/pp.py), which then runs every step and eval.
+
+    Attributes: rank, world_size; dp_rank, dp_size (this rank's data-parallel coordinate: ranks with the same dp_rank
+    read the same data); dp_group (over which the logged loss is averaged; None: the world); is_logger (this rank
+    prints, writes wandb and metrics); stats (CommStats of the collectives this strategy's algorithm issued).
     """
 
-    strategy = variant = None  # set by @register
-    checkpoint_name = "ckpt.pt"  # in out_dir; strategies whose state is sharded use a DCP directory, "ckpt"
+    strategy = None  # set by @register
+    sharded = False  # True: no rank holds the whole model's state; checkpoints are DCP directories, the norm all-reduced
+
+    @property
+    def checkpoint_name(self):
+        """The checkpoint in out_dir: one file (replicated state) or a DCP directory (sharded state)."""
+        return "ckpt" if self.sharded else "ckpt.pt"
 
     def __init__(self, cfg, device):
-        self.cfg, self.device = cfg, device
+        self.cfg, self.device, self.variant = cfg, device, cfg.variant
+        if self.variant in ("triton", "nccl"):
+            backend(self.variant).check_available(device)  # one line (nccl without a GPU), before any collective
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.dp_rank, self.dp_size, self.dp_group = self.rank, self.world_size, None
         self.is_logger = self.rank == 0
-        self.model = None
+        self.grid = self.model = self.module = self.pipeline = None
         self.stats = CommStats()
+        self._comms = {}
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         if cfg.dtype not in dtypes:
             raise ValueError(f"dtype must be one of {', '.join(dtypes)}, got {cfg.dtype!r}")
         ptdtype = dtypes[cfg.dtype]
         self.autocast = (contextlib.nullcontext if ptdtype == torch.float32 else
                          lambda: torch.autocast(device_type=device.type, dtype=ptdtype))
+
+    def use_grid(self, sizes):
+        """Build the rank grid of `sizes` (validated by parallel.grid.resolve_sizes, before any collective) and take
+        the data-parallel coordinate from it."""
+        self.grid = RankGrid(sizes, self.device.type)
+        self.dp_rank, self.dp_size, self.dp_group = self.grid.coord["dp"], sizes["dp"], self.grid.group("dp")
 
     @property
     def grad_accum(self):
@@ -156,63 +256,114 @@ class Strategy:
         return self.cfg.gradient_accumulation_steps // self.dp_size
 
     def collectives(self, group=None):
-        """The Collectives a custom algorithm calls, over `group` (None: the world), counting into self.stats.
-        The custom variants use torch.distributed; other variants return another backend here."""
-        return TorchCollectives(group, stats=self.stats)
+        """The Collectives a custom algorithm calls over `group` (None: the world), counting into self.stats: one per
+        group, of the backend this strategy's variant names (`backend`)."""
+        if group is not None and dist.get_world_size(group) == self.world_size:
+            group = None  # a group of every rank (a 1-D grid's) is the world: one backend for both
+        if group not in self._comms:
+            cls = backend(self.variant)
+            self._comms[group] = (cls(group, stats=self.stats) if cls is TorchCollectives else
+                                  cls(group, stats=self.stats, device=self.device))
+        return self._comms[group]
 
     # --- building ---------------------------------------------------------------------------------------
 
     def build_model(self, model_config):
-        """Create this rank's model from a GPTConfig and return the bare GPT (also kept as self.model).
-        Identical on every rank: the init is a function of config.init_seed."""
-        self.model = GPT(model_config).to(self.device)
-        if self.cfg.compile:
-            # in place: parameter names and state_dict keys stay those of the bare model
+        """Create this rank's model from a GPTConfig and return the bare module (also self.model). Here: the whole
+        GPT on this device, identical on every rank (the init is a function of config.init_seed)."""
+        self.model = self.module = GPT(model_config).to(self.device)
+        if self.cfg.compile:  # in place: parameter names and state_dict keys stay those of the bare model
             self.model.compile(backend=self.cfg.compile_backend)
         return self.model
 
+    def named_parameters(self):
+        """(GPT name, tensor) of every tensor the optimizer updates on this rank, each once (the tied head shares the
+        embedding's tensor, so it is not listed; a pipeline's separate head copy is)."""
+        if self.pipeline is not None:
+            return self.pipeline.named_parameters()
+        return list(self.model.named_parameters())
+
     def configure_optimizer(self):
-        """AdamW over the parameters this rank updates (GPT.configure_optimizers' weight-decay groups)."""
-        cfg = self.cfg
-        return self.model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), self.device.type)
+        """AdamW over named_parameters(), weight decay on the matrices (nanoGPT's groups; a flat shard says which it
+        is in `.decay`), fused on CUDA; per-parameter loops when plain and DTensor parameters mix."""
+        cfg, params = self.cfg, [p for _, p in self.named_parameters()]
+        decay = [getattr(p, "decay", p.dim() >= 2) for p in params]
+        groups = [{"params": [p for p, d in zip(params, decay) if d], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p, d in zip(params, decay) if not d], "weight_decay": 0.0}]
+        kinds = {getattr(p, "device_mesh", None) for p in params}
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                                 fused=self.device.type == "cuda", foreach=False if len(kinds) > 1 else None)
 
     # --- one optimizer step -------------------------------------------------------------------------------
 
-    def forward(self, x, y):
-        """Forward of one micro-batch through whatever wraps the model: x, y (B, T) int64 -> (logits, mean loss)."""
-        return self.model(x, y)
-
-    def no_sync(self):
-        """Context in which backward accumulates gradients locally without communicating."""
+    def loss_context(self):
+        """Context around forward and backward (DTensor's loss_parallel() when the logits stay vocab-sharded)."""
         return contextlib.nullcontext()
 
+    def forward(self, x, y):
+        """Forward of one micro-batch through self.module: x, y (B, T) int64 -> (logits, mean loss as a plain tensor)."""
+        logits, loss = self.module(x, y)
+        return logits, loss.full_tensor() if isinstance(loss, DTensor) else loss
+
+    def no_sync(self):
+        """Context in which backward accumulates gradients locally without communicating: the module's own no_sync()
+        (DistributedDataParallel, and our DataParallel and FullyShardedDataParallel) if it has one."""
+        return getattr(self.module, "no_sync", contextlib.nullcontext)()
+
     def sync_gradients(self):
-        """Called once after the last micro-batch's backward: gradients must be final when it returns."""
+        """After the last micro-batch's backward: gradients must be final when it returns. Waits for our data-parallel
+        wrapper's reductions if it has any in flight; strategies add what else their layout needs."""
+        getattr(self.module, "finish_gradient_sync", lambda: None)()
 
     def forward_backward(self, batches, scaler):
         """Forward and backward over this rank's micro-batches [(x, y), ...], each (B, T) int64.
 
-        Gradients end up as the mean over all micro-batches of all data-parallel ranks (the same as one
-        device on the global batch); only the last micro-batch synchronises them. scaler: a
-        torch.amp.GradScaler (disabled unless fp16). Returns the loss (0-dim tensor) averaged over
-        micro-batches and the data-parallel group, the same value on every rank.
+        Gradients end up as the mean over all micro-batches of all data-parallel ranks (the same as one device on the
+        global batch); only the last micro-batch synchronises them (or the pipeline's schedule does). scaler: a
+        torch.amp.GradScaler (disabled unless fp16), or None. Returns the loss (0-dim tensor) averaged over micro-batches and
+        the data-parallel group, the same value on every rank.
         """
-        total = torch.zeros((), device=self.device)
-        for i, (x, y) in enumerate(batches):
-            last = i == len(batches) - 1
-            with contextlib.nullcontext() if last else self.no_sync():
-                with self.autocast():
-                    _, loss = self.forward(x, y)
-                    loss = loss / len(batches)
-                scaler.scale(loss).backward()
-            total += loss.detach()
-        self.sync_gradients()
-        return self.dp_mean(total)
+        with self.loss_context():
+            if self.pipeline is not None:  # the schedule calls sync_gradients after its last backward
+                return self.dp_mean(self.pipeline.step(batches))
+            loss = torch.zeros((), device=self.device)
+            for i, (x, y) in enumerate(batches):
+                with contextlib.nullcontext() if i == len(batches) - 1 else self.no_sync():
+                    with self.autocast():
+                        micro_loss = self.forward(x, y)[1] / len(batches)
+                    (micro_loss if scaler is None else scaler.scale(micro_loss)).backward()
+                loss += micro_loss.detach()
+            self.sync_gradients()
+        return self.dp_mean(loss)
+
+    def gradients(self):
+        """(local gradient, counted) for every gradient this rank holds: clip_grad_norm_'s input. A replicated
+        strategy counts everything (each rank holds the whole gradient). A sharded one counts every element of the
+        full model once: on its first replica (is_first_replica of its global form, global_tensor), and a
+        pipeline's separate head copy never (the embedding it mirrors does)."""
+        out = []
+        for name, p in self.named_parameters():
+            if p.grad is not None:
+                grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                counted = not self.sharded or (name != HEAD and is_first_replica(self.global_tensor(name, p), self.grid))
+                out.append((grad, counted))
+        return out
 
     def clip_grad_norm_(self, max_norm):
-        """Scale gradients so their global L2 norm is at most max_norm; return the norm before clipping
-        (the same on every rank). max_norm=inf only measures it."""
-        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        """Scale gradients so their global L2 norm is at most max_norm; return the norm before clipping (the same on
+        every rank). max_norm=inf only measures it. One implementation for every strategy (clip_grad_norm_ above):
+        a sharded strategy sums the squared norms of what each rank counts over the world in one all-reduce."""
+        pieces = self.gradients()
+        comm = self.collectives(None) if self.sharded else None
+        return clip_grad_norm_([g for g, _ in pieces], max_norm, [g for g, c in pieces if c], comm, self.device)
+
+    def memory_bytes(self, optimizer):
+        """{"params", "grads", "optimizer"}: bytes this rank holds in each between steps (after backward and the
+        optimizer step, before zero_grad), plus "gathered": unsharded buffers still allocated (0 when all freed)."""
+        params = [p for _, p in self.named_parameters()]
+        moments = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.dim()]
+        return {"params": local_bytes(params), "grads": local_bytes(p.grad for p in params),
+                "optimizer": local_bytes(moments), "gathered": getattr(self.module, "gathered_bytes", lambda: 0)()}
 
     def dp_mean(self, tensor):
         """Average a metric over the data-parallel group (for logging and eval; not counted in stats)."""
@@ -225,84 +376,65 @@ class Strategy:
     def eval_loss(self, x, y):
         """Mean loss on one eval micro-batch x, y (B, T), averaged over the data-parallel group."""
         self.model.eval()
-        with self.autocast():
-            _, loss = self.forward(x, y)
+        with self.loss_context(), self.autocast():
+            loss = self.pipeline.eval_loss(x, y) if self.pipeline is not None else self.forward(x, y)[1]
         self.model.train()
-        return self.dp_mean(loss)
+        return self.dp_mean(loss.float())
 
     def close(self):
         """Stop what the strategy started besides the process group (pp/rpc: the RPC agent). Called on every rank
         once training is over, before teardown; collective where the strategy needs it. Default: nothing."""
 
-    # --- state: gathered, and checkpoints ------------------------------------------------------------
+    # --- state: checkpoints and the gathered model -------------------------------------------------------
+
+    def global_tensor(self, name, t):
+        """This rank's tensor `t` of parameter `name` (or its AdamW moment) in its global form: a DTensor whose
+        placements say which part of the full tensor this rank holds, or `t` itself if it is the whole tensor.
+        Here `t` as is (replicated, DTensor-parallel and pipeline layouts); custom layouts override it."""
+        return t
+
+    def state_dict(self, optimizer):
+        """{"model": {GPT name: tensor}, "optim": {GPT name: {"step", "exp_avg", "exp_avg_sq"}}} of this rank's part,
+        every tensor in its global form (global_tensor): what a DCP checkpoint holds (parallel/checkpoint.py)."""
+        return checkpoint.parameters_state(self.named_parameters(), optimizer, self.global_tensor,
+                                           tied_head=self.pipeline is None)
+
+    def load_state_dict(self, state, optimizer):
+        """Put a state of state_dict's form, filled in by a DCP load, back into the parameters and AdamW's state."""
+        checkpoint.load_parameters_state(self.named_parameters(), state, optimizer)
 
     def full_state_dict(self):
-        """The single-device GPT's state_dict ({name: full tensor}), on every rank (collective for sharded
-        strategies: call it on all ranks). Tests compare it with the reference; DTensors are gathered."""
-        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.model.state_dict().items()}
-
-    def sharded_state_dict(self, optimizer):
-        """{"model": {fqn: tensor}, "optim": {fqn: {"step", "exp_avg", "exp_avg_sq"}}} of this rank's part, keyed by
-        the bare GPT's names, with DTensors for sharded tensors (parallel/checkpoint.py). Used when
-        checkpoint_name is a directory. This default is PyTorch's (torch.distributed.checkpoint.state_dict) and
-        serves models whose parameters are DTensors (FSDP2, DTensor TP); custom layouts override it and
-        load_sharded_state_dict. Before the first step the optimizer state is created (zeros) so that a load has
-        somewhere to go."""
-        model_sd = get_model_state_dict(self.model)
-        optim_sd = get_optimizer_state_dict(self.model, optimizer)
-        self._param_groups = optim_sd["param_groups"]
-        return {"model": model_sd, "optim": optim_sd["state"]}
-
-    def load_sharded_state_dict(self, state, optimizer):
-        """Put a state of sharded_state_dict's form, filled in by a DCP load, back into the model and optimizer."""
-        set_model_state_dict(self.model, state["model"])
-        set_optimizer_state_dict(self.model, optimizer, {"state": state["optim"], "param_groups": self._param_groups})
+        """The single-device GPT's state_dict ({name: full tensor}), on every rank; collective (every rank calls it):
+        DTensors gathered, pipeline stages gathered over the pp group. Tests compare it with the reference."""
+        local = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach()
+                 for k, v in self.state_dict(None)["model"].items()}
+        if self.pipeline is not None:
+            local = self.pipeline.gather_stages(local)
+        return {name: local[name] for name in full_shapes(self.model.config)}  # in the GPT's state_dict order
 
     def save_checkpoint(self, path, optimizer, extra):
-        """Write {"model", "optimizer", **extra} to `path`, atomically (a temporary, then a rename); every rank
-        returns once it is on disk. A replicated model is one file that rank 0 writes; a sharded strategy
-        (checkpoint_name "ckpt") writes a DCP directory in which every rank writes its part."""
-        if self.checkpoint_name != Strategy.checkpoint_name:
-            checkpoint.save(path, self.sharded_state_dict(optimizer), extra, self.rank)
-            return
-        if self.rank == 0:
-            tmp = f"{path}.tmp"
-            torch.save({"model": self.model.state_dict(), "optimizer": optimizer.state_dict(), **extra}, tmp)
-            os.replace(tmp, path)
-        if dist.is_initialized():
-            dist.barrier()
+        """Write {"model", "optimizer", **extra} to `path`, atomically (a temporary, then a rename); every rank returns
+        once it is on disk. A replicated model is one file that rank 0 writes; a sharded strategy (checkpoint_name
+        "ckpt") a DCP directory in which every rank writes its part (parallel/checkpoint.py)."""
+        if self.sharded:
+            checkpoint.save(path, self.state_dict(optimizer), extra, self.rank)
+        else:
+            if self.rank == 0:
+                checkpoint.save_file(path, {"model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
+                                            **extra})
+            if dist.is_initialized():
+                dist.barrier()
 
     def load_checkpoint(self, path, optimizer):
-        """Load what save_checkpoint wrote into self.model and optimizer; return the whole dict (for a sharded
-        checkpoint, the extra values). A sharded checkpoint loads on any world size.
+        """Load what save_checkpoint wrote into the model and optimizer; return the whole dict (for a sharded
+        checkpoint, the extra values). A sharded checkpoint loads on any world size and any sharded strategy.
         Raises FileNotFoundError or ValueError naming the file if it is missing or damaged."""
-        if self.checkpoint_name != Strategy.checkpoint_name:
-            state = self.sharded_state_dict(optimizer)
+        if self.sharded:
+            state = self.state_dict(optimizer)
             extra = checkpoint.load(path, state)
-            self.load_sharded_state_dict(state, optimizer)
+            self.load_state_dict(state, optimizer)
             return extra
         ckpt = load_checkpoint_file(path, self.device)
         self.model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         return ckpt
-
-
-def load_checkpoint_file(path, device="cpu"):
-    """torch.load a single-file checkpoint (tensors and plain Python values only: weights_only=True), or convert
-    a sharded (DCP) checkpoint directory to the same dict in memory (parallel/checkpoint.py).
-    Raises FileNotFoundError if it is missing, ValueError (one line, naming the file) if it is truncated,
-    corrupt or not a checkpoint of this project."""
-    if checkpoint.is_sharded(path) or os.path.isdir(f"{path}.old"):
-        ckpt = checkpoint.load_full(path)
-        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in ckpt.items()} | {
-            "model": {k: v.to(device) for k, v in ckpt["model"].items()}}
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # torch raises several types for a damaged file
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {reason})") from None
-    if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
-        raise ValueError(f"checkpoint {path} is not a nanoparallel checkpoint (missing 'model' or 'model_args')")
-    return ckpt

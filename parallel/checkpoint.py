@@ -1,7 +1,8 @@
 """
 Sharded checkpoints with torch.distributed.checkpoint (DCP), and conversion to the single-file format.
 
-A sharded strategy (fsdp, tp, pp, 3d) describes its state as one dict keyed by the bare GPT's parameter names:
+Every strategy describes its state as one dict keyed by the bare GPT's parameter names (`parameters_state`, the
+one implementation, or its flat-shard twin in parallel/fsdp.py):
 
     {"model": {fqn: tensor}, "optim": {fqn: {"step": tensor, "exp_avg": tensor, "exp_avg_sq": tensor}}}
 
@@ -25,8 +26,63 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.tensor import DTensor
 
 EXTRA = "extra.pt"
+WTE, HEAD = "transformer.wte.weight", "lm_head.weight"  # the tied embedding and head
+
+
+# -----------------------------------------------------------------------------
+# the model and optimizer state of any strategy
+
+def adamw_state(optimizer, param):
+    """AdamW's state of `param`, {"step", "exp_avg", "exp_avg_sq"}, created as AdamW's first step would create it
+    (zeros, step 0) if the optimizer has not stepped yet, so that a checkpoint load has tensors to read into."""
+    state = optimizer.state[param]
+    if not state:
+        group = next(g for g in optimizer.param_groups if any(q is param for q in g["params"]))
+        on_device = group.get("fused") or group.get("capturable")
+        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if on_device else "cpu")
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    return state
+
+
+def parameters_state(named_params, optimizer, global_tensor, tied_head=True):
+    """The state (module docstring) of parameters that the optimizer updates whole: (GPT name, tensor) pairs, plain
+    or DTensor, each turned into its global form by global_tensor(name, t) (a DTensor saying which part this rank
+    holds; the identity for whole or DTensor parameters). The head's copy in a pipeline keeps its weight under
+    lm_head.weight and its AdamW state under the embedding's name (both copies are equal; DCP keeps one); with
+    tied_head, lm_head.weight is also listed as the embedding's tensor, as in the single model's state_dict.
+    optimizer None: the "model" part only."""
+    model, optim = {}, {}
+    for name, p in named_params:
+        model[name] = global_tensor(name, p.detach())
+        if optimizer is not None:
+            state = adamw_state(optimizer, p)
+            optim[WTE if name == HEAD else name] = {
+                k: state[k] if k == "step" else global_tensor(name, state[k]) for k in ("step", "exp_avg", "exp_avg_sq")}
+    if tied_head and WTE in model:
+        model[HEAD] = model[WTE]
+    return {"model": model, "optim": optim}
+
+
+def local(t):
+    """The part of a (possibly DTensor) tensor this rank holds."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def load_parameters_state(named_params, state, optimizer):
+    """Copy a state of parameters_state's form, filled in by a DCP load, into the parameters and AdamW's state."""
+    for name, p in named_params:
+        local(p).copy_(local(state["model"][name]))
+        for k, t in state["optim"][WTE if name == HEAD else name].items():
+            local(optimizer.state[p][k]).copy_(local(t))
+
+
+# -----------------------------------------------------------------------------
+# files and directories
 
 
 def is_sharded(path):
@@ -51,6 +107,12 @@ def save(path, state, extra, rank):
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     _barrier()
+
+
+def save_file(path, ckpt):
+    """Write a single-file checkpoint atomically: a temporary, then a rename over `path`."""
+    torch.save(ckpt, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 
 def load(path, state):
@@ -96,6 +158,26 @@ def single_optimizer_state(extra, optim_by_name):
     return sd
 
 
+def load_checkpoint_file(path, device="cpu"):
+    """torch.load a single-file checkpoint (tensors and plain Python values only: weights_only=True), or convert
+    a sharded (DCP) checkpoint directory to the same dict in memory (load_full).
+    Raises FileNotFoundError if it is missing, ValueError (one line, naming the file) if it is truncated,
+    corrupt or not a checkpoint of this project."""
+    if is_sharded(path) or os.path.isdir(f"{path}.old"):
+        ckpt = load_full(path)
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in ckpt.items()} | {
+            "model": {k: v.to(device) for k, v in ckpt["model"].items()}}
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises several types for a damaged file
+        raise ValueError(f"checkpoint {path} is corrupt or unreadable ({_first_line(e)})") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
+        raise ValueError(f"checkpoint {path} is not a nanoparallel checkpoint (missing 'model' or 'model_args')")
+    return ckpt
+
+
 def _existing(path):
     if not os.path.isdir(path):
         if os.path.isdir(f"{path}.old"):  # a save was interrupted between the two renames
@@ -128,15 +210,13 @@ def main(argv):
     if len(argv) != 2:
         print("usage: python -m parallel.checkpoint SRC_CHECKPOINT DST_FILE", file=sys.stderr)
         return 2
-    from parallel import load_checkpoint_file
     src, dst = argv
     try:
         ckpt = load_checkpoint_file(src)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    torch.save(ckpt, f"{dst}.tmp")
-    os.replace(f"{dst}.tmp", dst)
+    save_file(dst, ckpt)
     n = sum(t.numel() for k, t in ckpt["model"].items() if k != "lm_head.weight")
     print(f"wrote {dst}: {n:,} parameters, iter_num {ckpt.get('iter_num')}")
     return 0

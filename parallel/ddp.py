@@ -9,13 +9,13 @@ Li et al. 2020, "PyTorch Distributed: Experiences on Accelerating Data Parallel 
 (gradient bucketing, overlap with backward) and 3.2.4 (no_sync).
 
 Two variants, top to bottom:
-- `pytorch`: torch.nn.parallel.DistributedDataParallel, accumulation under `no_sync`.
+- `pytorch`: torch.nn.parallel.DistributedDataParallel, accumulation under `no_sync` (`apply_ddp`); for tensor-parallel
+             (DTensor) parameters, FSDP2's replicate (`apply_replicate`, what parallel/3d.py composes).
 - `custom`:  the same algorithm written out: broadcast the initial parameters from rank 0, gradient buckets filled
              in reverse registration order, an async all-reduce launched from post-accumulate-grad hooks as soon
              as a bucket is full (communication overlaps the rest of backward), wait at the end, average.
 """
 
-import contextlib
 import functools
 
 import torch
@@ -23,35 +23,45 @@ import torch.nn as nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from parallel import Strategy, register
+from parallel import Strategy, register, skipping_sync
 
 # ----------------------------------------------------------------------------------------------------------
 # pytorch variant
 
+def apply_ddp(module, group, stats, bucket_cap_mb=25.0, device=None):
+    """torch.nn.parallel.DistributedDataParallel around `module` over `group` (None: the world). Its gradient buckets
+    go through DDP's default all-reduce hook wrapped to count bytes in `stats` (the result is identical to
+    registering no hook). Returns the DDP module (call it for forward; its no_sync() accumulates)."""
+    ddp = DDP(module, device_ids=[device] if device is not None and device.type == "cuda" else None,
+              process_group=group, bucket_cap_mb=bucket_cap_mb)
+    size = ddp.process_group.size()
+
+    def counting_allreduce_hook(stats, bucket):
+        buffer = bucket.buffer()
+        stats.record("all_reduce", buffer.numel() * buffer.element_size(), size)
+        return allreduce_hook(ddp.process_group, bucket)  # divide by world size, all-reduce, async
+
+    ddp.register_comm_hook(stats, counting_allreduce_hook)
+    return ddp
+
+
+def apply_replicate(module, mesh, mp_policy):
+    """DDP for a module whose parameters are DTensors (tensor-parallel ones), which DistributedDataParallel cannot
+    take: FSDP2's machinery without sharding (gradients all-reduced over `mesh`, a 1-D DeviceMesh), which the
+    pipelining schedules drive like FSDP2. PyTorch has no public API for it yet: this is the one place that imports
+    the private torch.distributed._composable.replicate_with_fsdp. Its all-reduce has no counting hook."""
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+    replicate(module, mesh=mesh, mp_policy=mp_policy)
+
 
 @register("ddp", "pytorch")
 class PytorchDDP(Strategy):
-    """DistributedDataParallel around the GPT. Its gradient buckets go through DDP's default all-reduce hook
-    wrapped to count bytes in self.stats (the result is identical to registering no hook)."""
+    """DistributedDataParallel around the GPT (apply_ddp)."""
 
     def build_model(self, model_config):
         model = super().build_model(model_config)
-        self.ddp = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None,
-                       bucket_cap_mb=self.cfg.bucket_cap_mb)
-
-        def counting_allreduce_hook(stats, bucket):
-            buffer = bucket.buffer()
-            stats.record("all_reduce", buffer.numel() * buffer.element_size(), self.world_size)
-            return allreduce_hook(None, bucket)  # divide by world size, all-reduce, async
-
-        self.ddp.register_comm_hook(self.stats, counting_allreduce_hook)
+        self.module = apply_ddp(model, None, self.stats, self.cfg.bucket_cap_mb, self.device)
         return model
-
-    def forward(self, x, y):
-        return self.ddp(x, y)
-
-    def no_sync(self):
-        return self.ddp.no_sync()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -79,7 +89,7 @@ class DataParallel(nn.Module):
     """Data parallelism written out with Collectives (the custom twin of torch's DistributedDataParallel).
 
     module: the model, identical in structure on every rank; its parameters and buffers are overwritten with
-    rank 0's (broadcast) so every replica starts equal. comm: parallel.comm.Collectives over the data-parallel
+    rank 0's (broadcast) so every replica starts equal. comm: comm.Collectives over the data-parallel
     group. bucket_cap_mb: a bucket is closed once it holds at least this many MiB of gradients (DDP's rule).
 
     Buckets take the parameters in reverse registration order, the order in which backward produces their
@@ -120,14 +130,9 @@ class DataParallel(nn.Module):
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
-    @contextlib.contextmanager
     def no_sync(self):
         """Accumulate gradients locally (no communication) for backward passes run inside this context."""
-        self.require_sync = False
-        try:
-            yield
-        finally:
-            self.require_sync = True
+        return skipping_sync(self)
 
     def _on_grad_ready(self, bucket, i, param):
         """Post-accumulate-grad hook of bucket.params[i]: its gradient is final for this backward."""
@@ -159,17 +164,11 @@ class DataParallel(nn.Module):
         self.next_bucket = 0
 
 
-@register("ddp", "custom")
+@register("ddp", "custom", "triton", "nccl")
 class CustomDDP(Strategy):
-    """Our DataParallel around the GPT, over the Collectives of parallel/comm.py."""
+    """Our DataParallel around the GPT, over the Collectives of this variant (comm.py, kernels/)."""
 
     def build_model(self, model_config):
         model = super().build_model(model_config)
-        self.ddp = DataParallel(model, self.collectives(), self.cfg.bucket_cap_mb)
+        self.module = DataParallel(model, self.collectives(), self.cfg.bucket_cap_mb)
         return model
-
-    def no_sync(self):
-        return self.ddp.no_sync()
-
-    def sync_gradients(self):
-        self.ddp.finish_gradient_sync()

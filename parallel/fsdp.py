@@ -10,18 +10,21 @@ Per optimizer step of one micro-batch, with the model split into units of Ψ par
   each rank receives the gradient of its own shard, free the full copy;
 - optimizer: AdamW on the shard only (its state is sharded too).
 Bus bytes per rank: all-gather 2·(N-1)/N·Ψ·4 + reduce-scatter (N-1)/N·Ψ·4 = 1.5x DDP's all-reduce 2·(N-1)/N·Ψ·4;
-with reshard_after_forward=False the backward all-gather is skipped: 1x DDP, for DDP-like memory.
+with reshard_after_forward="never" the backward all-gather is skipped: 1x DDP, for DDP-like memory (the default inside
+a pipeline, as torchtitan's).
 Memory per rank between steps: 16Ψ/N bytes (fp32 params 4, grads 4, Adam 8) instead of 16Ψ.
 Sources: Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter Models", section 5
 (P_os+g+p); Zhao et al. 2023, "PyTorch FSDP: Experiences on Scaling Fully Sharded Data Parallel", section 3
 (units, flat parameters, prefetching); the Ultra-Scale Playbook's ZeRO-3 chapter for the byte counts.
 
-Two variants, top to bottom:
-- `pytorch`: FSDP2, `fully_shard` on every block and then on the root, on a 1-D DeviceMesh ("dp"), with
-             MixedPrecisionPolicy for bf16/fp16, `set_requires_gradient_sync` for accumulation.
-- `custom`:  ZeRO-3 written out with parallel/comm.py: each unit is one padded flat parameter, sharded at init
-             from a meta-device build; forward/backward hooks all-gather, prefetch and free; the gradients of a
-             unit are reduce-scattered from a hook as soon as they are all ready (overlapping the rest of backward).
+Two variants, top to bottom, each applicable to a GPT or a pipeline stage on a "dp" mesh or group (parallel/3d.py
+composes them), then a thin 1-D strategy:
+- `pytorch`: `apply_fsdp`, FSDP2's `fully_shard` on every block and then on the root, with MixedPrecisionPolicy for
+             bf16/fp16; accumulation under `fsdp2_no_sync` (set_requires_gradient_sync and friends).
+- `custom`:  `FullyShardedDataParallel`, ZeRO-3 written out with comm.py: each unit is one padded flat parameter,
+             sharded at init from a meta-device build; forward/backward hooks all-gather, prefetch and free; the
+             gradients of a unit are reduce-scattered from a hook as soon as they are all ready (overlapping the
+             rest of backward).
 Both write sharded (DCP) checkpoints that load on another world size (parallel/checkpoint.py).
 """
 
@@ -30,50 +33,40 @@ import math
 
 import torch
 import torch.nn as nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter  # set_custom_* interfaces
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from model import GPT, init_parameter_
-from parallel import Strategy, register
 from comm import all_gather_single, reduce_scatter_single
+from model import GPT
+from parallel import Strategy, materialize, register, skipping_sync, slice_init
+from parallel.checkpoint import HEAD, WTE
 
 LOW_PRECISION = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def local_bytes(tensors):
-    """Bytes of memory behind `tensors` on this rank (plain tensors, or DTensors: their local shard), each
-    storage counted once however many views of it are listed (a flat shard and its parameter views)."""
-    storages = {}
-    for t in tensors:
-        if t is not None:
-            t = t.to_local() if isinstance(t, DTensor) else t
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(storages.values())
+def mixed_precision(dtype):
+    """FSDP2's MixedPrecisionPolicy for a config dtype: parameters gathered in bf16/fp16 (fp32 stays fp32),
+    gradients reduced in fp32."""
+    return MixedPrecisionPolicy(param_dtype=LOW_PRECISION.get(dtype), reduce_dtype=torch.float32)
 
 
-class FSDPStrategy(Strategy):
-    """What both variants share: sharded checkpoints, and a memory account for tests and benchmarks."""
-
-    checkpoint_name = "ckpt"
-
-    def memory_bytes(self, optimizer):
-        """{"params", "grads", "optimizer"}: bytes this rank holds in each between steps (after backward and the
-        optimizer step, before zero_grad), plus "gathered": full-unit buffers still allocated (0 when all freed)."""
-        params = self.local_parameters()
-        return {"params": local_bytes(params), "grads": local_bytes(p.grad for p in params),
-                "optimizer": local_bytes(t for s in optimizer.state.values() for t in s.values()
-                                         if isinstance(t, torch.Tensor) and t.dim() > 0),
-                "gathered": self.gathered_bytes()}
+def reshard_after_forward(setting, pipelined=False):
+    """The cfg.reshard_after_forward policy (torchtitan's fsdp_reshard_after_forward) as a bool: "always" frees each
+    unit's gathered parameters after its forward (gathered again for backward: ZeRO-3's 1.5x DDP traffic), "never"
+    keeps them to backward (1x DDP traffic, more memory), "default" is always, but never inside a pipeline, whose m
+    micro-batches would otherwise gather every unit m+1 times per step. Raises ValueError (one line) otherwise."""
+    if setting not in ("default", "always", "never"):
+        raise ValueError(f"reshard_after_forward must be 'default', 'always' or 'never', got {setting!r}")
+    return setting == "always" or (setting == "default" and not pipelined)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # pytorch variant
 
-class CountingAllGather(AllGather):
-    """FSDP2's default all-gather (torch.distributed.all_gather_single), counting bytes into a CommStats.
-    Installed with FSDPModule.set_custom_all_gather; the result is identical to FSDP2's own."""
+class CountingAllGather:
+    """FSDP2's default all-gather (torch.distributed.all_gather_single), counting bytes into a CommStats. Installed
+    with the public FSDPModule.set_custom_all_gather, which takes any object with FSDP2's AllGather interface
+    (allocate, __call__); the result is identical to FSDP2's own."""
 
     def __init__(self, stats):
         self.stats = stats
@@ -86,8 +79,9 @@ class CountingAllGather(AllGather):
         return all_gather_single(output_tensor, input_tensor, group=group, async_op=async_op)
 
 
-class CountingReduceScatter(ReduceScatter):
-    """FSDP2's default reduce-scatter (torch.distributed.reduce_scatter_single), counting bytes into a CommStats."""
+class CountingReduceScatter:
+    """FSDP2's default reduce-scatter (torch.distributed.reduce_scatter_single), counting bytes into a CommStats
+    (FSDPModule.set_custom_reduce_scatter, FSDP2's ReduceScatter interface)."""
 
     def __init__(self, stats):
         self.stats = stats
@@ -100,52 +94,61 @@ class CountingReduceScatter(ReduceScatter):
         return reduce_scatter_single(output_tensor, input_tensor, op, group=group, async_op=async_op)
 
 
+def apply_fsdp(module, mesh, stats, dtype="float32", reshard_after_forward=True):
+    """FSDP2 (torch.distributed.fsdp.fully_shard) on a GPT or a pipeline stage, torchtitan's way: every transformer
+    block is a unit, then the module itself (embeddings, final norm, tied head). mesh: the 1-D "dp" DeviceMesh (or
+    sub-mesh). Parameters become DTensors sharded along dim 0 (Shard(0)); the collectives count into `stats`."""
+    for unit in [*module.transformer.h.values(), module]:
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mixed_precision(dtype))
+        unit.set_custom_all_gather(CountingAllGather(stats))
+        unit.set_custom_reduce_scatter(CountingReduceScatter(stats))
+
+
+@contextlib.contextmanager
+def fsdp2_no_sync(module):
+    """Accumulate gradients without reduce-scatter in the backwards run inside, and keep the units unsharded after
+    them so that the next micro-batch does not gather again: what torch.distributed.pipelining's PipelineStage does
+    with FSDP2 stages (set_requires_gradient_sync, set_reshard_after_backward, set_is_last_backward)."""
+    for setting in (module.set_requires_gradient_sync, module.set_reshard_after_backward, module.set_is_last_backward):
+        setting(False)
+    try:
+        yield
+    finally:
+        for setting in (module.set_requires_gradient_sync, module.set_reshard_after_backward,
+                        module.set_is_last_backward):
+            setting(True)
+
+
+class FullySharded(Strategy):
+    """What both 1-D variants share: a grid with only a "dp" dimension, whose state is sharded."""
+
+    sharded = True
+
+    def __init__(self, cfg, device):
+        super().__init__(cfg, device)
+        self.reshard_after_forward = reshard_after_forward(cfg.reshard_after_forward)
+        self.use_grid({"dp": self.world_size, "pp": 1, "cp": 1, "tp": 1})
+
+
 @register("fsdp", "pytorch")
-class PytorchFSDP(FSDPStrategy):
-    """FSDP2 (torch.distributed.fsdp.fully_shard): each block is a unit, the root unit holds the embeddings, the final
-    norm and the (tied) head. Parameters are DTensors sharded along dim 0 (Shard(0)) on a 1-D mesh."""
+class PytorchFSDP(FullySharded):
+    """FSDP2 on the GPT (apply_fsdp) on a 1-D "dp" mesh; built on the meta device, each shard then filled with its
+    slice of the full init. With compile=True each block is compiled before sharding (torchtitan's order)."""
 
     def build_model(self, model_config):
         cfg = self.cfg
-        self.mesh = init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("dp",))
         with torch.device("meta"):
             model = GPT(model_config)
-        mp = MixedPrecisionPolicy(param_dtype=LOW_PRECISION.get(cfg.dtype), reduce_dtype=torch.float32)
-        if cfg.compile:  # per block, before sharding (torchtitan's order); FSDP's hooks stay outside the graphs
+        if cfg.compile:  # FSDP's hooks stay outside the compiled graphs
             for block in model.transformer.h.values():
                 block.compile(backend=cfg.compile_backend)
-        units = [*model.transformer.h.values(), model]
-        for unit in units:
-            fully_shard(unit, mesh=self.mesh, reshard_after_forward=cfg.reshard_after_forward, mp_policy=mp)
-            unit.set_custom_all_gather(CountingAllGather(self.stats))
-            unit.set_custom_reduce_scatter(CountingReduceScatter(self.stats))
-        # materialise only this rank's shards; each one is the slice of the eager model's init
-        model.to_empty(device=self.device)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                full = torch.empty(p.shape, device=self.device)
-                init_parameter_(name, full, model_config)
-                p.to_local().copy_(distribute_tensor(full, self.mesh, p.placements, src_data_rank=None).to_local())
-        self.model = model
+        apply_fsdp(model, self.grid.mesh["dp"], self.stats, cfg.dtype, self.reshard_after_forward)
+        materialize(model, self.device, slice_init(model_config))
+        self.model = self.module = model
         return model
 
-    def local_parameters(self):
-        return list(self.model.parameters())
-
-    def gathered_bytes(self):
-        return 0  # FSDP2 frees unsharded parameters itself after backward
-
-    @contextlib.contextmanager
     def no_sync(self):
-        self.model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            self.model.set_requires_gradient_sync(True)
-
-    def clip_grad_norm_(self, max_norm):
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+        return fsdp2_no_sync(self.model)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -398,6 +401,16 @@ class FullyShardedDataParallel(nn.Module):
                 self.pre_reduce_scatter(unit)
             unit.reduce_scatter_grads()
 
+    def no_sync(self):
+        """Accumulate gradients in each unit's fp32 accumulator, without reduce-scatter, in the backwards run inside."""
+        return skipping_sync(self)
+
+    def gathered_bytes(self):
+        """Bytes of unsharded buffers still allocated: gathered parameters and gradient accumulators (0 between steps
+        when every unit was freed)."""
+        return sum(u.full.untyped_storage().nbytes() + (u.grad_acc.nbytes if u.grad_acc is not None else 0)
+                   for u in self.all_units())
+
     def finish_gradient_sync(self):
         """Wait for every unit's reduce-scatter; raise RuntimeError naming the units that got no gradient."""
         missing = [u.name for u in self.all_units() if u.reduce is None]
@@ -405,6 +418,20 @@ class FullyShardedDataParallel(nn.Module):
             raise RuntimeError(f"FSDP units without a complete gradient this step (unused parameters?): {missing}")
         for unit in self.all_units():
             unit.finish_reduce()
+
+    def gradient_pieces(self):
+        """(parameter name, the part of its gradient inside this rank's shard) for every parameter of every unit:
+        a view of the flat shard's gradient, so scaling it scales the gradient the optimizer reads."""
+        for unit in self.all_units():
+            base = self.comm.rank * unit.shard_numel
+            for p in unit.opt_params:
+                if p.grad is None:
+                    continue
+                lo, hi = base + p.shard_range[0], base + p.shard_range[1]
+                for info in unit.infos:
+                    a, b = max(lo, info["offset"]), min(hi, info["offset"] + info["numel"])
+                    if a < b:
+                        yield info["name"], p.grad[a - lo:b - lo]
 
     @torch.no_grad()
     def gather_full(self, unit, flat_shard):
@@ -422,11 +449,49 @@ class FullyShardedDataParallel(nn.Module):
         return full[r * unit.shard_numel:(r + 1) * unit.shard_numel]
 
 
-@register("fsdp", "custom")
-class CustomFSDP(FSDPStrategy):
+def flat_state(fsdp, optimizer, global_tensor):
+    """The checkpoint state (parallel/checkpoint.py's form) of a FullyShardedDataParallel's flat shards: one unit at a
+    time, its parameters and AdamW's moments are all-gathered over the data-parallel group, and each tensor, keyed by
+    its GPT name (tied ones under both), is handed to global_tensor(name, full) for the layout it is saved in.
+    optimizer None: the "model" part only."""
+    model, optim = {}, {}
+    for unit in fsdp.all_units():
+        params = fsdp.gather_full(unit, unit.shard)
+        for info in unit.infos:
+            model |= {fqn: global_tensor(fqn, params[info["name"]]) for fqn in info["fqns"]}
+        if optimizer is None:
+            continue
+        moments = {k: fsdp.gather_full(unit, flat_optimizer_state(unit, optimizer, k)) for k in ("exp_avg", "exp_avg_sq")}
+        step = next((optimizer.state[p]["step"] for p in unit.opt_params if p in optimizer.state), torch.tensor(0.0))
+        for info in unit.infos:
+            name = info["name"]
+            optim[WTE if name == HEAD else name] = {"step": step.clone(),
+                                                    **{k: global_tensor(name, v[name]) for k, v in moments.items()}}
+    return {"model": model, "optim": optim}
+
+
+@torch.no_grad()
+def load_flat_state(fsdp, state, optimizer, full_tensor):
+    """The inverse of flat_state: full_tensor(t) turns each loaded tensor back into the unit's unsharded one, of which
+    this rank keeps its shard (parameters and AdamW's moments)."""
+    for unit in fsdp.all_units():
+        names = [i["name"] for i in unit.infos]
+        keys = [WTE if n == HEAD else n for n in names]
+        unit.shard.copy_(fsdp.shard_of(unit, {n: full_tensor(state["model"][n]) for n in names}))
+        moments = {k: fsdp.shard_of(unit, {n: full_tensor(state["optim"][o][k]) for n, o in zip(names, keys)})
+                   for k in ("exp_avg", "exp_avg_sq")}
+        step = state["optim"][keys[0]]["step"]
+        for p in unit.opt_params:
+            lo, hi = p.shard_range
+            optimizer.state[p] = {"step": step.clone(), **{k: v[lo:hi].clone() for k, v in moments.items()}}
+
+
+@register("fsdp", "custom", "triton", "nccl")
+class CustomFSDP(FullySharded):
     """FullyShardedDataParallel (ZeRO-3 with flat parameters) around a meta-device GPT: units are the blocks and
     the root (embeddings, final norm, tied head). Mixed precision: fp32 shards, bf16/fp16 gathered parameters and
-    compute, fp32 gradient reduction."""
+    compute, fp32 gradient reduction. Checkpoints: each parameter a DTensor Shard(0) over the data-parallel ranks
+    (torch.chunk's split), FSDP2's layout, so both variants' checkpoints load into either, on any world size."""
 
     def build_model(self, model_config):
         cfg = self.cfg
@@ -434,102 +499,24 @@ class CustomFSDP(FSDPStrategy):
             print("fsdp/custom runs eagerly: compile=True is ignored (its saved-tensor hooks would break the graphs)")
         with torch.device("meta"):
             model = GPT(model_config)
-        self.comm = self.collectives(self.dp_group)
-        self.fsdp = FullyShardedDataParallel(
-            model, list(model.transformer.h.values()), self.comm,
-            compute_dtype=LOW_PRECISION.get(cfg.dtype, torch.float32), reshard_after_forward=cfg.reshard_after_forward,
-            init_fn=lambda name, t: init_parameter_(name, t, model_config), device=self.device)
+        self.module = FullyShardedDataParallel(
+            model, list(model.transformer.h.values()), self.collectives(self.dp_group),
+            compute_dtype=LOW_PRECISION.get(cfg.dtype, torch.float32), reshard_after_forward=self.reshard_after_forward,
+            init_fn=slice_init(model_config), device=self.device)
         self.model = model
-        self.mesh = None  # made on first checkpoint
         return model
 
-    def local_parameters(self):
-        return list(self.fsdp.opt_params)
+    def named_parameters(self):
+        return [(unit.name, p) for unit in self.module.all_units() for p in unit.opt_params]
 
-    def gathered_bytes(self):
-        return sum(u.full.untyped_storage().nbytes() + (u.grad_acc.nbytes if u.grad_acc is not None else 0)
-                   for u in self.fsdp.all_units())
+    def gradients(self):
+        return [(p.grad, True) for _, p in self.named_parameters() if p.grad is not None]  # each element in one shard
 
-    def configure_optimizer(self):
-        cfg = self.cfg
-        params = self.local_parameters()
-        groups = [g for g in ({"params": [p for p in params if p.decay], "weight_decay": cfg.weight_decay},
-                              {"params": [p for p in params if not p.decay], "weight_decay": 0.0}) if g["params"]]
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                                 fused=self.device.type == "cuda")
+    def global_tensor(self, name, full):
+        return distribute_tensor(full, self.grid.mesh["dp"], [Shard(0)], src_data_rank=None)
 
-    def forward(self, x, y):
-        return self.fsdp(x, y)
+    def state_dict(self, optimizer):
+        return flat_state(self.module, optimizer, self.global_tensor)
 
-    @contextlib.contextmanager
-    def no_sync(self):
-        self.fsdp.require_sync = False
-        try:
-            yield
-        finally:
-            self.fsdp.require_sync = True
-
-    def sync_gradients(self):
-        self.fsdp.finish_gradient_sync()
-
-    @torch.no_grad()
-    def clip_grad_norm_(self, max_norm):
-        """Global L2 norm over all shards: local sum of squares, all-reduced (each element is in one shard once,
-        tied weights included); then the same scaling as torch.nn.utils.clip_grad_norm_."""
-        grads = [p.grad for p in self.fsdp.opt_params if p.grad is not None]
-        sq = torch.zeros((), device=self.device)
-        for g in grads:
-            sq += g.pow(2).sum()
-        self.comm.all_reduce(sq)
-        norm = sq.sqrt()
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(coef)
-        return norm
-
-    # --- state: gathered and checkpoints ---
-
-    def full_state_dict(self):
-        full = {}
-        for unit in self.fsdp.all_units():
-            params = self.fsdp.gather_full(unit, unit.shard)
-            full.update({fqn: params[i["name"]] for i in unit.infos for fqn in i["fqns"]})  # tied: both names
-        return {k: full[k] for k in self._state_keys()}
-
-    def _state_keys(self):
-        """The single-device GPT's state_dict keys, in order (the bare model holds no parameters any more)."""
-        with torch.device("meta"):
-            return list(GPT(self.model.config).state_dict().keys())
-
-    def sharded_state_dict(self, optimizer):
-        """Per parameter name, a DTensor Shard(0) over the data-parallel ranks (torch.chunk's split), the layout
-        FSDP2 uses, so both variants' checkpoints load into either and on any world size."""
-        if self.mesh is None:
-            self.mesh = init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("dp",))
-
-        def shard(t):
-            return distribute_tensor(t, self.mesh, [Shard(0)], src_data_rank=None)
-
-        model_sd, optim_sd = {}, {}
-        step = next((s["step"] for s in optimizer.state.values()), torch.tensor(0.0))
-        for unit in self.fsdp.all_units():
-            params = self.fsdp.gather_full(unit, unit.shard)
-            moments = {k: self.fsdp.gather_full(unit, flat_optimizer_state(unit, optimizer, k))
-                       for k in ("exp_avg", "exp_avg_sq")}
-            for info in unit.infos:
-                name = info["name"]
-                model_sd.update({fqn: shard(params[name]) for fqn in info["fqns"]})
-                optim_sd[name] = {"step": step.clone(), **{k: shard(v[name]) for k, v in moments.items()}}
-        return {"model": {k: model_sd[k] for k in self._state_keys()}, "optim": optim_sd}
-
-    @torch.no_grad()
-    def load_sharded_state_dict(self, state, optimizer):
-        for unit in self.fsdp.all_units():
-            names = [i["name"] for i in unit.infos]
-            unit.shard.copy_(self.fsdp.shard_of(unit, {n: state["model"][n].full_tensor() for n in names}))
-            moments = {k: self.fsdp.shard_of(unit, {n: state["optim"][n][k].full_tensor() for n in names})
-                       for k in ("exp_avg", "exp_avg_sq")}
-            step = state["optim"][names[0]]["step"]
-            for p in unit.opt_params:
-                lo, hi = p.shard_range
-                optimizer.state[p] = {"step": step.clone(), **{k: v[lo:hi].clone() for k, v in moments.items()}}
+    def load_state_dict(self, state, optimizer):
+        load_flat_state(self.module, state, optimizer, DTensor.full_tensor)

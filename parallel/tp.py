@@ -38,11 +38,12 @@ figures tests/test_tp.py checks), with L layers, h = n_embd, V = vocab:
 - per optimizer step, with SP: 1 all-reduce of the norm and row-bias gradients; in clipping, 1 all-reduce of
   one scalar (the sharded parameters' squared gradient norm).
 
-Two variants, top to bottom:
-- `pytorch`: `parallelize_module` with a declarative plan on a 1-D "tp" DeviceMesh (DTensor), and `loss_parallel()`.
-  Its collectives happen inside DTensor and are not counted in strategy.stats.
-- `custom`: the same algorithm written out, Megatron-style, with autograd Functions over the Collectives of
-  parallel/comm.py (so the triton and nccl variants can swap the backend): copy-to / reduce-from the TP region,
+Two variants, top to bottom, each a function that applies TP to a GPT or a pipeline stage on a "tp" mesh or group
+(parallel/3d.py composes them) and a thin 1-D strategy:
+- `pytorch`: `apply_tp`, `parallelize_module` with a declarative plan (`pytorch_tp_plan`) on a "tp" DeviceMesh
+  (DTensor), and `loss_parallel()`. Its collectives happen inside DTensor and are not counted in strategy.stats.
+- `custom`: `apply_custom_tp`, the same algorithm written out, Megatron-style, with autograd Functions over the
+  Collectives of comm.py (so the triton and nccl variants can swap the backend): copy-to / reduce-from the TP region,
   gather / scatter along the last dimension, their sequence-parallel twins, ColumnParallelLinear,
   RowParallelLinear, VocabParallelEmbedding, and vocab-parallel cross-entropy.
 
@@ -57,20 +58,19 @@ Dropout: every TP rank of a group seeds its RNG alike, so the masks of replicate
 ranks (Megatron keeps a separate model-parallel RNG for the attention dropout of local heads; here those masks
 are the same pattern on every rank's heads).
 
-The TP group: the strategy builds it in one place (`_build_mesh`); the custom layers take a Collectives over it,
-the pytorch plan takes the mesh. The 3-D strategy can hand in a sub-mesh instead of the world.
+The TP group is the "tp" dimension of the strategy's rank grid (parallel/grid.py): the whole world for the 1-D
+strategy, a sub-mesh in 3d. Checkpoints: each rank's piece as a DTensor Shard(d) on that mesh (`tp_placement`).
 """
 
+import contextlib
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from model import GPT, init_parameter_
-from parallel import Strategy, register
-from comm import TorchCollectives
+from model import GPT
+from parallel import Strategy, as_dtensor, full_shapes, materialize, register, slice_init
 
 COLUMN = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.up_proj", "mlp.gate_proj")
 ROW = ("attn.out_proj", "mlp.down_proj")
@@ -107,73 +107,6 @@ def check_tp_config(model_config, tp, sequence_parallel):
                          f"(ceil(vocab/{tp}) rows per rank)")
     if sequence_parallel and c.block_size % tp:
         raise ValueError(f"sequence parallel: block_size={c.block_size} is not divisible by the TP size {tp}")
-
-
-def clip_grad_norm(named_params, is_sharded, max_norm, all_reduce):
-    """Clip gradients to global L2 norm max_norm, as torch.nn.utils.clip_grad_norm_ on the unsharded model.
-
-    named_params: (name, parameter) pairs of this rank, each parameter once; is_sharded(name, param): whether
-    this rank holds only a slice (its squares are summed over TP by all_reduce, a function summing a 0-dim fp32
-    tensor in place over the TP group); replicated ones are counted once. Returns the norm before clipping."""
-    sharded = torch.zeros((), dtype=torch.float32)
-    replicated = torch.zeros((), dtype=torch.float32)
-    grads = []
-    for name, p in named_params:
-        if p.grad is None:
-            continue
-        g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-        grads.append(g)
-        sq = g.detach().float().pow(2).sum().cpu()
-        if is_sharded(name, p):
-            sharded += sq
-        else:
-            replicated += sq
-    if grads:
-        sharded = sharded.to(grads[0].device)
-    all_reduce(sharded)
-    total = (sharded.cpu() + replicated).sqrt()
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        g.detach().mul_(coef.to(g.device, g.dtype))
-    return total
-
-
-class TensorParallel(Strategy):
-    """What both variants share: the 1-D TP layout (every rank reads the same batch), config checks, clipping."""
-
-    checkpoint_name = "ckpt"
-
-    def __init__(self, cfg, device):
-        super().__init__(cfg, device)
-        if cfg.tp_size not in (0, self.world_size):
-            raise ValueError(f"parallel='tp' uses every process for tensor parallelism: tp_size={cfg.tp_size} must "
-                             f"be 0 or the world size {self.world_size} (use parallel='3d' to combine)")
-        self.tp_size = self.world_size
-        self.dp_rank, self.dp_size = 0, 1  # every rank reads the same (whole) batch
-        self.sequence_parallel, self.loss_parallel = cfg.sequence_parallel, cfg.loss_parallel
-        self.mesh = None
-
-    def _build_mesh(self):
-        """The 1-D "tp" DeviceMesh over the world, and the Collectives over its group (the one place the TP group
-        is chosen). Called after the config checks, so a bad config fails before any collective."""
-        self.mesh = init_device_mesh(self.device.type, (self.tp_size,), mesh_dim_names=("tp",))
-        self.tp_group = self.mesh.get_group()
-        self.comm = self.collectives(self.tp_group)
-
-    def _check(self, model_config):
-        check_tp_config(model_config, self.tp_size, self.sequence_parallel)
-        # the same RNG on every TP rank: dropout masks of replicated activations must agree (module docstring)
-        torch.manual_seed(self.cfg.seed + self.dp_rank)
-
-    def _sequence_check(self, x):
-        if self.sequence_parallel and x.shape[1] % self.tp_size:
-            raise ValueError(f"sequence parallel: sequence length {x.shape[1]} is not divisible by the TP size "
-                             f"{self.tp_size}")
-
-    def clip_grad_norm_(self, max_norm):
-        def all_reduce(t):
-            self.comm.all_reduce(t)
-        return clip_grad_norm(self.model.named_parameters(), self._is_sharded, max_norm, all_reduce)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -221,58 +154,69 @@ def pytorch_tp_plan(module, sequence_parallel, loss_parallel):
     return plan
 
 
-@register("tp", "pytorch")
-class PytorchTP(TensorParallel):
-    """parallelize_module with the plan of the module docstring (pytorch_tp_plan) on a 1-D "tp" DeviceMesh;
-    loss_parallel()."""
+def apply_tp(module, mesh, sequence_parallel=False, loss_parallel=False):
+    """Tensor parallelism on a GPT or a pipeline stage (on the meta device, or materialised): parallelize_module with
+    pytorch_tp_plan on `mesh`, the 1-D "tp" DeviceMesh (or sub-mesh), then the head tied to the embedding again (the
+    plan distributes wte and lm_head separately) where the module holds both."""
+    from torch.distributed.tensor.parallel import parallelize_module
+    parallelize_module(module, mesh, pytorch_tp_plan(module, sequence_parallel, loss_parallel))
+    if "wte" in module.transformer and hasattr(module, "lm_head"):
+        module.lm_head.weight = module.transformer.wte.weight
+
+
+def match_grad_placements(params):
+    """Bring every DTensor gradient to its parameter's placements. DTensor TP leaves some in another layout:
+    Partial(sum) for the norms that sequence parallelism feeds only this rank's positions (so this is Megatron's SP
+    gradient all-reduce over TP, once per step), Replicate for the vocab-sharded embedding (each rank keeps its
+    rows). FSDP2 does the same itself before its reduce-scatter."""
+    for p in params:
+        if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+            p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+
+
+def loss_parallel_context(enabled):
+    """DTensor's loss_parallel() (cross-entropy on vocab-sharded logits) if enabled, else nothing."""
+    from torch.distributed.tensor.parallel import loss_parallel
+    return loss_parallel() if enabled else contextlib.nullcontext()
+
+
+class TensorParallel(Strategy):
+    """What both 1-D variants share: every process is one TP rank of a grid with only a "tp" dimension (every rank
+    reads the same batch), and the model config is checked before any collective."""
+
+    sharded = True
+
+    def __init__(self, cfg, device):
+        super().__init__(cfg, device)
+        if cfg.tp_size not in (0, self.world_size):
+            raise ValueError(f"parallel='tp' uses every process for tensor parallelism: tp_size={cfg.tp_size} must "
+                             f"be 0 or the world size {self.world_size} (use parallel='3d' to combine)")
+        self.sequence_parallel, self.loss_parallel = cfg.sequence_parallel, cfg.loss_parallel
+        self.use_grid({"dp": 1, "pp": 1, "cp": 1, "tp": self.world_size})
 
     def build_model(self, model_config):
-        from torch.distributed.tensor.parallel import parallelize_module
-        self._check(model_config)
-        self._build_mesh()
-        model = GPT(model_config).to(self.device)  # the full init on every rank; the plan keeps each rank's slice
-        parallelize_module(model, self.mesh, pytorch_tp_plan(model, self.sequence_parallel, self.loss_parallel))
-        model.tie_weights()  # the plan distributed wte and lm_head separately: share wte's DTensor again
-        self.model = model
+        check_tp_config(model_config, self.world_size, self.sequence_parallel)
+        torch.manual_seed(self.cfg.seed)  # TP peers alike: dropout masks of replicated activations must agree
+        with torch.device("meta"):
+            self.model = self.module = GPT(model_config)
+        return self.model
+
+
+@register("tp", "pytorch")
+class PytorchTP(TensorParallel):
+    """parallelize_module with the plan of the module docstring (apply_tp) on a 1-D "tp" DeviceMesh; loss_parallel()."""
+
+    def build_model(self, model_config):
+        model = super().build_model(model_config)
+        apply_tp(model, self.grid.mesh["tp"], self.sequence_parallel, self.loss_parallel)
+        materialize(model, self.device, slice_init(model_config))
         return model
 
-    def configure_optimizer(self):
-        # plain and DTensor parameters mixed: the per-parameter AdamW loop (foreach would mix the two types)
-        opt = super().configure_optimizer()
-        for group in opt.param_groups:
-            group["foreach"] = False
-        return opt
-
-    def _is_sharded(self, name, p):
-        return isinstance(p, DTensor) and any(pl.is_shard() for pl in p.placements)
+    def loss_context(self):
+        return loss_parallel_context(self.loss_parallel)
 
     def sync_gradients(self):
-        """With SP, DTensor leaves the gradients of the norms (fed only this rank's positions) Partial(sum): bring
-        every gradient to its parameter's placements, which all-reduces those over TP once per step (Megatron's SP
-        gradient all-reduce), so that clipping measures final gradients."""
-        for p in self.model.parameters():
-            if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
-                p.grad = p.grad.redistribute(p.device_mesh, p.placements)
-
-    def _loss_context(self):
-        import contextlib
-        from torch.distributed.tensor.parallel import loss_parallel
-        return loss_parallel() if self.loss_parallel else contextlib.nullcontext()
-
-    def forward(self, x, y):
-        self._sequence_check(x)
-        logits, loss = self.model(x, y)
-        if isinstance(loss, DTensor):
-            loss = loss.full_tensor()
-        return logits, loss
-
-    def forward_backward(self, batches, scaler):
-        with self._loss_context():
-            return super().forward_backward(batches, scaler)
-
-    def eval_loss(self, x, y):
-        with self._loss_context():
-            return super().eval_loss(x, y)
+        match_grad_placements(self.model.parameters())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -524,24 +468,26 @@ class VocabParallelEmbedding(nn.Module):
         return ReduceFromTPRegion.apply(y.masked_fill(outside.unsqueeze(-1), 0.0), self.comm)
 
 
-def _load_slice(module_param, full, dim, comm):
-    """Copy this rank's chunk of `full` along `dim` (None: all of it) into module_param."""
-    if dim is not None:
+def tp_placement(name):
+    """The DTensor placement of this TP rank's piece of parameter `name` on the "tp" mesh: Shard(d) along the dim TP
+    splits it on (torch.chunk's split, DTensor's), Replicate if TP replicates it."""
+    dim = shard_dim(name)
+    return Shard(dim) if dim is not None else Replicate()
+
+
+def tp_local_slice(comm):
+    """local_slice(name, full) for parallel.slice_init: this TP rank's chunk of a full parameter (all of it if TP
+    replicates it)."""
+    def local_slice(name, full):
+        dim = shard_dim(name)
+        if dim is None:
+            return full
         s, e = chunk_bounds(full.shape[dim], comm.world_size, comm.rank)
-        full = full.narrow(dim, s, e - s)
-    with torch.no_grad():
-        module_param.copy_(full)
+        return full.narrow(dim, s, e - s)
+    return local_slice
 
 
-def full_shapes(model_config):
-    """{name: shape} of every parameter of the unsharded GPT (lm_head.weight: the tied embedding's)."""
-    with torch.device("meta"):
-        shapes = {n: p.shape for n, p in GPT(model_config).named_parameters()}
-    shapes["lm_head.weight"] = shapes["transformer.wte.weight"]
-    return shapes
-
-
-def tensor_parallelize(model, comm, sequence_parallel=False, loss_parallel=False):
+def apply_custom_tp(model, comm, sequence_parallel=False, loss_parallel=False):
     """Swap, in place, the linears and the token embedding of a GPT-like module on the meta device for the layers
     above over `comm` (the TP group): q/k/v/up/gate column-parallel, out/down row-parallel, wte vocab-parallel, the
     tied lm_head column-parallel over the vocabulary (gathering its output unless loss_parallel). `model` is a GPT or
@@ -573,22 +519,12 @@ def tensor_parallelize(model, comm, sequence_parallel=False, loss_parallel=False
                 parent.register_forward_pre_hook(lambda m, args: (enter_tp_region(args[0], comm, sp),))
     if sp and "0" in tr.h:  # the residual stream is sequence-sharded from the first block to the head
         tr.h["0"].register_forward_pre_hook(lambda m, args: (ScatterToSequenceParallelRegion.apply(args[0], comm),))
+    if "wte" in tr and hasattr(model, "lm_head"):  # the two new layers share the embedding's weight again
+        model.lm_head.weight = tr.wte.weight
     if loss_parallel and hasattr(model, "lm_head"):
         head = model.lm_head
         return lambda logits, targets: vocab_parallel_cross_entropy(logits, targets, head.start, comm)
     return None
-
-
-def tp_slice_init(model_config, comm):
-    """init(name, tensor): fill a TP-sharded (or replicated) parameter with its slice of the full GPT's init, so TP=1
-    and TP=t start from identical weights (model.init_parameter_ on the full tensor, then this rank's chunk)."""
-    shapes = full_shapes(model_config)
-
-    def init(name, tensor):
-        full = torch.empty(shapes[name])
-        init_parameter_(name, full, model_config)
-        _load_slice(tensor, full, shard_dim(name), comm)
-    return init
 
 
 def is_sequence_parallel_param(name):
@@ -597,91 +533,37 @@ def is_sequence_parallel_param(name):
     return shard_dim(name) is None and not name.startswith("transformer.wpe")
 
 
-@register("tp", "custom")
+def all_reduce_flat(tensors, comm):
+    """Sum `tensors` (in place) over comm's group, as one flat buffer: one collective for many small tensors."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    comm.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+@register("tp", "custom", "triton", "nccl")
 class CustomTP(TensorParallel):
-    """Megatron-style TP written out: the GPT's linears and embedding swapped for the layers above (same names,
-    so state_dict keys are the single model's), hooks that enter the TP region once per attention and MLP."""
+    """Megatron-style TP written out: the GPT's linears and embedding swapped for the layers above (apply_custom_tp;
+    same names, so state_dict keys are the single model's), hooks that enter the TP region once per attention and
+    MLP. With SP, the gradients of the norms and row-parallel biases are summed over TP once per step."""
 
     def build_model(self, model_config):
-        self._check(model_config)
-        self._build_mesh()
-        with torch.device("meta"):
-            model = GPT(model_config)
-        self.full_shapes = full_shapes(model_config)
-        loss = tensor_parallelize(model, self.comm, self.sequence_parallel, self.loss_parallel)
+        model = super().build_model(model_config)
+        self.comm = self.collectives(self.grid.group("tp"))
+        loss = apply_custom_tp(model, self.comm, self.sequence_parallel, self.loss_parallel)
         if loss is not None:
             model.loss = loss
-        model.to_empty(device=self.device)
-        model.tie_weights()
-        init = tp_slice_init(model_config, self.comm)
-        for name, p in model.named_parameters():
-            init(name, p)
+        materialize(model, self.device, slice_init(model_config, tp_local_slice(self.comm)))
+        self.full_shapes = full_shapes(model_config)
         self.sp_params = [p for n, p in model.named_parameters() if self.sequence_parallel and is_sequence_parallel_param(n)]
-        self.model = model
         return model
 
-    def _is_sharded(self, name, p):
-        return shard_dim(name) is not None
-
-    def forward(self, x, y):
-        self._sequence_check(x)
-        return self.model(x, y)
-
     def sync_gradients(self):
-        """With SP: all-reduce (sum) the gradients of the norms and row-parallel biases, one flat buffer."""
-        grads = [p.grad for p in self.sp_params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        self.comm.all_reduce(flat)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        all_reduce_flat([p.grad for p in self.sp_params if p.grad is not None], self.comm)
 
-    # --- state -------------------------------------------------------------------------------------------
-
-    def _gather_full(self, name, t, comm):
-        dim = shard_dim(name)
-        if dim is None:
-            return t.detach().clone()
-        n = self.full_shapes[name][dim]
-        sizes = [e - s for s, e in (chunk_bounds(n, comm.world_size, r) for r in range(comm.world_size))]
-        return _gather(comm, t.detach(), dim, sizes)
-
-    def full_state_dict(self):
-        comm = TorchCollectives(self.tp_group)  # not counted: not part of training
-        out = {}
-        for name, t in self.model.state_dict().items():
-            out[name] = out["transformer.wte.weight"] if name == "lm_head.weight" else self._gather_full(name, t, comm)
-        return out
-
-    def _as_dtensor(self, name, t):
-        dim = shard_dim(name)
-        if dim is None:
-            return t
-        shape = self.full_shapes[name]
-        return DTensor.from_local(t, self.mesh, [Shard(dim)], run_check=False, shape=shape,
-                                  stride=torch.empty(shape, device="meta").stride())
-
-    def sharded_state_dict(self, optimizer):
-        params = dict(self.model.named_parameters())
-        model_sd = {n: self._as_dtensor(n, p.detach()) for n, p in params.items()}
-        model_sd["lm_head.weight"] = model_sd["transformer.wte.weight"]
-        optim_sd = {}
-        for n, p in params.items():
-            state = optimizer.state[p]
-            if not state:  # before the first step: create Adam's state so a load has somewhere to go
-                state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-            optim_sd[n] = {k: self._as_dtensor(n, v) if k != "step" else v for k, v in state.items()}
-        return {"model": model_sd, "optim": optim_sd}
-
-    def load_sharded_state_dict(self, state, optimizer):
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for n, p in params.items():
-                v = state["model"][n]
-                p.copy_(v.to_local() if isinstance(v, DTensor) else v)
-                for k, t in state["optim"][n].items():
-                    dst = optimizer.state[p][k]
-                    dst.copy_(t.to_local() if isinstance(t, DTensor) else t)
+    def global_tensor(self, name, t):
+        return as_dtensor(t, self.grid.mesh["tp"], [tp_placement(name)], self.full_shapes[name])

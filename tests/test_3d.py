@@ -8,7 +8,6 @@ At 8 processes the full grid dp=2 x pp=2 x tp=2, at 4 the 2-D cuts dp x tp, dp x
 FSDP. The grid layout and its checks need no process group.
 """
 
-import importlib
 import os
 import shutil
 import tempfile
@@ -20,10 +19,10 @@ import torch.distributed as dist
 
 from model import GPT
 from parallel import build_strategy, load_checkpoint_file
+from parallel.grid import coords, describe, groups, resolve_sizes
 from tests.distributed import DistributedTestCase, torchrun_launcher
 from tests.reference import global_batches, max_param_diff, tiny_config, train_config, train_single, train_strategy
 
-RankGrid = importlib.import_module("parallel.3d").RankGrid
 CPU = torch.device("cpu")
 MODEL = tiny_config(n_layer=4, vocab_size=65)  # 4 layers: pp=2 with 2 virtual stages; 65: an uneven vocab split
 B = 2  # micro-batch
@@ -44,30 +43,35 @@ CASES = {  # world size -> [(dp, pp, tp, overrides)]
 # ----------------------------------------------------------------------------------------------------------
 # without a process group
 
+def grid(dp, pp, tp):
+    return {"dp": dp, "pp": pp, "cp": 1, "tp": tp}
+
+
 def test_rank_grid_for_8_ranks():
     """Megatron's layout: TP innermost (consecutive ranks), then PP, then DP."""
-    assert [RankGrid.coords(r, 2, 2, 2) for r in range(8)] == [
+    assert [tuple(coords(r, grid(2, 2, 2))[d] for d in ("dp", "pp", "tp")) for r in range(8)] == [
         (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)]
-    assert RankGrid.groups(2, 2, 2) == {"dp": [[0, 4], [1, 5], [2, 6], [3, 7]],
-                                        "pp": [[0, 2], [1, 3], [4, 6], [5, 7]],
-                                        "tp": [[0, 1], [2, 3], [4, 5], [6, 7]]}
-    assert RankGrid.groups(1, 2, 4)["tp"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert RankGrid.groups(4, 1, 2)["dp"] == [[0, 2, 4, 6], [1, 3, 5, 7]]
-    text = RankGrid.describe(2, 2, 2)
-    assert "rank 5: dp=1 pp=0 tp=1" in text and "tp groups: [0,1] [2,3] [4,5] [6,7]" in text
+    assert {d: g for d, g in groups(grid(2, 2, 2)).items() if d != "cp"} == {
+        "dp": [[0, 4], [1, 5], [2, 6], [3, 7]], "pp": [[0, 2], [1, 3], [4, 6], [5, 7]],
+        "tp": [[0, 1], [2, 3], [4, 5], [6, 7]]}
+    assert groups(grid(1, 2, 4))["tp"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert groups(grid(4, 1, 2))["dp"] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    text = describe(grid(2, 2, 2))
+    assert "rank 5: dp=1 pp=0 cp=0 tp=1" in text and "tp groups: [0,1] [2,3] [4,5] [6,7]" in text
 
 
 @pytest.mark.parametrize("world, dp, pp, tp, expected", [
     (8, 0, 2, 2, (2, 2, 2)), (8, 0, 0, 0, (8, 1, 1)), (8, 0, 4, 0, (2, 4, 1)), (8, 1, 2, 4, (1, 2, 4))])
 def test_rank_grid_sizes(world, dp, pp, tp, expected):
     """0 means: dp takes the rest of the world, pp and tp are 1."""
-    assert RankGrid.check(world, dp, pp, tp) == expected
+    sizes = resolve_sizes(world, dp, pp, 0, tp)
+    assert (sizes["dp"], sizes["pp"], sizes["tp"]) == expected
 
 
 @pytest.mark.parametrize("world, dp, pp, tp", [(8, 3, 2, 2), (8, 0, 3, 1), (8, 2, 2, 1), (6, 0, 4, 1), (8, -1, 2, 2)])
 def test_invalid_grids_are_one_line_errors(world, dp, pp, tp):
     with pytest.raises(ValueError) as e:
-        RankGrid.check(world, dp, pp, tp)
+        resolve_sizes(world, dp, pp, 0, tp)
     assert "\n" not in str(e.value)
 
 
@@ -96,7 +100,7 @@ class Test3D(DistributedTestCase):
             for variant in ("custom",):
                 with self.subTest(variant=variant, dp=dp, pp=pp, tp=tp, **overrides):
                     strategy = self.strategy(variant, dp, pp, tp, **overrides)
-                    self.assertEqual((strategy.dp_size, strategy.pp_size), (dp, pp))
+                    self.assertEqual((strategy.dp_size, strategy.sizes["pp"]), (dp, pp))
                     losses, _ = train_strategy(strategy, MODEL, batches)
                     self.assertLess(max(abs(a - b) for a, b in zip(losses, ref_losses)), 1e-5, (losses, ref_losses))
                     self.assertLess(max_param_diff(strategy.full_state_dict(), ref_model), 1e-5)
@@ -138,13 +142,14 @@ class Test3D(DistributedTestCase):
         strategy.stats.reset()
         strategy.forward_backward(batches, torch.amp.GradScaler("cpu", enabled=False))
         strategy.clip_grad_norm_(1.0)
-        first, last = strategy.pp_rank == 0, strategy.pp_rank == pp - 1
-        L = sum(hi - lo for lo, hi in (strategy.bounds[s] for s in strategy.my_stages))
-        psi = sum(p.numel() for p in strategy.grad_parameters())
+        pipeline = strategy.pipeline
+        first, last = pipeline.pp_rank == 0, pipeline.pp_rank == pp - 1
+        L = sum(hi - lo for lo, hi in (strategy.bounds[s] for s in pipeline.my_stages))
+        psi = sum(p.numel() for _, p in strategy.named_parameters())
         act, V = B * MODEL.block_size * MODEL.n_embd * 4, MODEL.vocab_size
-        v_local = strategy.tied_param.numel() if strategy.tied_param is not None else 0
+        v_local = pipeline.tied_param.numel() if pipeline.tied_param is not None else 0
         expected = {
-            "all_reduce": psi * 4 + m * (4 * L + first + last) * act + 4,  # (at dp=1 a one-rank all-reduce: 0 bus bytes)
+            "all_reduce": psi * 4 * (dp > 1) + m * (4 * L + first + last) * act + 4,  # dp=1: no DP wrapper
             "all_gather": m * B * MODEL.block_size * -(-V // tp) * tp * 4 if last else 0,
             "send": m * act * ((not last) + (not first)) + v_local * 4,
             "recv": m * act * ((not last) + (not first)) + v_local * 4,

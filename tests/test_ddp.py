@@ -94,14 +94,14 @@ class TestDDP(DistributedTestCase):
                 self.assertEqual(per_step[1], per_step[2])
                 self.assertGreater(per_step[1], 1)
                 if variant == "custom":
-                    self.assertEqual(per_step, [len(strategy.ddp.buckets)] * 3)
+                    self.assertEqual(per_step, [len(strategy.module.buckets)] * 3)
 
     def test_custom_all_reduce_overlaps_backward(self):
         """The first bucket's all-reduce is launched while gradients of other parameters are still missing."""
         model_config = tiny_config()
         strategy = self.ddp("custom", bucket_cap_mb=0.01)
         model = strategy.build_model(model_config)
-        ddp, ready_at_launch = strategy.ddp, []
+        ddp, ready_at_launch = strategy.module, []
         launch = ddp.comm.all_reduce
 
         def recording_all_reduce(tensor, **kwargs):

@@ -41,7 +41,7 @@ class TestFSDP(DistributedTestCase):
             ref_losses, ref_model = train_single(model_config, batches, train_config())
             runs = {}
             for variant in VARIANTS:
-                strategy = self.fsdp(variant, 2, reshard_after_forward=reshard)
+                strategy = self.fsdp(variant, 2, reshard_after_forward="always" if reshard else "never")
                 losses, _ = train_strategy(strategy, model_config, batches)
                 runs[variant] = losses, strategy.full_state_dict()
             for variant, (losses, state) in runs.items():
@@ -116,7 +116,7 @@ class TestFSDP(DistributedTestCase):
         for variant in VARIANTS:
             for reshard, gathers in ((True, 2), (False, 1)):
                 with self.subTest(variant=variant, reshard_after_forward=reshard):
-                    strategy = self.fsdp(variant, reshard_after_forward=reshard)
+                    strategy = self.fsdp(variant, reshard_after_forward="always" if reshard else "never")
                     strategy.build_model(model_config)
                     for step in batches:
                         strategy.stats.reset()
@@ -146,7 +146,7 @@ class TestFSDP(DistributedTestCase):
         model_config = tiny_config(n_layer=3)
         strategy = self.fsdp("custom")
         strategy.build_model(model_config)
-        units = strategy.fsdp.units
+        units = strategy.module.units
         seen = []
         for i, block in enumerate(strategy.model.transformer.h.values()):
             block.register_forward_pre_hook(

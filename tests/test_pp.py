@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from model import GPT
 from parallel import build_strategy, load_checkpoint_file
-from parallel.pp import (balanced_split, bubble_fraction, formula_bubble, in_flight_bound, schedule_order, simulate,
-                         split_layers, stage_costs)
+from parallel.pp import balanced_split, schedule_order, split_layers, stage_costs
+from sim.pp_timeline import bubble_fraction, formula_bubble, in_flight_bound, simulate
 from tests.distributed import DistributedTestCase, run_command, torchrun_launcher
 from tests.reference import (global_batches, max_param_diff, max_param_diff_but_zero_gradient, tiny_config,
                              train_config, train_single, train_strategy)
@@ -95,7 +95,7 @@ def test_split_layers():
 def test_timeline_png(tmp_path):
     """The drawing tool writes a PNG of a schedule (needs matplotlib; the bubble tests above do not)."""
     pytest.importorskip("matplotlib")
-    from parallel.pp_timeline import main
+    from sim.pp_timeline import main
     out = tmp_path / "t.png"
     assert main(["--unit-costs", "--pp", "4", "--schedule", "interleaved_1f1b", "--microbatches", "8",
                  "--out", str(out)]) == 0
@@ -168,7 +168,7 @@ class TestPipeline(DistributedTestCase):
                         self.assertLess(max(abs(a - b) for a, b in zip(losses, ref_losses)), 1e-5)
                         self.assertLess(max_param_diff(state, ref_model), 1e-5)
                         self.assertLess(abs(strategy.eval_loss(x, y).item() - ref_eval), 1e-5)
-                        self.assertEqual({e[2] for e in strategy.timeline}, set(range(m)))
+                        self.assertEqual({e[2] for e in strategy.pipeline.timeline}, set(range(m)))
                         if variant == "custom":
                             self.check_custom_schedule(strategy, schedule, m, v)
         for m in MICRO_BATCHES:
@@ -182,8 +182,8 @@ class TestPipeline(DistributedTestCase):
 
     def check_custom_schedule(self, strategy, schedule, m, v):
         p, r = self.world_size, self.rank
-        self.assertLessEqual(strategy.max_in_flight, in_flight_bound(schedule, p, v, m, r))
-        order = [(kind, s, mb) for kind, s, mb, _, _ in strategy.timeline]
+        self.assertLessEqual(strategy.pipeline.max_in_flight, in_flight_bound(schedule, p, v, m, r))
+        order = [(kind, s, mb) for kind, s, mb, _, _ in strategy.pipeline.timeline]
         everyone = [None] * p
         dist.all_gather_object(everyone, order)
         self.assertEqual(everyone[r], schedule_order(schedule, p, v, m, r))
@@ -272,7 +272,7 @@ class TestPipeline(DistributedTestCase):
             extra = fresh.load_checkpoint(path, fresh_opt)
             self.assertEqual(extra["iter_num"], 2)
             self.assertEqual(max_param_diff(fresh.full_state_dict(), strategy.full_state_dict()), 0.0)
-            for (_, a), (_, b) in zip(fresh.model.named_stage_parameters(), strategy.model.named_stage_parameters()):
+            for (_, a), (_, b) in zip(fresh.named_parameters(), strategy.named_parameters()):
                 self.assertTrue(torch.equal(fresh_opt.state[a]["exp_avg_sq"], opt.state[b]["exp_avg_sq"]))
         finally:
             dist.barrier()

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from parallel import build_strategy
-from parallel.pp import shutdown_rpc
+from parallel.pp_rpc import shutdown_rpc
 from tests.distributed import DistributedTestCase, torchrun_launcher
 from tests.reference import (global_batches, max_param_diff, max_param_diff_but_zero_gradient, tiny_config,
                              train_config, train_single, train_strategy)
@@ -70,7 +70,7 @@ class TestRpcPipeline(DistributedTestCase):
                 losses, _ = train_strategy(strategy, MODEL, batches)
                 state = strategy.full_state_dict()
                 eval_loss = strategy.eval_loss(x, y).item()
-                timeline = strategy.timeline
+                timeline = strategy.pipeline.timeline
                 self.assertLess(max(abs(a - b) for a, b in zip(losses, ref_losses)), 1e-5)
                 self.assertLess(max_param_diff(state, ref_model), 1e-5)
                 self.assertLess(abs(eval_loss - ref_eval), 1e-5)

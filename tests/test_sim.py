@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from parallel.pp import formula_bubble
+from sim.pp_timeline import formula_bubble
 from sim.cluster import PRESETS, Cluster, Link
 from sim.config import build, load
 from sim.cost import (

@@ -39,16 +39,18 @@ STRATEGIES = {
 
 
 def test_every_custom_strategy_has_triton_and_nccl_variants():
-    """The registry derives (s, "triton") and (s, "nccl") from every (s, "custom"): subclasses, not copies."""
+    """Every (s, "custom") is registered as (s, "triton") and (s, "nccl") too: the same class, not a copy, whose
+    collectives() hands the algorithm the backend its variant names."""
     import parallel
     pairs = available()
     customs = [s for s, v in pairs if v == "custom"]
-    assert {"ddp", "fsdp", "tp", "pp"} <= set(customs)
+    assert {"ddp", "fsdp", "tp", "pp", "3d"} <= set(customs)
     for s in customs:
         for v in ("triton", "nccl"):
             assert (s, v) in pairs
             cls = parallel._REGISTRY[s, v]
-            assert cls.__mro__[1] is parallel._REGISTRY[s, "custom"] and (cls.strategy, cls.variant) == (s, v)
+            assert cls is parallel._REGISTRY[s, "custom"] and cls.strategy == s
+    assert parallel.backend("triton").__name__ == "TritonCollectives" and parallel.backend("custom") is TorchCollectives
 
 
 def bf16_round(x):

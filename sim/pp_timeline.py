@@ -1,14 +1,15 @@
 """
-Timeline pictures of the pipeline schedules (parallel/pp.py): ranks as rows, one box per forward (F, solid) and
+The pipeline schedules of parallel/pp.py analysed: their unit-cost simulation, bubble and in-flight bounds, and
+timeline pictures, measured or simulated. Pictures: ranks as rows, one box per forward (F, solid) and
 backward (B, hatched; W, the weight half of a zero-bubble backward, dotted) coloured by micro-batch, as in the
 GPipe (Huang et al. 2019, fig. 2) and Megatron-LM (Narayanan et al. 2021, figs. 3-4) papers. Prints the bubble
 fraction measured from the boxes next to the formula (p-1)/(v*m+p-1).
 
 Measured: run a schedule for a few steps on a small GPT under torchrun and draw the last step:
-    torchrun --standalone --nproc_per_node=4 -m parallel.pp_timeline --schedule 1f1b --microbatches 8 \\
+    torchrun --standalone --nproc_per_node=4 -m sim.pp_timeline --schedule 1f1b --microbatches 8 \\
         --out docs/pp_timeline_1f1b_p4_m8.png
 Ideal: the same action lists with unit costs (forward 1, backward 2, free communication), no processes:
-    python -m parallel.pp_timeline --unit-costs --pp 4 --schedule interleaved_1f1b --virtual-stages 2 \\
+    python -m sim.pp_timeline --unit-costs --pp 4 --schedule interleaved_1f1b --virtual-stages 2 \\
         --microbatches 8 --out docs/pp_unit_interleaved_1f1b_p4_m8.png
 
 Measured timings of processes that share few cores include the operating system's scheduling; the unit-cost
@@ -19,7 +20,63 @@ import argparse
 import os
 import sys
 
-from parallel.pp import CUSTOM_SCHEDULES, PYTORCH_SCHEDULES, bubble_fraction, formula_bubble, schedule_order, simulate
+from parallel.pp import CUSTOM_SCHEDULES, PYTORCH_SCHEDULES, interleaved_warmup, schedule_order
+
+
+def in_flight_bound(name, p, v, m, rank):
+    """Most micro-batches whose activations `rank` holds at once (forward done, backward not yet), per schedule."""
+    if name == "gpipe":
+        return m
+    if name == "1f1b":
+        return min(p - rank, m)
+    return min(interleaved_warmup(p, v, m, rank) + 1, v * m)
+
+
+def formula_bubble(p, m, v=1):
+    """Pipeline bubble fraction of (interleaved) 1F1B and GPipe: (p-1) / (v*m + p-1) (Narayanan et al. 2021)."""
+    return (p - 1) / (v * m + p - 1)
+
+
+def dependencies(kind, stage, mb, n_stages):
+    """The actions that must finish before (kind, stage, mb) can start."""
+    if kind == "F":
+        return [("F", stage - 1, mb)] if stage > 0 else []
+    return [("F", stage, mb)] + ([("B", stage + 1, mb)] if stage < n_stages - 1 else [])
+
+
+def simulate(orders, n_stages, cost={"F": 1.0, "B": 2.0}):
+    """Run per-rank action lists with fixed costs and free communication, each action as early as its rank and its
+    dependencies allow. Returns per-rank events [(kind, stage, mb, start, end)]. Raises RuntimeError if the
+    lists deadlock (an action waits for one that a rank can never reach)."""
+    done, events = {}, [[] for _ in orders]
+    ptr, clock = [0] * len(orders), [0.0] * len(orders)
+    total = sum(map(len, orders))
+    while len(done) < total:
+        progress = False
+        for r, order in enumerate(orders):
+            while ptr[r] < len(order):
+                action = order[ptr[r]]
+                deps = dependencies(*action, n_stages)
+                if any(d not in done for d in deps):
+                    break
+                start = max([clock[r]] + [done[d] for d in deps])
+                clock[r] = done[action] = start + cost[action[0]]
+                events[r].append((*action, start, clock[r]))
+                ptr[r] += 1
+                progress = True
+        if not progress:
+            stuck = {r: order[ptr[r]] for r, order in enumerate(orders) if ptr[r] < len(order)}
+            raise RuntimeError(f"pipeline schedule deadlocks; next actions per rank: {stuck}")
+    return events
+
+
+def bubble_fraction(events):
+    """Idle fraction of the pipeline: 1 - busy time / (ranks * makespan), from per-rank events
+    [(kind, stage, mb, start, end)] (recorded or simulated)."""
+    start = min(e[3] for rank in events for e in rank)
+    end = max(e[4] for rank in events for e in rank)
+    busy = sum(e[4] - e[3] for rank in events for e in rank)
+    return 1.0 - busy / (len(events) * (end - start))
 
 
 def draw(events, path, title, xlabel="time (s)"):
@@ -120,7 +177,7 @@ def run_measured(args):
                                  "pp_virtual_stages": v, "gradient_accumulation_steps": m, "n_layer": args.n_layer,
                                  "compile": False, "dtype": "float32", "learning_rate": 1e-3})
         strategy = build_strategy(cfg, device)
-        p = strategy.pp_size
+        p = strategy.world_size
         model_config = GPTConfig(block_size=args.block_size, vocab_size=256, n_layer=args.n_layer, n_head=4,
                                  n_embd=args.n_embd, dropout=0.0, bias=False)
         strategy.build_model(model_config)
@@ -134,8 +191,8 @@ def run_measured(args):
             opt.step()
             opt.zero_grad(set_to_none=True)
         events = [None] * p
-        dist.all_gather_object(events, strategy.timeline, group=strategy.pp_group)
-        if strategy.pp_rank == 0:
+        dist.all_gather_object(events, strategy.pipeline.timeline, group=strategy.pipeline.group)
+        if strategy.rank == 0:
             out = args.out or f"docs/pp_timeline_{args.schedule}_p{p}_m{m}.png"
             line = describe(args.schedule, p, v, m, events)
             draw(events, out, f"{args.variant}, measured on {p} CPU processes: {line}")
