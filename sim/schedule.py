@@ -31,14 +31,15 @@ COMM_KINDS = ("tp", "cp", "norm")  # segments of compute-stream tasks that are c
 
 
 class Task:
-    """One piece of work on one stream of one (representative) device. deps: Tasks, or keys resolved later."""
-    __slots__ = ("action", "deps", "duration", "end", "kind", "nbytes", "rank", "segments", "start", "stream")
+    """One piece of work on one stream of one (representative) device. deps: Tasks, or keys resolved later;
+    via (after `run`): the dependency that ended last, so the task started when it ended (None: at time 0)."""
+    __slots__ = ("action", "deps", "duration", "end", "kind", "nbytes", "rank", "segments", "start", "stream", "via")
 
-    def __init__(self, rank, stream, kind, segments, deps=(), action=None, nbytes=0):
+    def __init__(self, rank, stream, kind, segments, deps=(), action=None, nbytes=0, duration=None):
         self.rank, self.stream, self.kind, self.segments = rank, stream, kind, segments
-        self.duration = sum(d for _, d in segments)
+        self.duration = sum(d for _, d in segments) if duration is None else duration
         self.deps, self.action, self.nbytes = list(deps), action, nbytes
-        self.start = self.end = None
+        self.start = self.end = self.via = None
 
     def __repr__(self):
         return f"Task(rank={self.rank}, {self.stream}, {self.kind}, {self.action}, {self.start}..{self.end})"
@@ -66,7 +67,10 @@ def run(tasks):
     while ready:
         i = ready.popleft()
         t = tasks[i]
-        t.start = max((d.end for d in t.deps), default=0.0)
+        t.start, t.via = 0.0, None
+        for d in t.deps:
+            if d.end > t.start:
+                t.start, t.via = d.end, d
         t.end = t.start + t.duration
         done += 1
         for c in children[i]:
@@ -81,6 +85,18 @@ def run(tasks):
 
 # ----------------------------------------------------------------------------------------------------------
 # building one step's tasks
+
+def critical_path(tasks):
+    """Indices into `tasks` (after `run`) of the chain that sets the step time: from the task that ends last,
+    back through each task's `via`. The step time is the sum of their durations (plus 0-time starts)."""
+    index = {id(t): i for i, t in enumerate(tasks)}
+    t = max(tasks, key=lambda x: x.end)
+    path = []
+    while t is not None:
+        path.append(index[id(t)])
+        t = t.via
+    return path[::-1]
+
 
 def build_tasks(par, costs, overlap=True, layers_per_task=1):
     """The tasks of one optimizer step on the pp representative devices (see the module docstring), in issue
@@ -99,9 +115,15 @@ class StepBuilder:
         self.par, self.costs, self.overlap, self.layers_per_task = par, costs, overlap, layers_per_task
         self.n_stages = par.pp * par.v
         self.tasks, self.keyed = [], {}
+        self.seconds = {name: sum(d for _, d in getattr(costs, name)) for name in (
+            "layer_forward", "layer_backward", "embed_forward", "embed_backward", "head_forward", "head_backward")}
 
-    def add(self, rank, stream, kind, segments, deps=(), action=None, nbytes=0):
-        t = Task(rank, stream if self.overlap else "compute", kind, segments, deps, action, nbytes)
+    def add(self, rank, stream, kind, segments, deps=(), action=None, nbytes=0, duration=None):
+        if stream == "p2p":
+            stream = self.costs.p2p_stream
+        if self.costs.shared_nic and stream in ("p2p", "rs", "ag"):
+            stream = "nic"  # inter-node sends and gradient collectives share the node's NICs
+        t = Task(rank, stream if self.overlap else "compute", kind, segments, deps, action, nbytes, duration)
         self.tasks.append(t)
         return t
 
@@ -143,17 +165,19 @@ class StepBuilder:
         first, last, us = stage == 0, stage == self.n_stages - 1, self.units(stage)
         recv = ("send", "F", stage - 1, mb) if not first else None
         for i, (lo, hi) in enumerate(us):
-            segments = ((costs.embed_forward if first and i == 0 else []) + costs.layer_forward * (hi - lo) +
-                        (costs.head_forward if last and i == len(us) - 1 else []))
+            embed, head = first and i == 0, last and i == len(us) - 1
+            segments = ((costs.embed_forward if embed else []) + costs.layer_forward * (hi - lo) +
+                        (costs.head_forward if head else []))
+            seconds = (self.seconds["embed_forward"] * embed + self.seconds["layer_forward"] * (hi - lo) +
+                       self.seconds["head_forward"] * head)
             deps = [recv] if recv and i == 0 else []
             if self.par.zero == 3:
                 deps.append(self.gather(self.unit_params(stage, i, len(us), lo, hi), action))
-            self.last_compute = self.add(r, "compute", "F", segments, deps, action)
+            self.last_compute = self.add(r, "compute", "F", segments, deps, action, duration=seconds)
             if self.par.zero == 3:
                 self.gathered_users.append(self.last_compute)
         if not last:
-            self.keyed[("send", "F", stage, mb)] = self.add(r, "p2p", "send", [("send", costs.p2p_seconds[stage])],
-                                                            [self.last_compute], action)
+            self.keyed[("send", "F", stage, mb)] = self.send(costs.p2p_seconds[stage], action)
 
     def backward(self, stage, mb):
         """Backward of micro-batch mb through a stage, last unit first: after the next stage's gradient send,
@@ -164,13 +188,16 @@ class StepBuilder:
         first, last, us = stage == 0, stage == self.n_stages - 1, self.units(stage)
         recv = ("send", "B", stage + 1, mb) if not last else None
         for i, (lo, hi) in reversed(list(enumerate(us))):
-            segments = ((costs.head_backward if last and i == len(us) - 1 else []) + costs.layer_backward * (hi - lo) +
-                        (costs.embed_backward if first and i == 0 else []))
+            embed, head = first and i == 0, last and i == len(us) - 1
+            segments = ((costs.head_backward if head else []) + costs.layer_backward * (hi - lo) +
+                        (costs.embed_backward if embed else []))
+            seconds = (self.seconds["head_backward"] * head + self.seconds["layer_backward"] * (hi - lo) +
+                       self.seconds["embed_backward"] * embed)
             deps = [recv] if recv and i == len(us) - 1 else []
             params = self.unit_params(stage, i, len(us), lo, hi)
             if par.zero == 3 and par.reshard_after_forward:
                 deps.append(self.gather(params, action))
-            self.last_compute = self.add(r, "compute", "B", segments, deps, action)
+            self.last_compute = self.add(r, "compute", "B", segments, deps, action, duration=seconds)
             if par.zero == 3:
                 self.gathered_users.append(self.last_compute)
                 self.reduce_grads("reduce_scatter", params, action)
@@ -181,8 +208,17 @@ class StepBuilder:
         if par.zero < 3:
             self.flush(action)
         if not first:
-            self.keyed[("send", "B", stage, mb)] = self.add(r, "p2p", "send", [("send", costs.p2p_seconds[stage - 1])],
-                                                            [self.last_compute], action)
+            self.keyed[("send", "B", stage, mb)] = self.send(costs.p2p_seconds[stage - 1], action)
+
+    def send(self, seconds, action):
+        """The pipeline send after the last compute task: a task on the p2p stream, or, when sends block the
+        compute stream (Parallel.overlap_p2p False), a last segment of that compute task (the same times, fewer
+        tasks). Returns the task the receiver waits for."""
+        if self.costs.p2p_stream == "compute":
+            self.last_compute.segments = [*self.last_compute.segments, ("send", seconds)]
+            self.last_compute.duration += seconds
+            return self.last_compute
+        return self.add(self.rank, "p2p", "send", [("send", seconds)], [self.last_compute], action)
 
     def gather(self, params, action):
         """A ZeRO-3 all-gather of a unit, issued one unit ahead: it may start once the unit two before it is

@@ -37,9 +37,10 @@ GPT3 = Model(n_layer=96, n_head=96, n_embd=12288, seq_len=2048, vocab_size=51200
 
 
 def free_cluster(**changes):
-    """A cluster on which only matmuls cost time: infinite memory bandwidth and links, no latencies."""
+    """A cluster on which only matmuls cost time: infinite memory bandwidth and links, no latencies, and the flat
+    compute model (every matmul at matmul_efficiency x peak, default 0.8; sim/compute.py)."""
     return replace(A100, hbm_bandwidth=math.inf, intra=Link(math.inf, 0.0), inter=Link(math.inf, 0.0),
-                   reserved_bytes=0, **changes)
+                   reserved_bytes=0, **{"matmul_efficiency": 0.8, **changes})
 
 
 # ----------------------------------------------------------------------------------------------------------
