@@ -50,6 +50,8 @@ import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+from sim.cluster import Link
+
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 RECOMPUTE = ("none", "selective", "full")
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
@@ -361,7 +363,7 @@ class Costs:
     grad_bytes: int = 2
     p2p_seconds: list = field(default_factory=list)  # per stage boundary (stage s -> s+1's rank), one message
     p2p_stream: str = "p2p"          # the stream sends run on ("compute": they block it)
-    shared_nic: bool = False         # DP collectives and pipeline sends both cross nodes: one stream, the NIC
+    p2p_shared: list = field(default_factory=list)  # p2p_seconds while gradient collectives share the NICs
     dp_shards: int = 1
     dp_time: object = None           # (op, nbytes) -> seconds over the dp x cp group
     tied_seconds: float = 0.0        # embedding/head gradient all-reduce between the first and last stage
@@ -528,12 +530,17 @@ def build_costs(model, par, cluster):
     message = tokens * h * B / (t if par.scatter_gather else sp)
     regather = coll("all_gather", tokens * h * B, "tp") if par.scatter_gather and not par.sequence_parallel else 0.0
 
-    def boundary(stage):
+    def boundary(stage, share=1):
         src, dst = par.rank(pp_rank=stage % par.pp), par.rank(pp_rank=(stage + 1) % par.pp)
-        return collective_time("send", message, 2, cluster.group_link([src, dst], "send")) + regather
+        link = cluster.group_link([src, dst], "send")
+        return collective_time("send", message, 2, Link(link.bandwidth / share, link.latency)) + regather
     p2p = [boundary(st) if par.pp > 1 else 0.0 for st in range(n_stages)]
+    # a send while this rank's gradient collectives are in flight over the same NICs (both groups span nodes)
+    # gets half the bandwidth (NCCL interleaves the two communicators' chunks)
     dp_nodes = {r // cluster.gpus_per_node for r in groups["dp"]}
     pp_nodes = {par.rank(pp_rank=r) // cluster.gpus_per_node for r in range(par.pp)}
+    shared = par.overlap_p2p and len(dp_nodes) > 1 and len(pp_nodes) > 1
+    p2p_shared = [boundary(st, 2) if par.pp > 1 and shared else d for st, d in enumerate(p2p)]
 
     layer_params = model.layer_matrix_params / t + model.layer_vector_params
     head_params = (V * h / t if par.pp > 1 else 0.0) + model.final_norm_params
@@ -550,8 +557,7 @@ def build_costs(model, par, cluster):
         head_forward=clean(head_fwd), head_backward=clean(head_bwd),
         layer_params=layer_params, embed_params=V * h / t + (s * h if model.block == "gpt2" else 0),
         head_params=head_params, param_bytes=params_b, grad_bytes=grads_b, p2p_seconds=p2p,
-        p2p_stream="p2p" if par.overlap_p2p else "compute",
-        shared_nic=par.overlap_p2p and len(dp_nodes) > 1 and len(pp_nodes) > 1,
+        p2p_stream="p2p" if par.overlap_p2p else "compute", p2p_shared=p2p_shared,
         dp_shards=par.dp * par.cp, dp_time=dp_time,
         tied_seconds=(collective_time("all_reduce", V * h / t * grads_b, 2, tied_link, par.algorithm)
                       if par.pp > 1 else 0.0),

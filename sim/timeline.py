@@ -21,7 +21,7 @@ COLORS = {
 LABELS = {"tp": "TP collective", "cp": "CP ring (exposed)", "norm": "grad-norm all-reduce",
           "all_gather": "all-gather", "reduce_scatter": "reduce-scatter", "all_reduce": "all-reduce",
           "send": "p2p send", "tied": "tied-embedding all-reduce"}
-STREAMS = ("ag", "rs", "p2p", "nic")
+STREAMS = ("ag", "rs", "p2p")
 
 
 def draw(step, path, title=None):

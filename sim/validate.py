@@ -15,8 +15,9 @@ How the training fit works, and why it is fast and deterministic: a simulated st
 durations along its critical path (sim/schedule.py `critical_path`), and every duration is affine in
 u = (1/gemm_sustained, 1/memory_efficiency) (GEMM seconds scale with the first unless at the memory roofline,
 memory-bound seconds with the second, latencies and communication not at all). So around the constants u0 a
-figure's step time is T(u) = T(u0) + g·(u - u0), with g read exactly from the path (the same tasks rebuilt with
-u0 + e_j). Fitting is linear least squares in the relative error of T against the published step time,
+figure's step time is T(u) = T(u0) + g·(u - u0), with g read exactly from the path (its tasks' durations at
+u0 + e_j: each task on the path keeps a recipe of what its duration is made of, sim/schedule.py
+`recipe_seconds`). Fitting is linear least squares in the relative error of T against the published step time,
 iterated from the presets' constants (Gauss-Newton: re-simulate, re-linearize) until it moves < 1e-4.
 
 Leave-one-out: for each "fit" figure, the constants are refitted on the other fit figures (from their
@@ -33,7 +34,7 @@ from dataclasses import replace
 from sim.cluster import PRESETS, SHAPE_CONSTANTS
 from sim.cost import Model, Parallel, build_costs, step_flops
 from sim.published import GEMM_CURVE, GEMM_CURVE_SOURCE, TRAINING
-from sim.schedule import build_tasks, critical_path, simulate
+from sim.schedule import critical_path, recipe_seconds, simulate
 
 FITTED = ("gemm_sustained", "memory_efficiency")  # fitted on TRAINING, as u = 1/value
 LAYERS_PER_TASK = 1000  # one compute task per pipeline chunk: the same step time, fewer tasks
@@ -73,14 +74,16 @@ def linearize(fig, constants):
     along the critical path (exact: durations are affine in u), and the published step time."""
     model, par, cluster = setup(fig, constants)
     step = simulate(model, par, cluster, layers_per_task=LAYERS_PER_TASK)
-    path = critical_path(step.tasks)
-    base = sum(step.tasks[i].duration for i in path)
+    path = [step.tasks[i] for i in critical_path(step.tasks)]
+    base = sum(recipe_seconds(t.recipe, step.costs) for t in path)
+    if not math.isclose(base, step.step_time, rel_tol=1e-9):
+        raise RuntimeError(f"{fig['name']}: the critical path's recipes give {base} s, the simulation "
+                           f"{step.step_time} s")
     grads = []
     for name in FITTED:
         du = 0.01
-        moved = replace(cluster, **{name: 1 / (1 / getattr(cluster, name) + du)})
-        tasks = build_tasks(par, build_costs(model, par, moved), cluster.overlap, LAYERS_PER_TASK)
-        grads.append((sum(tasks[i].duration for i in path) - base) / du)
+        moved = build_costs(model, par, replace(cluster, **{name: 1 / (1 / getattr(cluster, name) + du)}))
+        grads.append((sum(recipe_seconds(t.recipe, moved) for t in path) - base) / du)
     return step.step_time, grads, published_seconds(fig, model, par, cluster)
 
 
@@ -115,12 +118,18 @@ def fit_training(figures, start, tol=1e-4, iterations=8):
     return constants
 
 
-def leave_one_out(figures=TRAINING, constants=None, simulate_held_out=True):
+def linearize_all(figures=TRAINING, constants=None):
+    """{figure name: linearize(figure, constants)} (default: the presets' constants)."""
+    return {f["name"]: linearize(f, dict(constants or SHAPE_CONSTANTS)) for f in figures}
+
+
+def leave_one_out(figures=TRAINING, constants=None, simulate_held_out=True, lins=None):
     """[{fig, predicted, published, error, constants}] for every figure: "fit" figures predicted with the
     constants refitted without them, "check" figures with `constants` (default: the presets'). Predictions
-    are step times; error = published step time / predicted - 1, i.e. the relative error of the throughput."""
+    are step times; error = published step time / predicted - 1, i.e. the relative error of the throughput.
+    lins: linearize_all(figures, constants) if already computed."""
     constants = dict(constants or SHAPE_CONSTANTS)
-    lins = {f["name"]: linearize(f, constants) for f in figures}
+    lins = lins or linearize_all(figures, constants)
     fit = [f for f in figures if f["role"] == "fit"]
     rows = []
     for fig in figures:
