@@ -30,7 +30,7 @@ SIM_DEFAULTS = {
     "gpus": 0,                   # devices in all (0: nodes x devices per node; 1 for parallel=single)
     "nodes": 0,
     "vocab_size": 0,             # 0: the dataset's (meta.pkl), 50304 without one, as train.py
-    "cp_size": 1,                # context parallelism (ring attention), between dp and pp in the rank grid
+    "cp_size": 1,                # context parallelism (ring attention), between pp and tp in the rank grid
     "zero_stage": -1,            # -1: 3 for parallel=fsdp, else 0; 1 and 2 shard optimizer (and gradients)
     "recompute": "none",         # none, selective (attention core), full (every layer's forward)
     "flash_attention": True,     # False: the softmax is memory-bound work and its output is kept (5as/h term)

@@ -25,8 +25,8 @@ bandwidth beta, with S the full buffer (all-gather output, reduce-scatter input)
     ring all-gather / reduce-scatter   (n-1)·alpha + (n-1)/n · S/beta
     point-to-point       alpha + S/beta
 The link a group uses is the slowest its ranks span (sim/cluster.py: TP inside a node, DP/PP across nodes when
-the rank grid puts them there). Rank layout, Megatron's with CP between DP and PP (../shared/DESIGN.md):
-rank = ((dp_rank·c + cp_rank)·p + pp_rank)·t + tp_rank.
+the rank grid puts them there). Rank layout, the trainer's (../shared/DESIGN.md): TP innermost, then CP, then
+PP, then DP, rank = ((dp_rank·p + pp_rank)·c + cp_rank)·t + tp_rank.
 
 Communication per micro-batch (formulas.md): TP 2 all-reduces of b·s·h in forward and 2 in backward per layer
 (with sequence parallelism all-gather + reduce-scatter, the same volume; Shoeybi et al. 2019, Korthikanti et al.
@@ -206,8 +206,10 @@ class Parallel:
         return self.dtype != "float32"
 
     def rank(self, dp_rank=0, cp_rank=0, pp_rank=0, tp_rank=0):
-        """Global rank of a grid coordinate: ((dp_rank·c + cp_rank)·p + pp_rank)·t + tp_rank."""
-        return ((dp_rank * self.cp + cp_rank) * self.pp + pp_rank) * self.tp + tp_rank
+        """Global rank of a grid coordinate, the trainer's layout (../shared/DESIGN.md): TP innermost, then CP,
+        then PP, then DP, rank = ((dp_rank·p + pp_rank)·c + cp_rank)·t + tp_rank. So a CP group spans t·c
+        consecutive ranks (inside a node when t·c <= its GPUs) and PP neighbours are t·c ranks apart."""
+        return ((dp_rank * self.pp + pp_rank) * self.cp + cp_rank) * self.tp + tp_rank
 
     def groups(self):
         """Rank 0's groups: {"tp", "cp", "dp" (the dp x cp ranks that share parameters), "world"} -> ranks."""
