@@ -1,11 +1,11 @@
 """
 Cluster descriptions: what one device computes and holds, and how fast the links between devices are.
 
-A cluster is `nodes` x `gpus_per_node` devices. Each device has a peak dense FLOP/s per dtype, an achievable
-fraction of it for matmuls (`matmul_efficiency`), HBM capacity and bandwidth (the rate of memory-bound work:
-norms, activations functions, the optimizer). Two links, each with the alpha-beta model's latency alpha (s per
-message step) and bandwidth beta (bytes/s one device sends in one direction): `intra` between devices of a node
-(NVLink) and `inter` between nodes (InfiniBand; the node's NICs divided among its devices).
+A cluster is `nodes` x `gpus_per_node` devices. Each device has a peak dense FLOP/s per dtype, HBM capacity and
+bandwidth (the rate of memory-bound work: norms, activations functions, the optimizer). Two links, each with
+the alpha-beta model's latency alpha (s per message step) and bandwidth beta (bytes/s one device sends in one
+direction): `intra` between devices of a node (NVLink) and `inter` between nodes (InfiniBand; the node's NICs
+divided among its devices).
 
 Presets (`PRESETS`; `get(name)`):
 - a100-80gb: A100-SXM4-80GB in DGX A100 nodes: 312 TFLOP/s dense bf16/fp16, 156 tf32, 19.5 fp32; 80 GiB HBM2e at
@@ -21,9 +21,12 @@ Presets (`PRESETS`; `get(name)`):
   processes than cores they share them (`cores`), and since gloo moves data with the same cores that compute,
   communication does not overlap computation (`overlap=False`).
 
+Compute on the GPU presets is the shape model (sim/compute.py): `sms`, `gemm_efficiency` (the maximum achievable
+matmul FLOP/s over peak, published: stas00/ml-engineering's MAMF table) and SHAPE_CONSTANTS, fitted to published
+figures (sim/published.py, sim/validate.py). `matmul_efficiency` > 0 switches to the flat model instead (every
+matmul at that fraction of peak; cpu-local uses it with 1.0 and a fitted per-core rate).
+
 Assumptions, not measured here (change them with dataclasses.replace or a JSON file, `load`):
-- matmul_efficiency 0.8 of peak for both GPUs: ~798 of 989 TFLOP/s were measured on an 8192^3 bf16 matmul on a
-  lent H100 (../shared/notes/formulas.md); the A100 preset assumes the same fraction.
 - link_efficiency 0.8: collectives reach about 80% of the nominal link rate (nccl-tests bus bandwidth on DGX
   systems is typically ~230 of 300 GB/s on A100 NVLink); the latencies alpha are order-of-magnitude figures
   for NCCL's ring steps (a few microseconds on NVLink, ~10 on InfiniBand).

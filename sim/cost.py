@@ -11,8 +11,11 @@ mask's saving, as both papers do); the head 2hV. Backward is 2x forward. Recompu
 layer ("full") or of the attention core QKᵀ/softmax/AV ("selective", Korthikanti et al. 2022). With GPT-2's
 f = 4h and full recomputation this is Megatron's 96·B·s·L·h²·(1 + s/6h + V/16Lh) per step.
 
-Time of a piece of work on one device: FLOPs / (peak · matmul_efficiency) + bytes of memory-bound work / HBM
-bandwidth + operators · op_latency (the framework's per-operator overhead; 0 on the GPU presets). The
+Time of a piece of work on one device, in the shape model (the GPU presets): the sum of its kernels' times
+(`block_kernels` lists them, sim/compute.py costs them: GEMMs by tiles and waves, memory-bound kernels at HBM
+bandwidth, a latency per kernel). In the flat model (cluster.matmul_efficiency > 0: cpu-local, the analytic
+tests, --matmul_efficiency): FLOPs / (peak · matmul_efficiency) + bytes of memory-bound work / HBM bandwidth +
+operators · op_latency (the framework's per-operator overhead), with backward 2x forward. The flat model's
 memory-bound bytes count what the norms, residual adds, activation function, softmax (unless flash attention),
 RoPE, embedding and cross-entropy read and write: per token and layer 10h (two norms and two residual adds,
 replicated over TP unless sequence parallel) + 2f (GeLU; 3f SwiGLU) + 3·a·s (softmax, without flash attention).

@@ -196,7 +196,8 @@ class StepBuilder:
             if self.par.zero == 3:
                 deps.append(self.gather(self.unit_params(stage, i, len(us), lo, hi), action))
             self.last_compute = self.add(r, "compute", "F", segments, deps, action, duration=seconds, recipe=[
-                ("costs", "embed_forward", embed), ("costs", "layer_forward", hi - lo), ("costs", "head_forward", head)])
+                ("costs", "embed_forward", embed), ("costs", "layer_forward", hi - lo),
+                ("costs", "head_forward", head)])
             if self.par.zero == 3:
                 self.gathered_users.append(self.last_compute)
         if not last:
@@ -221,7 +222,8 @@ class StepBuilder:
             if par.zero == 3 and par.reshard_after_forward:
                 deps.append(self.gather(params, action))
             self.last_compute = self.add(r, "compute", "B", segments, deps, action, duration=seconds, recipe=[
-                ("costs", "head_backward", head), ("costs", "layer_backward", hi - lo), ("costs", "embed_backward", embed)])
+                ("costs", "head_backward", head), ("costs", "layer_backward", hi - lo),
+                ("costs", "embed_backward", embed)])
             if par.zero == 3:
                 self.gathered_users.append(self.last_compute)
                 self.reduce_grads("reduce_scatter", params, action)
@@ -233,7 +235,8 @@ class StepBuilder:
             self.flush(action)
         if not first:
             # gradient collectives of this micro-batch in flight: the send shares the NICs with them
-            reducing = costs.p2p_shared and (par.zero >= 2 or mb == par.micro_batches - 1) and par.overlap_grad_reduce
+            reducing = (costs.p2p_shared and (par.zero >= 2 or mb == par.micro_batches - 1)
+                        and par.overlap_grad_reduce)
             self.keyed[("send", "B", stage, mb)] = self.send("p2p_shared" if reducing else "p2p_seconds", stage - 1,
                                                              action)
 
