@@ -8,6 +8,9 @@ renting it.
 
 - sim/cluster.py   devices and links (A100, H100 presets; this CPU machine, calibrated)
 - sim/cost.py      FLOPs, bytes, seconds and memory of the pieces of a step, from the model's shapes
+- sim/compute.py   one kernel's time from its shape (GEMM tiles and waves over the SMs, memory-bound kernels)
+- sim/published.py published GEMM and training throughputs with their sources
+- sim/validate.py  fit the shape model's constants to them; the leave-one-out table (python -m sim.validate)
 - sim/schedule.py  the discrete-event simulation of one step (compute and communication streams per device)
 - sim/planner.py   search over (dp, tp, pp, cp, v, micro-batch, ZeRO stage, recompute) for the fastest layout
 - sim/timeline.py  the simulated step as a PNG (devices x {compute, communication} lanes)

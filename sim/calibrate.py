@@ -183,9 +183,12 @@ def lstsq_nonneg(rows, targets):
         active = [j for j, v in zip(active, sol) if v > 0] or active[:1]
 
 
+VOCAB = 65  # shakespeare_char's vocabulary: fixed, so that --report does not depend on data/*/meta.pkl existing
+
+
 def sim_config(nproc, config, overrides):
     from sim.config import load
-    return load([config, *overrides, f"--gpus={nproc}", "--cluster=cpu-local"])
+    return load([config, *overrides, f"--gpus={nproc}", "--cluster=cpu-local", f"--vocab_size={VOCAB}"])
 
 
 def base_cluster(measured):

@@ -1,11 +1,11 @@
 """
 Cluster descriptions: what one device computes and holds, and how fast the links between devices are.
 
-A cluster is `nodes` x `gpus_per_node` devices. Each device has a peak dense FLOP/s per dtype, an achievable
-fraction of it for matmuls (`matmul_efficiency`), HBM capacity and bandwidth (the rate of memory-bound work:
-norms, activations functions, the optimizer). Two links, each with the alpha-beta model's latency alpha (s per
-message step) and bandwidth beta (bytes/s one device sends in one direction): `intra` between devices of a node
-(NVLink) and `inter` between nodes (InfiniBand; the node's NICs divided among its devices).
+A cluster is `nodes` x `gpus_per_node` devices. Each device has a peak dense FLOP/s per dtype, HBM capacity and
+bandwidth (the rate of memory-bound work: norms, activations functions, the optimizer). Two links, each with
+the alpha-beta model's latency alpha (s per message step) and bandwidth beta (bytes/s one device sends in one
+direction): `intra` between devices of a node (NVLink) and `inter` between nodes (InfiniBand; the node's NICs
+divided among its devices).
 
 Presets (`PRESETS`; `get(name)`):
 - a100-80gb: A100-SXM4-80GB in DGX A100 nodes: 312 TFLOP/s dense bf16/fp16, 156 tf32, 19.5 fp32; 80 GiB HBM2e at
@@ -21,9 +21,12 @@ Presets (`PRESETS`; `get(name)`):
   processes than cores they share them (`cores`), and since gloo moves data with the same cores that compute,
   communication does not overlap computation (`overlap=False`).
 
+Compute on the GPU presets is the shape model (sim/compute.py): `sms`, `gemm_efficiency` (the maximum achievable
+matmul FLOP/s over peak, published: stas00/ml-engineering's MAMF table) and SHAPE_CONSTANTS, fitted to published
+figures (sim/published.py, sim/validate.py). `matmul_efficiency` > 0 switches to the flat model instead (every
+matmul at that fraction of peak; cpu-local uses it with 1.0 and a fitted per-core rate).
+
 Assumptions, not measured here (change them with dataclasses.replace or a JSON file, `load`):
-- matmul_efficiency 0.8 of peak for both GPUs: ~798 of 989 TFLOP/s were measured on an 8192^3 bf16 matmul on a
-  lent H100 (../shared/notes/formulas.md); the A100 preset assumes the same fraction.
 - link_efficiency 0.8: collectives reach about 80% of the nominal link rate (nccl-tests bus bandwidth on DGX
   systems is typically ~230 of 300 GB/s on A100 NVLink); the latencies alpha are order-of-magnitude figures
   for NCCL's ring steps (a few microseconds on NVLink, ~10 on InfiniBand).
@@ -33,6 +36,8 @@ Assumptions, not measured here (change them with dataclasses.replace or a JSON f
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
+
+from sim.published import MAMF
 
 GiB = 2**30
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,7 +62,7 @@ class Cluster:
     intra: Link                 # between devices of one node
     inter: Link                 # between nodes, per device
     nodes: int = 1
-    matmul_efficiency: float = 0.8
+    matmul_efficiency: float = 0.0  # > 0: the flat model, every matmul at this fraction of peak (sim/compute.py)
     link_efficiency: float = 0.8
     op_latency: float = 0.0     # s of framework overhead per operator (CPU eager PyTorch; ~0 for GPUs)
     cores: int = 0              # > 0: devices on one node share this many cores (CPU processes)
@@ -66,16 +71,33 @@ class Cluster:
     default_dtype: str = "bfloat16"
     source: str = ""
     op_links: dict = field(default_factory=dict)  # collective -> Link measured for it inside a node (cpu-local)
+    # the shape model of compute (sim/compute.py), used when matmul_efficiency is 0
+    sms: int = 0                     # streaming multiprocessors
+    gemm_efficiency: float = 0.8     # fraction of peak the best-shaped large GEMM reaches (published MAMF)
+    tile_k0: float = 0.0             # a GEMM tile's fixed work, in K steps (fitted to the GEMM curve)
+    kernel_latency: float = 0.0      # s per kernel on the device (fitted to the GEMM curve)
+    gemm_sustained: float = 1.0      # fraction of gemm_efficiency GEMMs sustain in training (fitted to training
+    #                                  throughputs: clocks under a full node's power and heat, the library's kernels)
+    memory_efficiency: float = 1.0   # fraction of HBM bandwidth memory-bound kernels reach (fitted likewise)
+
+    @property
+    def flat(self):
+        """True for the flat compute model: matmuls at matmul_efficiency x peak, no per-kernel costs."""
+        return self.matmul_efficiency > 0
 
     @property
     def devices(self):
         return self.nodes * self.gpus_per_node
 
-    def flop_rate(self, dtype):
-        """Achievable matmul FLOP/s of one device in `dtype`. Raises ValueError if the cluster has no peak for it."""
+    def flop_rate(self, dtype, shape_model=False):
+        """Achievable matmul FLOP/s of one device in `dtype`: peak x matmul_efficiency (flat model), or with
+        shape_model peak x gemm_efficiency (the best GEMM's rate, sim/compute.py). Raises ValueError if the
+        cluster has no peak for dtype."""
         if dtype not in self.peak_flops:
             raise ValueError(f"cluster {self.name} has no peak FLOP/s for dtype {dtype!r} "
                              f"(it knows {', '.join(self.peak_flops)})")
+        if shape_model:
+            return self.peak_flops[dtype] * self.gemm_efficiency * self.gemm_sustained
         return self.peak_flops[dtype] * self.matmul_efficiency
 
     def sized(self, devices):
@@ -105,20 +127,26 @@ class Cluster:
         return Link(bandwidth * self.link_efficiency, self.inter.latency)
 
 
+# The shape model's fitted constants (sim/compute.py), the same for every GPU preset: tile_k0 and kernel_latency
+# fitted to the H100 GEMM curve (sim/published.py GEMM_CURVE), gemm_sustained and memory_efficiency to the
+# published training throughputs (sim/published.py TRAINING); `python -m sim.validate --fit` refits and prints
+# them, tests/test_sim.py checks that these are what the fits give.
+SHAPE_CONSTANTS = {"tile_k0": 120.0, "kernel_latency": 5.25e-6, "gemm_sustained": 0.8691, "memory_efficiency": 0.6685}
+
 PRESETS = {
     "a100-80gb": Cluster(
         name="a100-80gb", gpus_per_node=8,
         peak_flops={"bfloat16": 312e12, "float16": 312e12, "tf32": 156e12, "float32": 19.5e12},
         hbm_bytes=80 * GiB, hbm_bandwidth=2.039e12,
         intra=Link(bandwidth=300e9, latency=3e-6), inter=Link(bandwidth=25e9, latency=10e-6),
-        reserved_bytes=2 * GiB,
+        reserved_bytes=2 * GiB, sms=108, gemm_efficiency=MAMF["a100"], **SHAPE_CONSTANTS,
         source="A100-SXM4-80GB datasheet; DGX A100: NVLink 600 GB/s per GPU, 8x200 Gb/s HDR IB per node"),
     "h100-sxm": Cluster(
         name="h100-sxm", gpus_per_node=8,
         peak_flops={"bfloat16": 989e12, "float16": 989e12, "tf32": 494e12, "float32": 67e12},
         hbm_bytes=80 * GiB, hbm_bandwidth=3.35e12,
         intra=Link(bandwidth=450e9, latency=3e-6), inter=Link(bandwidth=50e9, latency=10e-6),
-        reserved_bytes=2 * GiB,
+        reserved_bytes=2 * GiB, sms=132, gemm_efficiency=MAMF["h100"], **SHAPE_CONSTANTS,
         source="H100-SXM5-80GB datasheet; DGX H100: NVLink 900 GB/s per GPU, 8x400 Gb/s NDR IB per node"),
 }
 

@@ -30,12 +30,15 @@ SIM_DEFAULTS = {
     "gpus": 0,                   # devices in all (0: nodes x devices per node; 1 for parallel=single)
     "nodes": 0,
     "vocab_size": 0,             # 0: the dataset's (meta.pkl), 50304 without one, as train.py
-    "cp_size": 1,                # context parallelism (ring attention), between dp and pp in the rank grid
+    "cp_size": 1,                # context parallelism (ring attention), between pp and tp in the rank grid
     "zero_stage": -1,            # -1: 3 for parallel=fsdp, else 0; 1 and 2 shard optimizer (and gradients)
     "recompute": "none",         # none, selective (attention core), full (every layer's forward)
     "flash_attention": True,     # False: the softmax is memory-bound work and its output is kept (5as/h term)
     "overlap_grad_reduce": True,  # gradient buckets reduced during backward (False: after it, Megatron-LM 2021)
-    "matmul_efficiency": 0.0,    # fraction of peak matmuls reach; 0: the cluster's
+    "overlap_p2p": True,         # pipeline sends on their own stream (False: they block compute, Megatron-LM 2021)
+    "scatter_gather": False,     # Megatron's scatter/gather of pipeline messages over TP (1/t each, all-gathered)
+    "matmul_efficiency": 0.0,    # > 0: the flat compute model, every matmul at this fraction of peak; 0: the
+    #                              shape model (GEMM tiles and waves, sim/compute.py)
     "algorithm": "auto",         # all-reduce algorithm: ring, tree, auto (the faster per call)
     "layers_per_task": 1,        # layers per simulated compute task (coarser is faster, slightly less exact)
     "timeline": "",              # write the simulated step's timeline to this PNG
@@ -101,6 +104,6 @@ def build(cfg, cluster=None):
                    reshard_after_forward=cfg["reshard_after_forward"], overlap_grad_reduce=cfg["overlap_grad_reduce"],
                    bucket_mb=cfg["bucket_cap_mb"], loss_parallel=cfg["loss_parallel"],
                    flash_attention=cfg["flash_attention"], dtype=dtype, pp_split=cfg["pp_split"],
-                   algorithm=cfg["algorithm"])
+                   algorithm=cfg["algorithm"], overlap_p2p=cfg["overlap_p2p"], scatter_gather=cfg["scatter_gather"])
     par.check(model)
     return model, par, cluster.sized(n)

@@ -11,8 +11,11 @@ mask's saving, as both papers do); the head 2hV. Backward is 2x forward. Recompu
 layer ("full") or of the attention core QKᵀ/softmax/AV ("selective", Korthikanti et al. 2022). With GPT-2's
 f = 4h and full recomputation this is Megatron's 96·B·s·L·h²·(1 + s/6h + V/16Lh) per step.
 
-Time of a piece of work on one device: FLOPs / (peak · matmul_efficiency) + bytes of memory-bound work / HBM
-bandwidth + operators · op_latency (the framework's per-operator overhead; 0 on the GPU presets). The
+Time of a piece of work on one device, in the shape model (the GPU presets): the sum of its kernels' times
+(`block_kernels` lists them, sim/compute.py costs them: GEMMs by tiles and waves, memory-bound kernels at HBM
+bandwidth, a latency per kernel). In the flat model (cluster.matmul_efficiency > 0: cpu-local, the analytic
+tests, --matmul_efficiency): FLOPs / (peak · matmul_efficiency) + bytes of memory-bound work / HBM bandwidth +
+operators · op_latency (the framework's per-operator overhead), with backward 2x forward. The flat model's
 memory-bound bytes count what the norms, residual adds, activation function, softmax (unless flash attention),
 RoPE, embedding and cross-entropy read and write: per token and layer 10h (two norms and two residual adds,
 replicated over TP unless sequence parallel) + 2f (GeLU; 3f SwiGLU) + 3·a·s (softmax, without flash attention).
@@ -25,8 +28,8 @@ bandwidth beta, with S the full buffer (all-gather output, reduce-scatter input)
     ring all-gather / reduce-scatter   (n-1)·alpha + (n-1)/n · S/beta
     point-to-point       alpha + S/beta
 The link a group uses is the slowest its ranks span (sim/cluster.py: TP inside a node, DP/PP across nodes when
-the rank grid puts them there). Rank layout, Megatron's with CP between DP and PP (../shared/DESIGN.md):
-rank = ((dp_rank·c + cp_rank)·p + pp_rank)·t + tp_rank.
+the rank grid puts them there). Rank layout, the trainer's (../shared/DESIGN.md): TP innermost, then CP, then
+PP, then DP, rank = ((dp_rank·p + pp_rank)·c + cp_rank)·t + tp_rank.
 
 Communication per micro-batch (formulas.md): TP 2 all-reduces of b·s·h in forward and 2 in backward per layer
 (with sequence parallelism all-gather + reduce-scatter, the same volume; Shoeybi et al. 2019, Korthikanti et al.
@@ -49,6 +52,8 @@ import functools
 import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+
+from sim.cluster import Link
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 RECOMPUTE = ("none", "selective", "full")
@@ -77,6 +82,7 @@ class Model:
     block: str = "gpt2"
     bias: bool = False
     dropout: float = 0.0
+    n_kv_head: int = 0   # key/value heads (grouped-query attention, Llama 3); 0: n_head (model.py's blocks)
 
     def __post_init__(self):
         if self.block not in ("gpt2", "llama"):
@@ -85,6 +91,10 @@ class Model:
             raise ValueError(f"model sizes must be positive: {self}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_kv_head == 0:
+            object.__setattr__(self, "n_kv_head", self.n_head)
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
         if self.ffn_hidden == 0:
             f = 4 * self.n_embd if self.block == "gpt2" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
             object.__setattr__(self, "ffn_hidden", f)
@@ -97,7 +107,8 @@ class Model:
     def layer_matrix_params(self):
         """Weights of the q/k/v/out projections and the MLP of one block (split by TP)."""
         h = self.n_embd
-        return 4 * h * h + self.mlp_matrices * h * self.ffn_hidden
+        kv = 2 * h * (h // self.n_head) * self.n_kv_head
+        return 2 * h * h + kv + self.mlp_matrices * h * self.ffn_hidden
 
     @property
     def layer_vector_params(self):
@@ -158,7 +169,8 @@ class Parallel:
     zero: 0 (DDP), 1, 2, 3 (FSDP), sharded over the dp x cp ranks holding the same parameters;
     recompute: none / selective / full; schedule: gpipe / 1f1b / interleaved_1f1b; algorithm: all-reduce algorithm
     ring / tree / auto (the faster); bucket_mb: gradient bucket size (MiB) for ZeRO 0-2; dtype: float32 or a
-    16-bit type (mixed precision: 16-bit parameters, gradients and activations, fp32 master weights and Adam)."""
+    16-bit type (mixed precision: 16-bit parameters, gradients and activations, fp32 master weights and Adam);
+    overlap_p2p, scatter_gather: how pipeline messages travel (see the fields)."""
     dp: int = 1
     tp: int = 1
     pp: int = 1
@@ -178,6 +190,10 @@ class Parallel:
     dtype: str = "bfloat16"
     pp_split: str = ""
     algorithm: str = "auto"
+    overlap_p2p: bool = True       # pipeline sends on their own stream (False: they block the compute stream, as
+    #                                Megatron-LM's 2021 schedules' batched send/recv + wait did)
+    scatter_gather: bool = False   # Megatron's scatter/gather: each TP rank sends 1/t of the activation between
+    #                                stages, all-gathered over TP after (Narayanan et al. 2021 section 4.1)
 
     @property
     def world(self):
@@ -193,8 +209,10 @@ class Parallel:
         return self.dtype != "float32"
 
     def rank(self, dp_rank=0, cp_rank=0, pp_rank=0, tp_rank=0):
-        """Global rank of a grid coordinate: ((dp_rank·c + cp_rank)·p + pp_rank)·t + tp_rank."""
-        return ((dp_rank * self.cp + cp_rank) * self.pp + pp_rank) * self.tp + tp_rank
+        """Global rank of a grid coordinate, the trainer's layout (../shared/DESIGN.md): TP innermost, then CP,
+        then PP, then DP, rank = ((dp_rank·p + pp_rank)·c + cp_rank)·t + tp_rank. So a CP group spans t·c
+        consecutive ranks (inside a node when t·c <= its GPUs) and PP neighbours are t·c ranks apart."""
+        return ((dp_rank * self.pp + pp_rank) * self.cp + cp_rank) * self.tp + tp_rank
 
     def groups(self):
         """Rank 0's groups: {"tp", "cp", "dp" (the dp x cp ranks that share parameters), "world"} -> ranks."""
@@ -349,6 +367,8 @@ class Costs:
     param_bytes: int = 2
     grad_bytes: int = 2
     p2p_seconds: list = field(default_factory=list)  # per stage boundary (stage s -> s+1's rank), one message
+    p2p_stream: str = "p2p"          # the stream sends run on ("compute": they block it)
+    p2p_shared: list = field(default_factory=list)  # p2p_seconds while gradient collectives share the NICs
     dp_shards: int = 1
     dp_time: object = None           # (op, nbytes) -> seconds over the dp x cp group
     tied_seconds: float = 0.0        # embedding/head gradient all-reduce between the first and last stage
@@ -369,6 +389,66 @@ class Costs:
                    p2p_seconds=[0.0] * n_stages, dp_time=lambda op, nbytes: 0.0, optimizer_time=lambda n: 0.0)
 
 
+def block_kernels(model, par):
+    """The kernels of one block, its embedding and its head on one device for one micro-batch, for the shape
+    model (sim/compute.py): {"proj", "core", "mlp", "embed", "head"} -> (forward kernels, backward kernels).
+
+    Per device, T = b·s/c tokens, t-way TP (heads, MLP columns and vocabulary split; norms, residuals and
+    dropouts on T/t tokens with sequence parallelism, else replicated), B bytes per element:
+    proj: norm (reads and writes T·h), the QKV GEMM [T, (a + 2·kv)·d/t, h], RoPE (llama), the out-projection
+    [T, h, h/t], the residual add with dropout (x, residual in, out, 1-byte mask: Megatron's fused
+    bias-dropout-add); core: QKᵀ and AV as batched GEMMs over b·a/t heads [s, s, d] and [s, d, s] with the
+    softmax (s² read and written) and its dropout in between, or with flash attention (or CP) one fused kernel
+    whose time is its two GEMMs on the causal half of the tiles; mlp: norm, FC1 [T, f/t (2f/t SwiGLU), h],
+    GeLU (or SiLU·gate), FC2 [T, h, f/t], residual. Backward: each GEMM's input- and weight-gradient GEMMs
+    (flash attention: the recomputed scores and four more products, Dao 2023), each memory-bound kernel 1.5x its
+    forward bytes (it reads the saved input and the output gradient, writes the input gradient)."""
+    from sim.compute import backward_gemms, gemm, memory
+    h, a, s, f, V = model.n_embd, model.n_head, model.seq_len, model.ffn_hidden, model.vocab_size
+    t, c, B, b = par.tp, par.cp, BYTES[par.dtype], par.micro_batch
+    tokens = b * s // c
+    sp = t if par.sequence_parallel else 1
+    d, kv = h // a, model.n_kv_head
+    mask = 1 if model.dropout > 0 else 0
+    llama = model.block == "llama"
+
+    def residual():
+        return memory(tokens / sp * h * (3 * B + mask))
+
+    def norm():
+        return memory(2 * tokens / sp * h * B)
+
+    def backward(kernels):
+        out = []
+        for k in kernels:
+            out += backward_gemms(k) if k.m else [memory(1.5 * k.nbytes)]
+        return out
+
+    qkv = gemm(tokens, (a + 2 * kv) * d / t, h)
+    proj_f = [norm(), qkv] + ([memory(2 * tokens * (a + kv) * d / t * B)] if llama else []) + [
+        gemm(tokens, h, h / t), residual()]
+    heads = b * a // t
+    if par.flash_attention or c > 1:
+        sq = s // c
+        scores, values = gemm(sq, s, d, heads, 0.5), gemm(sq, d, s, heads, 0.5)
+        core_f = [scores, values]
+        core_b = [scores, gemm(s, d, sq, heads, 0.5), gemm(sq, s, d, heads, 0.5), values, gemm(s, d, sq, heads, 0.5)]
+    else:
+        core_f = [gemm(s, s, d, heads), memory(2 * heads * s * s * B)]
+        if mask:
+            core_f.append(memory(heads * s * s * (2 * B + 1)))
+        core_f.append(gemm(s, d, s, heads))
+        core_b = backward(core_f)
+    mlp_f = [norm(), gemm(tokens, f / t * (2 if llama else 1), h), memory((3 if llama else 2) * tokens * f / t * B),
+             gemm(tokens, h, f / t), residual()]
+    embed_f = [memory(tokens / sp * h * (3 * B + mask))]
+    logits = tokens * V / t
+    head_f = [norm(), gemm(tokens, V / t, h), memory(logits * 12)]
+    head_b = [memory(logits * 8)] + backward_gemms(head_f[1]) + [memory(1.5 * head_f[0].nbytes)]
+    return {"proj": (proj_f, backward(proj_f)), "core": (core_f, core_b), "mlp": (mlp_f, backward(mlp_f)),
+            "embed": (embed_f, backward(embed_f)), "head": (head_f, head_b)}
+
+
 def build_costs(model, par, cluster):
     """Costs of `par` training `model` on `cluster` (already sized for par.world devices)."""
     par.check(model)
@@ -376,27 +456,52 @@ def build_costs(model, par, cluster):
     t, c, B = par.tp, par.cp, BYTES[par.dtype]
     tokens = par.micro_batch * s / c  # per device and micro-batch
     sp = t if par.sequence_parallel else 1
-    rate = cluster.flop_rate(par.dtype)
     share = max(1.0, min(par.world, cluster.gpus_per_node) / cluster.cores) if cluster.cores else 1.0
-
-    def compute(flops, nbytes, ops):
-        return share * (flops / rate + nbytes / cluster.hbm_bandwidth + ops * cluster.op_latency)
-
     groups = par.groups()
 
     def coll(op, nbytes, group):
         return collective_time(op, nbytes, len(groups[group]), cluster.group_link(groups[group], op), par.algorithm)
 
-    # one block, forward: attention (projections, norm, residual; the core QK^T-softmax-AV), then the MLP
     flash = par.flash_attention or c > 1
-    proj = compute(2 * tokens * 4 * h * h / t, tokens * B * (5 * h / sp + (4 * h / t if model.block == "llama" else 0)),
-                   OPS["attention"])
-    core = compute(4 * tokens * s * h / t, 0 if flash else tokens * B * 3 * a * s / t, OPS["core"])
-    mlp = compute(2 * tokens * h * f * model.mlp_matrices / t,
-                  tokens * B * (5 * h / sp + (3 if model.block == "llama" else 2) * f / t), OPS["mlp"])
+    if cluster.flat:
+        rate = cluster.flop_rate(par.dtype)
+
+        def compute(flops, nbytes, ops):
+            return share * (flops / rate + nbytes / cluster.hbm_bandwidth + ops * cluster.op_latency)
+
+        # one block, forward: attention (projections, norm, residual; the core QK^T-softmax-AV), then the MLP;
+        # backward 2x forward
+        proj = compute(2 * tokens * 4 * h * h / t,
+                       tokens * B * (5 * h / sp + (4 * h / t if model.block == "llama" else 0)), OPS["attention"])
+        core = compute(4 * tokens * s * h / t, 0 if flash else tokens * B * 3 * a * s / t, OPS["core"])
+        mlp = compute(2 * tokens * h * f * model.mlp_matrices / t,
+                      tokens * B * (5 * h / sp + (3 if model.block == "llama" else 2) * f / t), OPS["mlp"])
+        proj_b, core_b, mlp_b = 2 * proj, 2 * core, 2 * mlp
+        embed = (compute(0, tokens * h * B * 3, OPS["embedding"]), compute(0, tokens * h * B * 3, 2 * OPS["embedding"]))
+        logits = tokens * V / t
+        head = (compute(model.head_forward_flops(tokens) / t, tokens * h * B * 2 / sp + logits * 12, OPS["head"]),
+                compute(2 * model.head_forward_flops(tokens) / t, tokens * h * B * 4 / sp + logits * 8,
+                        2 * OPS["head"]))
+
+        def optimizer_time(params):
+            return compute(0, params * OPTIMIZER_BYTES_PER_PARAM, OPS["optimizer"])
+    else:
+        from sim.compute import memory, seconds
+        kernels = block_kernels(model, par)
+        times = {name: (seconds(fw, cluster, par.dtype), seconds(bw, cluster, par.dtype))
+                 for name, (fw, bw) in kernels.items()}
+        (proj, proj_b), (core, core_b), (mlp, mlp_b) = times["proj"], times["core"], times["mlp"]
+        embed, head = times["embed"], times["head"]
+
+        def optimizer_time(params):
+            return seconds([memory(params * OPTIMIZER_BYTES_PER_PARAM)], cluster, par.dtype)
+
     act = tokens * h * B  # b·s·h on this CP rank: the TP collectives' buffer
     tp_block = coll("all_reduce", act, "tp") if not par.sequence_parallel else (
         coll("all_gather", act, "tp") + coll("reduce_scatter", act, "tp"))
+    # backward with SP: reduce-scatter + all-gather per half block, and the input all-gathered again for the
+    # weight gradient (Korthikanti et al. 2022 section 4.2.2, Megatron keeps only the 1/t shard)
+    tp_block_b = tp_block + (coll("all_gather", act, "tp") if par.sequence_parallel else 0.0)
     kv = collective_time("send", 2 * tokens * h / t * B, 2, cluster.group_link(groups["cp"], "send")) if c > 1 else 0.0
     cp_fwd = (c - 1) * max(0.0, kv - core / c)          # ring attention: K/V passes hidden behind block compute
     cp_bwd = (c - 1) * max(0.0, 2 * kv - 2 * core / c)  # backward also passes dK, dV
@@ -405,37 +510,42 @@ def build_costs(model, par, cluster):
         return [(k, d) for k, d in segments if d > 0]
 
     forward = [("forward", proj + core), ("cp", cp_fwd), ("tp", tp_block), ("forward", mlp), ("tp", tp_block)]
-    backward = [("backward", 2 * mlp), ("tp", tp_block), ("backward", 2 * (proj + core)), ("cp", cp_bwd),
-                ("tp", tp_block)]
+    backward = [("backward", mlp_b), ("tp", tp_block_b), ("backward", proj_b + core_b), ("cp", cp_bwd),
+                ("tp", tp_block_b)]
     if par.recompute == "full":
         backward = [("recompute" if k == "forward" else k, d) for k, d in forward] + backward
     elif par.recompute == "selective":
         backward = [("recompute", core)] + backward
 
     # embedding (vocab-parallel: all-reduce over TP) and head + cross-entropy (vocab-parallel, loss parallel)
-    embed_fwd = [("forward", compute(0, tokens * h * B * 3, OPS["embedding"])),
-                 ("tp", coll("all_reduce", act, "tp"))]
-    embed_bwd = [("backward", compute(0, tokens * h * B * 3, 2 * OPS["embedding"])),
+    embed_fwd = [("forward", embed[0]), ("tp", coll("all_reduce", act, "tp"))]
+    embed_bwd = [("backward", embed[1]),
                  ("tp", coll("all_gather", act, "tp") if par.sequence_parallel else 0.0)]
     logits = tokens * V / t
     loss_comm = (coll("all_reduce", tokens * 4, "tp") + coll("all_reduce", tokens * 8, "tp") if par.loss_parallel
                  else coll("all_gather", logits * t * B, "tp"))
     head_fwd = [("tp", coll("all_gather", act, "tp") if par.sequence_parallel else 0.0),
-                ("forward", compute(model.head_forward_flops(tokens) / t, tokens * h * B * 2 / sp + logits * 12,
-                                    OPS["head"])),
+                ("forward", head[0]),
                 ("tp", loss_comm)]
-    head_bwd = [("backward", compute(2 * model.head_forward_flops(tokens) / t, tokens * h * B * 4 / sp + logits * 8,
-                                     2 * OPS["head"])),
+    head_bwd = [("backward", head[1]),
                 ("tp", coll("reduce_scatter" if par.sequence_parallel else "all_reduce", act, "tp"))]
 
     # pipeline messages: stage s on rank s % p sends to stage s+1 on rank (s+1) % p
     n_stages = par.pp * par.v
-    message = tokens * h * B / sp
+    message = tokens * h * B / (t if par.scatter_gather else sp)
+    regather = coll("all_gather", tokens * h * B, "tp") if par.scatter_gather and not par.sequence_parallel else 0.0
 
-    def boundary(stage):
+    def boundary(stage, share=1):
         src, dst = par.rank(pp_rank=stage % par.pp), par.rank(pp_rank=(stage + 1) % par.pp)
-        return collective_time("send", message, 2, cluster.group_link([src, dst], "send"))
+        link = cluster.group_link([src, dst], "send")
+        return collective_time("send", message, 2, Link(link.bandwidth / share, link.latency)) + regather
     p2p = [boundary(st) if par.pp > 1 else 0.0 for st in range(n_stages)]
+    # a send while this rank's gradient collectives are in flight over the same NICs (both groups span nodes)
+    # gets half the bandwidth (NCCL interleaves the two communicators' chunks)
+    dp_nodes = {r // cluster.gpus_per_node for r in groups["dp"]}
+    pp_nodes = {par.rank(pp_rank=r) // cluster.gpus_per_node for r in range(par.pp)}
+    shared = par.overlap_p2p and len(dp_nodes) > 1 and len(pp_nodes) > 1
+    p2p_shared = [boundary(st, 2) if par.pp > 1 and shared else d for st, d in enumerate(p2p)]
 
     layer_params = model.layer_matrix_params / t + model.layer_vector_params
     head_params = (V * h / t if par.pp > 1 else 0.0) + model.final_norm_params
@@ -445,9 +555,6 @@ def build_costs(model, par, cluster):
     def dp_time(op, nbytes):
         return coll(op, nbytes, "dp")
 
-    def optimizer_time(params):
-        return compute(0, params * OPTIMIZER_BYTES_PER_PARAM, OPS["optimizer"])
-
     return Costs(
         split=list(pipeline_split(model.n_layer, n_stages, par.pp_split, h, s, V)),
         layer_forward=clean(forward), layer_backward=clean(backward),
@@ -455,6 +562,7 @@ def build_costs(model, par, cluster):
         head_forward=clean(head_fwd), head_backward=clean(head_bwd),
         layer_params=layer_params, embed_params=V * h / t + (s * h if model.block == "gpt2" else 0),
         head_params=head_params, param_bytes=params_b, grad_bytes=grads_b, p2p_seconds=p2p,
+        p2p_stream="p2p" if par.overlap_p2p else "compute", p2p_shared=p2p_shared,
         dp_shards=par.dp * par.cp, dp_time=dp_time,
         tied_seconds=(collective_time("all_reduce", V * h / t * grads_b, 2, tied_link, par.algorithm)
                       if par.pp > 1 else 0.0),

@@ -31,14 +31,16 @@ COMM_KINDS = ("tp", "cp", "norm")  # segments of compute-stream tasks that are c
 
 
 class Task:
-    """One piece of work on one stream of one (representative) device. deps: Tasks, or keys resolved later."""
-    __slots__ = ("action", "deps", "duration", "end", "kind", "nbytes", "rank", "segments", "start", "stream")
+    """One piece of work on one stream of one (representative) device. deps: Tasks, or keys resolved later;
+    via (after `run`): the dependency that ended last, so the task started when it ended (None: at time 0)."""
+    __slots__ = ("action", "deps", "duration", "end", "kind", "nbytes", "rank", "recipe", "segments", "start",
+                 "stream", "via")
 
-    def __init__(self, rank, stream, kind, segments, deps=(), action=None, nbytes=0):
-        self.rank, self.stream, self.kind, self.segments = rank, stream, kind, segments
-        self.duration = sum(d for _, d in segments)
+    def __init__(self, rank, stream, kind, segments, deps=(), action=None, nbytes=0, duration=None, recipe=()):
+        self.rank, self.stream, self.kind, self.segments, self.recipe = rank, stream, kind, segments, list(recipe)
+        self.duration = sum(d for _, d in segments) if duration is None else duration
         self.deps, self.action, self.nbytes = list(deps), action, nbytes
-        self.start = self.end = None
+        self.start = self.end = self.via = None
 
     def __repr__(self):
         return f"Task(rank={self.rank}, {self.stream}, {self.kind}, {self.action}, {self.start}..{self.end})"
@@ -66,7 +68,10 @@ def run(tasks):
     while ready:
         i = ready.popleft()
         t = tasks[i]
-        t.start = max((d.end for d in t.deps), default=0.0)
+        t.start, t.via = 0.0, None
+        for d in t.deps:
+            if d.end > t.start:
+                t.start, t.via = d.end, d
         t.end = t.start + t.duration
         done += 1
         for c in children[i]:
@@ -81,6 +86,40 @@ def run(tasks):
 
 # ----------------------------------------------------------------------------------------------------------
 # building one step's tasks
+
+def recipe_seconds(recipe, costs):
+    """A task's duration under other Costs of the same layout: its recipe's terms ("costs", list, count):
+    count x the seconds of a Costs segment list; ("p2p", list, i): a send; ("dp", op, bytes): a gradient or
+    parameter collective; ("tied",), ("norm",), ("optimizer", params)) evaluated on `costs`."""
+    total = 0.0
+    for term in recipe:
+        kind = term[0]
+        if kind == "costs":
+            total += term[2] * sum(d for _, d in getattr(costs, term[1])) if term[2] else 0.0
+        elif kind == "p2p":
+            total += getattr(costs, term[1])[term[2]]
+        elif kind == "dp":
+            total += costs.dp_time(term[1], term[2])
+        elif kind == "tied":
+            total += costs.tied_seconds
+        elif kind == "norm":
+            total += costs.norm_seconds
+        elif kind == "optimizer":
+            total += costs.optimizer_time(term[1])
+    return total
+
+
+def critical_path(tasks):
+    """Indices into `tasks` (after `run`) of the chain that sets the step time: from the task that ends last,
+    back through each task's `via`. The step time is the sum of their durations (plus 0-time starts)."""
+    index = {id(t): i for i, t in enumerate(tasks)}
+    t = max(tasks, key=lambda x: x.end)
+    path = []
+    while t is not None:
+        path.append(index[id(t)])
+        t = t.via
+    return path[::-1]
+
 
 def build_tasks(par, costs, overlap=True, layers_per_task=1):
     """The tasks of one optimizer step on the pp representative devices (see the module docstring), in issue
@@ -99,9 +138,13 @@ class StepBuilder:
         self.par, self.costs, self.overlap, self.layers_per_task = par, costs, overlap, layers_per_task
         self.n_stages = par.pp * par.v
         self.tasks, self.keyed = [], {}
+        self.seconds = {name: sum(d for _, d in getattr(costs, name)) for name in (
+            "layer_forward", "layer_backward", "embed_forward", "embed_backward", "head_forward", "head_backward")}
 
-    def add(self, rank, stream, kind, segments, deps=(), action=None, nbytes=0):
-        t = Task(rank, stream if self.overlap else "compute", kind, segments, deps, action, nbytes)
+    def add(self, rank, stream, kind, segments, deps=(), action=None, nbytes=0, duration=None, recipe=()):
+        if stream == "p2p":
+            stream = self.costs.p2p_stream
+        t = Task(rank, stream if self.overlap else "compute", kind, segments, deps, action, nbytes, duration, recipe)
         self.tasks.append(t)
         return t
 
@@ -133,7 +176,8 @@ class StepBuilder:
         for kind, stage, mb in schedule_order(par.schedule, par.pp, par.v, par.micro_batches, r):
             (self.forward if kind == "F" else self.backward)(stage, mb)
         for op, nbytes, action in self.deferred:
-            self.add(r, "rs", op, [(op, self.costs.dp_time(op, nbytes))], [self.last_compute], action, nbytes)
+            self.add(r, "rs", op, [(op, self.costs.dp_time(op, nbytes))], [self.last_compute], action, nbytes,
+                     recipe=[("dp", op, nbytes)])
         self.keyed[("last", r)] = self.last_compute
 
     def forward(self, stage, mb):
@@ -143,17 +187,21 @@ class StepBuilder:
         first, last, us = stage == 0, stage == self.n_stages - 1, self.units(stage)
         recv = ("send", "F", stage - 1, mb) if not first else None
         for i, (lo, hi) in enumerate(us):
-            segments = ((costs.embed_forward if first and i == 0 else []) + costs.layer_forward * (hi - lo) +
-                        (costs.head_forward if last and i == len(us) - 1 else []))
+            embed, head = first and i == 0, last and i == len(us) - 1
+            segments = ((costs.embed_forward if embed else []) + costs.layer_forward * (hi - lo) +
+                        (costs.head_forward if head else []))
+            seconds = (self.seconds["embed_forward"] * embed + self.seconds["layer_forward"] * (hi - lo) +
+                       self.seconds["head_forward"] * head)
             deps = [recv] if recv and i == 0 else []
             if self.par.zero == 3:
                 deps.append(self.gather(self.unit_params(stage, i, len(us), lo, hi), action))
-            self.last_compute = self.add(r, "compute", "F", segments, deps, action)
+            self.last_compute = self.add(r, "compute", "F", segments, deps, action, duration=seconds, recipe=[
+                ("costs", "embed_forward", embed), ("costs", "layer_forward", hi - lo),
+                ("costs", "head_forward", head)])
             if self.par.zero == 3:
                 self.gathered_users.append(self.last_compute)
         if not last:
-            self.keyed[("send", "F", stage, mb)] = self.add(r, "p2p", "send", [("send", costs.p2p_seconds[stage])],
-                                                            [self.last_compute], action)
+            self.keyed[("send", "F", stage, mb)] = self.send("p2p_seconds", stage, action)
 
     def backward(self, stage, mb):
         """Backward of micro-batch mb through a stage, last unit first: after the next stage's gradient send,
@@ -164,13 +212,18 @@ class StepBuilder:
         first, last, us = stage == 0, stage == self.n_stages - 1, self.units(stage)
         recv = ("send", "B", stage + 1, mb) if not last else None
         for i, (lo, hi) in reversed(list(enumerate(us))):
-            segments = ((costs.head_backward if last and i == len(us) - 1 else []) + costs.layer_backward * (hi - lo) +
-                        (costs.embed_backward if first and i == 0 else []))
+            embed, head = first and i == 0, last and i == len(us) - 1
+            segments = ((costs.head_backward if head else []) + costs.layer_backward * (hi - lo) +
+                        (costs.embed_backward if embed else []))
+            seconds = (self.seconds["head_backward"] * head + self.seconds["layer_backward"] * (hi - lo) +
+                       self.seconds["embed_backward"] * embed)
             deps = [recv] if recv and i == len(us) - 1 else []
             params = self.unit_params(stage, i, len(us), lo, hi)
             if par.zero == 3 and par.reshard_after_forward:
                 deps.append(self.gather(params, action))
-            self.last_compute = self.add(r, "compute", "B", segments, deps, action)
+            self.last_compute = self.add(r, "compute", "B", segments, deps, action, duration=seconds, recipe=[
+                ("costs", "head_backward", head), ("costs", "layer_backward", hi - lo),
+                ("costs", "embed_backward", embed)])
             if par.zero == 3:
                 self.gathered_users.append(self.last_compute)
                 self.reduce_grads("reduce_scatter", params, action)
@@ -181,8 +234,25 @@ class StepBuilder:
         if par.zero < 3:
             self.flush(action)
         if not first:
-            self.keyed[("send", "B", stage, mb)] = self.add(r, "p2p", "send", [("send", costs.p2p_seconds[stage - 1])],
-                                                            [self.last_compute], action)
+            # gradient collectives of this micro-batch in flight: the send shares the NICs with them
+            reducing = (costs.p2p_shared and (par.zero >= 2 or mb == par.micro_batches - 1)
+                        and par.overlap_grad_reduce)
+            self.keyed[("send", "B", stage, mb)] = self.send("p2p_shared" if reducing else "p2p_seconds", stage - 1,
+                                                             action)
+
+    def send(self, times, boundary, action):
+        """The pipeline send after the last compute task: a task on the p2p stream, or, when sends block the
+        compute stream (Parallel.overlap_p2p False), a last segment of that compute task (the same times, fewer
+        tasks). `times`: the Costs list of send seconds to use, `boundary`: its index. Returns the task the
+        receiver waits for."""
+        seconds = getattr(self.costs, times)[boundary]
+        if self.costs.p2p_stream == "compute":
+            self.last_compute.segments = [*self.last_compute.segments, ("send", seconds)]
+            self.last_compute.duration += seconds
+            self.last_compute.recipe.append(("p2p", times, boundary))
+            return self.last_compute
+        return self.add(self.rank, "p2p", "send", [("send", seconds)], [self.last_compute], action,
+                        recipe=[("p2p", times, boundary)])
 
     def gather(self, params, action):
         """A ZeRO-3 all-gather of a unit, issued one unit ahead: it may start once the unit two before it is
@@ -190,14 +260,15 @@ class StepBuilder:
         nbytes = params * self.costs.param_bytes
         deps = [self.gathered_users[-2]] if len(self.gathered_users) >= 2 else []
         return self.add(self.rank, "ag", "all_gather", [("all_gather", self.costs.dp_time("all_gather", nbytes))],
-                        deps, action, nbytes)
+                        deps, action, nbytes, recipe=[("dp", "all_gather", nbytes)])
 
     def reduce_grads(self, op, params, action):
         """The gradients of `params` parameters reduced over dp x cp, after the last compute task: at once on the
         rs stream, or after the last backward when overlap_grad_reduce is off."""
         nbytes = params * self.costs.grad_bytes
         if self.par.overlap_grad_reduce:
-            self.add(self.rank, "rs", op, [(op, self.costs.dp_time(op, nbytes))], [self.last_compute], action, nbytes)
+            self.add(self.rank, "rs", op, [(op, self.costs.dp_time(op, nbytes))], [self.last_compute], action, nbytes,
+                     recipe=[("dp", op, nbytes)])
         else:
             self.deferred.append((op, nbytes, action))
 
@@ -217,17 +288,19 @@ class StepBuilder:
         if p > 1:
             ends = sorted({0, (self.n_stages - 1) % p})
             for r in ends:
-                self.add(r, "p2p", "tied", [("all_reduce", costs.tied_seconds)], [("last", e) for e in ends])
+                self.add(r, "p2p", "tied", [("all_reduce", costs.tied_seconds)], [("last", e) for e in ends],
+                         recipe=[("tied",)])
         norm_deps = list({(t.rank, t.stream): t for t in self.tasks}.values())
         for r in range(p):
             params = rank_params(par, costs, r)
-            norm = self.add(r, "compute", "norm", [("norm", costs.norm_seconds)], norm_deps)
+            norm = self.add(r, "compute", "norm", [("norm", costs.norm_seconds)], norm_deps, recipe=[("norm",)])
             shard = params / (costs.dp_shards if par.zero >= 1 else 1)
-            opt = self.add(r, "compute", "optimizer", [("optimizer", costs.optimizer_time(shard))], [norm])
+            opt = self.add(r, "compute", "optimizer", [("optimizer", costs.optimizer_time(shard))], [norm],
+                           recipe=[("optimizer", shard)])
             if par.zero in (1, 2):
                 nbytes = params * costs.param_bytes
                 self.add(r, "ag", "all_gather", [("all_gather", costs.dp_time("all_gather", nbytes))], [opt], None,
-                         nbytes)
+                         nbytes, recipe=[("dp", "all_gather", nbytes)])
         for t in self.tasks:
             t.deps = [self.keyed[d] if isinstance(d, tuple) else d for d in t.deps]
         return self.tasks

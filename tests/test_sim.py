@@ -37,9 +37,10 @@ GPT3 = Model(n_layer=96, n_head=96, n_embd=12288, seq_len=2048, vocab_size=51200
 
 
 def free_cluster(**changes):
-    """A cluster on which only matmuls cost time: infinite memory bandwidth and links, no latencies."""
+    """A cluster on which only matmuls cost time: infinite memory bandwidth and links, no latencies, and the flat
+    compute model (every matmul at matmul_efficiency x peak, default 0.8; sim/compute.py)."""
     return replace(A100, hbm_bandwidth=math.inf, intra=Link(math.inf, 0.0), inter=Link(math.inf, 0.0),
-                   reserved_bytes=0, **changes)
+                   reserved_bytes=0, **{"matmul_efficiency": 0.8, **changes})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -248,3 +249,55 @@ def test_cluster_group_links():
     with pytest.raises(ValueError, match="whole nodes"):
         A100.sized(12)
     assert isinstance(A100, Cluster)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the shape model against published figures (sim/compute.py, sim/published.py, sim/validate.py)
+
+def test_gemm_waves_and_curve_fit():
+    """One tile more than the SMs hold costs a second wave; the tile model's two constants are what the
+    published H100 GEMM curve gives (sim/published.py), and it fits the curve within 10% rms."""
+    from sim.cluster import SHAPE_CONSTANTS
+    from sim.compute import fit_gemm_curve, gemm, gemm_seconds
+    from sim.published import GEMM_CURVE
+    h100 = PRESETS["h100-sxm"]
+    # [4096, 8448] fills 8, 16 or 32 whole waves of 132 SMs with 128x256, 128x128 or 64x128 tiles; 64 more rows
+    # (1.6% more FLOPs) need a 33rd wave of the 64x128 tiles, the best shape then: 1/32 more time
+    full, more = (gemm_seconds(gemm(m, 8448, 8192), h100, "bfloat16") for m in (4096, 4096 + 64))
+    assert more / full == pytest.approx(33 / 32, rel=1e-12)
+    skinny = gemm(8192, 8, 8192)  # a matrix-vector-like product: its bytes at HBM bandwidth (the roofline)
+    assert gemm_seconds(skinny, h100, "bfloat16") == pytest.approx(
+        (8192 * 8192 + 8192 * 8 + 8192 * 8) * 2 / h100.hbm_bandwidth, rel=1e-12)
+    k0, latency, rms, _ = fit_gemm_curve(GEMM_CURVE, h100)
+    assert (k0, latency) == (SHAPE_CONSTANTS["tile_k0"], SHAPE_CONSTANTS["kernel_latency"])
+    assert rms < 0.10
+
+
+def test_published_throughputs_leave_one_out():
+    """Every published training figure predicted within 10% with its constants refitted without it (check
+    figures: never fitted), the presets' constants are the fit on all of them, and the predicted TFLOP/s
+    rise with model size as Megatron-LM's Table 1 does (1.7B-18B below 530B-1T)."""
+    from sim.cluster import SHAPE_CONSTANTS
+    from sim.published import TRAINING
+    from sim.validate import FITTED, leave_one_out, linearize_all, solve
+    lins = linearize_all()
+    rows = leave_one_out(simulate_held_out=False, lins=lins)
+    bad = [(r["fig"]["name"], round(r["error"], 3)) for r in rows if abs(r["error"]) > 0.10]
+    assert not bad
+    refit = solve([lins[f["name"]] for f in TRAINING if f["role"] == "fit"], SHAPE_CONSTANTS)
+    for name in FITTED:
+        assert refit[name] == pytest.approx(SHAPE_CONSTANTS[name], rel=0.01)
+    table1 = {r["fig"]["name"]: r["fig"]["value"] * r["published"] / r["predicted"] for r in rows
+              if "Table 1" in r["fig"]["source"]}
+    small = [table1[f"GPT {s}"] for s in ("1.7B, 32 GPUs", "3.6B, 64 GPUs", "7.5B, 128 GPUs", "18B, 256 GPUs")]
+    large = [table1[f"GPT {s}"] for s in ("530B, 2520 GPUs", "1T, 3072 GPUs")]
+    assert max(small) < min(large)
+
+
+def test_gpt3_175b_1024_gpus_default_settings():
+    """README's command (Megatron-LM 2021's settings: full recomputation, no flash attention, V=51200), no
+    --matmul_efficiency: within 10% of Narayanan et al. 2021's 140 TFLOP/s per GPU (section 5.1)."""
+    model, par, cluster = build(load(["config/gpt3_175b.py", "--gpus=1024", "--vocab_size=51200",
+                                      "--recompute=full", "--flash_attention=False"]))
+    step = simulate(model, par, cluster, layers_per_task=12)
+    assert step.tflops_per_device == pytest.approx(140, rel=0.10)
