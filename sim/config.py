@@ -18,6 +18,7 @@ How train.py's keys map to a layout (sim.cost.Parallel), for N devices (--gpus, 
 import os
 
 from config import load_config
+from parallel.fsdp import reshard_after_forward  # the trainer's policy: "default" is off inside pipelines
 from sim import cluster as clusters
 from sim.cost import Model, Parallel
 from train import DEFAULTS as TRAIN_DEFAULTS
@@ -101,7 +102,8 @@ def build(cfg, cluster=None):
     par = Parallel(dp=dp, tp=tp, pp=pp, cp=cp, v=cfg["pp_virtual_stages"], micro_batch=cfg["batch_size"],
                    micro_batches=gas // dp, zero=zero, sequence_parallel=cfg["sequence_parallel"] and tp > 1,
                    recompute=cfg["recompute"], schedule=cfg["pp_schedule"],
-                   reshard_after_forward=cfg["reshard_after_forward"], overlap_grad_reduce=cfg["overlap_grad_reduce"],
+                   reshard_after_forward=reshard_after_forward(cfg["reshard_after_forward"], pipelined=pp > 1),
+                   overlap_grad_reduce=cfg["overlap_grad_reduce"],
                    bucket_mb=cfg["bucket_cap_mb"], loss_parallel=cfg["loss_parallel"],
                    flash_attention=cfg["flash_attention"], dtype=dtype, pp_split=cfg["pp_split"],
                    algorithm=cfg["algorithm"], overlap_p2p=cfg["overlap_p2p"], scatter_gather=cfg["scatter_gather"])

@@ -4,7 +4,7 @@ a compute lane and under it one lane per communication stream it used (ag: param
 reduce-scatters / all-reduces, p2p: pipeline sends and the tied-embedding exchange). On the compute lane,
 forward, backward and recomputation are coloured apart, and the TP/CP collectives that block it are drawn in
 their own colours where they happen; each forward/backward of a micro-batch is outlined and numbered
-(micro-batch, or micro-batch.chunk with virtual stages), as in parallel/pp_timeline.py.
+(micro-batch, or micro-batch.chunk with virtual stages), as in sim/pp_timeline.py.
 
     python simulate.py config/x.py --gpus=8 --timeline=docs/sim_timeline.png
 """
