@@ -118,8 +118,19 @@ def compile_one(job):
             return False, time.perf_counter() - start, "no cubin produced"
         return True, time.perf_counter() - start, ""
     except Exception as e:  # the compiler's message, whatever stage failed
-        text = f"{type(e).__name__}: {e}".strip().splitlines()
-        return False, time.perf_counter() - start, " | ".join(line.strip() for line in text[:6])[:600]
+        return False, time.perf_counter() - start, summarize_error(e)
+
+
+def summarize_error(e):
+    """One line from a compiler exception: Triton's CompilationError is "at L:C:", source lines, a "^" line under
+    the failing one, then the message; keep the position, the failing source line and the message."""
+    lines = [line.rstrip() for line in str(e).splitlines() if line.strip()]
+    marker = next((i for i, line in enumerate(lines) if line.strip() == "^"), None)
+    if marker is None or marker == 0:
+        text = " | ".join(line.strip() for line in lines[-4:])
+    else:
+        text = f"{lines[0]} {lines[marker - 1].strip()!r}: {' '.join(x.strip() for x in lines[marker + 1:])}"
+    return f"{type(e).__name__}: {text}"[:800]
 
 
 def _compile_many(jobs):
