@@ -77,7 +77,8 @@ def plan(dry_run):
     for backend in ("torch", "nccl", "triton"):
         parts.append(("bandwidth", backend, ["bandwidth", "--backend", backend, "--sizes", sizes], 2, 60))
     for compile_ in ("off", "on"):
-        parts.append(("gpt2", f"compile {compile_}", ["gpt2", "--compile", compile_], 1, 60 if compile_ == "off" else 180))
+        cap = 60 if compile_ == "off" else 180
+        parts.append(("gpt2", f"compile {compile_}", ["gpt2", "--compile", compile_], 1, cap))
     return parts
 
 
@@ -126,13 +127,15 @@ def worker_env(args):
     try:
         import triton
         info["triton"] = triton.__version__
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        assert callable(triton.compile) and ASTSource and GPUTarget
         probe("triton.compile, ASTSource, GPUTarget", "ok", f"triton {triton.__version__}: kernels/compile_check.py "
               "can compile ahead of time here too (CI compiles with triton 3.7.1 and was checked with 3.6.0)")
     except Exception as e:
         probe("triton", "missing", f"{type(e).__name__}: {e}", "the triton variant and tests are skipped")
-    for new, old in (("all_gather_single", "all_gather_into_tensor"), ("reduce_scatter_single", "reduce_scatter_tensor")):
+    for new, old in (("all_gather_single", "all_gather_into_tensor"),
+                     ("reduce_scatter_single", "reduce_scatter_tensor")):
         if hasattr(dist, new):
             probe(f"torch.distributed.{new}", "ok", "torch >= 2.13 name")
         elif hasattr(dist, old):
@@ -153,6 +156,8 @@ def worker_env(args):
     probe("TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES", "ok" if os.environ.get(
           "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES") == "1" else "missing", "set to 1 by gpu_check.py for its parts: "
           "torch's CUDA symmetric memory (2.11 included) refuses two ranks' allocations on one device without it")
+    probe("TORCH_SYMMMEM", "ok", f"{os.environ.get('TORCH_SYMMMEM', 'unset')}: the symmetric-memory allocator "
+          "(gpu_check.py defaults it to CUDA, the cuMem one whose peer pointers the kernels use)")
     try:
         from kernels import nccl
         lib = nccl.NCCLLibrary()
@@ -384,8 +389,8 @@ WORKERS = dict(env=worker_env, tests=worker_tests, strategies=worker_strategies,
 # ----------------------------------------------------------------------------------------------------------
 # the orchestrator
 
-PYTEST_SHIM = '''"""Stand-in for pytest where it is not installed (written by gpu_check.py). The GPU test classes are unittest
-classes; their modules use pytest only to declare pytest functions at import time, which never run here."""
+PYTEST_SHIM = '''"""Stand-in for pytest where it is not installed (written by gpu_check.py). The GPU test classes are
+unittest classes; their modules use pytest only to declare pytest functions at import time, which never run here."""
 import importlib
 import unittest
 
@@ -421,6 +426,8 @@ def child_env(dry_run, shim_dir):
     env = dict(os.environ)
     env.update(TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES="1", NANOPARALLEL_TRITON_CHECK_LAUNCHES="1",
                NANOPARALLEL_TRITON_TIMEOUT_S="60", PYTHONUNBUFFERED="1")
+    env.setdefault("TORCH_SYMMMEM", "CUDA")  # torch's cuMem-based symmetric memory, whose peers' buffers the kernels
+    #                                          address directly (not NVSHMEM's or NCCL's allocator)
     if dry_run:
         env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     if shim_dir:
@@ -561,7 +568,7 @@ def markdown(report):
         status = r["status"] if r["status"] != "skipped" else f"skipped: {r['reason']}"
         lines.append(f"| {suite} | {count['passed']} | {count['failed'] + count['error']} | {count['skipped']} | "
                      f"{r['seconds']} | {status} |")
-        failures += [f"- `{x['test']}` ({x['outcome']}): {x['message'].strip().splitlines()[-1] if x['message'] else ''}"
+        failures += [f"- `{x['test']}` ({x['outcome']}): {(x['message'].strip().splitlines() or [''])[-1]}"
                      for x in recs if x["outcome"] in ("failed", "error")]
         failures += [f"- `{x['test']}` skipped: {x['message']}" for x in recs if x["outcome"] == "skipped"]
     lines += [""] + failures + ([""] if failures else [])
@@ -607,7 +614,8 @@ def markdown(report):
 
     g = [rec for r in by_phase.get("gpt2", []) for rec in r["records"]]
     lines += ["## GPT-2 on one device (bf16 autocast, single strategy)", "",
-              "| compile | tokens/s | MFU | TFLOP/s | ms/step | batch x block | params | warm-up s | loss first -> last |",
+              "| compile | tokens/s | MFU | TFLOP/s | ms/step | batch x block | params | warm-up s "
+              "| loss first -> last |",
               "|---|---|---|---|---|---|---|---|---|"]
     for rec in g:
         mfu = "" if rec["mfu"] is None else f"{100 * rec['mfu']:.1f}%"

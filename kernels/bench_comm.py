@@ -10,8 +10,9 @@ the Triton interpreter over /dev/shm on CPU, CUDA symmetric memory on a GPU), nc
 The process group is gloo everywhere; on a GPU every rank uses GPU 0 (one GPU is what the device tool lends) with its
 own NCCL_HOSTID, so NCCL accepts several ranks on it, and TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1, without which
 torch's symmetric memory refuses two ranks' allocations on one device ("detected allocations from overlapping
-devices"). gpu_check.py measures torch's NCCL too (a process group with NCCL for CUDA tensors). Each size: `warmup` calls, then `iters` timed calls (a CUDA
-synchronize before and after); the time is the slowest rank's mean per call. Prints one row per (backend, size).
+devices"). gpu_check.py measures torch's NCCL too (a process group with NCCL for CUDA tensors).
+Each size: `warmup` calls, then `iters` timed calls (a CUDA synchronize before and after); the time is the slowest
+rank's mean per call, and one call first checks the result. Prints one row per (backend, size).
 """
 
 import argparse

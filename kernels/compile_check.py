@@ -7,8 +7,9 @@ each architecture, with exactly the variants the backend launches: kernels/trito
 constexpr combination: dtypes fp32/bf16/fp16, reductions sum/avg/max, element sizes 1/2/4/8, block size, lanes,
 spins, send/receive, for groups of `world_sizes` ranks, with TUNING["cuda"]) times the specializations of the
 runtime arguments that ARGUMENTS lists (how Triton's JIT would specialize them at launch: the generic variant,
-the all-aligned one, and, for the largest group, each argument's other specializations one at a time). The backend checks every launch
-it makes against that same description (TritonCollectives._launch), so the two cannot drift apart silently.
+the all-aligned one, and, for the largest group, each argument's other specializations one at a time). The backend
+checks every launch it makes against that same description (TritonCollectives._launch), so the two cannot drift
+apart silently.
 
     python -m kernels.compile_check                       # sm_80 and sm_90, groups of 1, 2, 4 and 8 ranks
     python -m kernels.compile_check --arch 90 --jobs 1 --json out.json

@@ -10,9 +10,9 @@ type and reduction, the communicator and the current CUDA stream (nccl.h, NCCL 2
 - The library: $NANOPARALLEL_NCCL_LIB if set (a path to libnccl.so.2), else the copy of an `nvidia-nccl-cu12` or
   `-cu13` wheel on sys.path (nvidia/nccl/lib or, from CUDA 13, nvidia/cu13/lib: where torch's CUDA wheels find
   theirs), else a libnccl this process has already loaded (a system NCCL torch was built against), else whatever
-  the loader finds (libnccl.so.2). requirements.txt installs nvidia-nccl-cu12 on Linux x86_64, so CI tests the binding against the
-  real library (which loads without a GPU); on a CPU machine the nccl variant fails at strategy build time with one
-  line.
+  the loader finds (libnccl.so.2). requirements.txt installs nvidia-nccl-cu12 on Linux x86_64, so CI tests the
+  binding against the real library (which loads without a GPU); on a CPU machine the nccl variant fails at strategy
+  build time with one line.
 - A communicator per process group: the group's rank 0 calls ncclGetUniqueId, the 128-byte id is broadcast over the
   group (torch.distributed, i.e. gloo or torch's NCCL), and every rank calls ncclCommInitRank.
 - Collectives run on the current CUDA stream, asynchronously with respect to the host (as torch's do); the handle of

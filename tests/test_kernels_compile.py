@@ -31,7 +31,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
     assert out.exists(), f"kernels.compile_check wrote no report (exit code {code}):\n{text[-6000:]}"
     report = json.loads(out.read_text())
     failed = [f"{e['describe']}: {e['error']}" for e in report["kernels"] if not e["ok"]]
-    assert not failed, f"{len(failed)} of {report['compiled']} kernel variants do not compile:\n" + "\n".join(failed[:20])
+    assert not failed, (f"{len(failed)} of {report['compiled']} kernel variants do not compile:\n"
+                        + "\n".join(failed[:20]))
     assert not report["specialization_errors"], report["specialization_errors"]
     assert code == 0, text[-6000:]
     compiled = {(e["arch"], e["kernel"]) for e in report["kernels"]}
@@ -128,7 +129,8 @@ def test_compile_jobs_cover_the_space(monkeypatch):
             for c in combos:
                 for arch in (80, 90):
                     mine = [dict(args) for a, k, ck, args in have if (a, k, ck) == (arch, name, t.constexpr_key(c))]
-                    generic = {p: next((s for s in specs if s[1] == ""), specs[0]) for p, specs in t.ARGUMENTS[name].items()}
+                    generic = {p: next((s for s in specs if s[1] == ""), specs[0])
+                               for p, specs in t.ARGUMENTS[name].items()}
                     assert generic in mine, (arch, name, c)
                     if N == 4:  # the largest: every listed specialization of every argument
                         for arg, specs in t.ARGUMENTS[name].items():

@@ -166,7 +166,7 @@ def test_enums_and_signatures_match_the_real_nccl_h(nccl_h):
              torch.float16: "ncclFloat16", torch.float32: "ncclFloat32", torch.float64: "ncclFloat64",
              torch.bfloat16: "ncclBfloat16"}
     assert nccl.DATA_TYPES == {t: enum[n] for t, n in names.items()}
-    assert nccl.REDUCE_OPS == {op: enum[f"ncclProd" if op == "prod" else f"nccl{op.capitalize()}"]
+    assert nccl.REDUCE_OPS == {op: enum[f"nccl{op.capitalize()}"]
                                for op in nccl.REDUCE_OPS}
     for name, argtypes in nccl.SIGNATURES.items():
         m = re.search(rf"ncclResult_t\s+{name}\s*\(([^)]*)\)\s*;", nccl_h)
