@@ -41,6 +41,12 @@ chunks, messages larger than a slot in slot-sized ones.
 
 Waiting: a kernel spins on a flag a bounded number of times and reports; the host relaunches it (sleeping a little
 between tries on CPU, where several ranks share 2 cores) until it succeeds or `timeout_s` passes (RuntimeError).
+
+What is launched: launch_space (constexprs) and ARGUMENTS (how Triton specializes each runtime argument) describe
+every launch the backend can make; every launch is checked against them (always under the interpreter), and
+kernels/compile_check.py compiles exactly that description for sm_80 and sm_90, so the CPU tests prove the kernels
+compile for a GPU in every variant that runs. Two ranks on one GPU: set TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1,
+without which torch's CUDA symmetric memory refuses the rendezvous.
 """
 
 import atexit
