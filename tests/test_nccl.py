@@ -161,7 +161,11 @@ def test_enums_and_signatures_match_the_real_nccl_h(nccl_h):
     the values of the enums, and for every parameter the ctypes type of its C type (size_t, int or an enum, a
     pointer or opaque handle, ncclUniqueId by value)."""
     enum = {name: int(value) for name, value in re.findall(r"\b(nccl[A-Z]\w*)\s*=\s*(\d+)", nccl_h)}
-    assert {code: name for code, name in nccl.RESULTS.items()} == {enum[n]: n for n in nccl.RESULTS.values()}
+    block = re.search(r"typedef enum \{([^}]*)\}\s*ncclResult_t;", nccl_h).group(1)
+    results = {int(v): n for n, v in re.findall(r"(nccl\w+)\s*=\s*(\d+)", block) if n != "ncclNumResults"}
+    assert {c: nccl.RESULTS[c] for c in results} == results  # every result this header has, by the same code
+    # a result newer than this header (ncclTimeout: in 2.32.3, not in 2.28.9) comes after all of its own
+    assert all(c in results or c >= enum["ncclNumResults"] for c in nccl.RESULTS)
     names = {torch.int8: "ncclInt8", torch.uint8: "ncclUint8", torch.int32: "ncclInt32", torch.int64: "ncclInt64",
              torch.float16: "ncclFloat16", torch.float32: "ncclFloat32", torch.float64: "ncclFloat64",
              torch.bfloat16: "ncclBfloat16"}
