@@ -97,6 +97,22 @@ def test_library_search_order_and_errors(monkeypatch, tmp_path):
     assert nccl.library_candidates()[-1] == "libnccl.so.2"
 
 
+def test_library_search_finds_the_wheels_layouts(monkeypatch, tmp_path):
+    """On sys.path, the nvidia-nccl wheels' nvidia/nccl/lib (cu12, and cu13 as torch 2.11 pins it) and CUDA 13's
+    nvidia/cu13/lib come before the loader's own search; $NANOPARALLEL_NCCL_LIB before everything."""
+    monkeypatch.delenv(nccl.LIBRARY_ENV, raising=False)
+    paths = [tmp_path / "a" / "nvidia" / "nccl" / "lib" / "libnccl.so.2", tmp_path / "b" / "nvidia" / "cu13" / "lib" /
+             "libnccl.so.2"]
+    for p in paths:
+        p.parent.mkdir(parents=True)
+        p.write_bytes(b"")
+    monkeypatch.setattr("sys.path", [str(tmp_path / "a"), str(tmp_path / "b")])
+    assert nccl.wheel_libraries() == [str(p) for p in paths]
+    assert nccl.library_candidates()[:2] == [str(p) for p in paths]
+    monkeypatch.setenv(nccl.LIBRARY_ENV, "/elsewhere/libnccl.so.2")
+    assert nccl.library_candidates()[:3] == ["/elsewhere/libnccl.so.2"] + [str(p) for p in paths]
+
+
 def test_binding_against_a_stub_library(stub_library, monkeypatch):
     monkeypatch.setenv(nccl.LIBRARY_ENV, stub_library)
     lib = nccl.NCCLLibrary()
