@@ -3,6 +3,9 @@
 #                (2 CPU processes with gloo, or every GPU of this machine with NCCL), then sample from it
 #   make test    the whole test suite (pytest; distributed tests run under torchrun, 2 and 4 processes)
 #   make bench   tokens/s of single vs DDP pytorch vs DDP custom on the CPU recipe
+#   make gpu-check  on a machine with one GPU: the GPU test classes, every strategy's custom/triton/nccl variants,
+#                all-reduce bandwidth, GPT-2 124M tokens/s and MFU; one report (out-gpu-check/...), at most 8 minutes.
+#                Uses .venv's python if there is one, else the machine's ($(PYTHON)): a GPU machine has its own torch.
 # Offline: export SHAKESPEARE_INPUT=/path/to/tinyshakespeare/input.txt (else prepare.py downloads it).
 
 PYTHON ?= python3
@@ -20,7 +23,7 @@ TRAIN_ARGS := --nproc_per_node=$(NGPU) train.py config/train_shakespeare_char.py
 OUT_DIR := out-shakespeare-char-ddp
 endif
 
-.PHONY: venv train test bench clean
+.PHONY: venv train test bench gpu-check clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +44,11 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed data/shakespeare_char/train.bin
 	$(PY) bench.py
+
+GPU_CHECK_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+
+gpu-check:
+	@$(GPU_CHECK_PY) gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf out-* data/*/train.bin data/*/val.bin data/*/meta.pkl

@@ -8,8 +8,11 @@ for S bytes all-reduced in t seconds over N ranks, algbw = S / t and busbw = alg
 Backends: torch (comm.TorchCollectives over the process group: gloo), triton (kernels/triton_comm.py:
 the Triton interpreter over /dev/shm on CPU, CUDA symmetric memory on a GPU), nccl (kernels/nccl.py, GPU only).
 The process group is gloo everywhere; on a GPU every rank uses GPU 0 (one GPU is what the device tool lends) with its
-own NCCL_HOSTID, so NCCL accepts several ranks on it. Each size: `warmup` calls, then `iters` timed calls (a CUDA
-synchronize before and after); the time is the slowest rank's mean per call. Prints one row per (backend, size).
+own NCCL_HOSTID, so NCCL accepts several ranks on it, and TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1, without which
+torch's symmetric memory refuses two ranks' allocations on one device ("detected allocations from overlapping
+devices"). gpu_check.py measures torch's NCCL too (a process group with NCCL for CUDA tensors).
+Each size: `warmup` calls, then `iters` timed calls (a CUDA synchronize before and after); the time is the slowest
+rank's mean per call, and one call first checks the result. Prints one row per (backend, size).
 """
 
 import argparse
@@ -71,6 +74,32 @@ def time_all_reduce(comm, tensor, warmup, iters):
     return elapsed.item()
 
 
+def all_reduce_is_correct(comm, numel, dtype, device):
+    """One all_reduce (sum) of rank+1 everywhere gives N(N+1)/2 everywhere, on every rank (checked by all)."""
+    rank, N = dist.get_rank(), dist.get_world_size()
+    t = torch.full((numel,), float(rank + 1), dtype=dtype, device=device)
+    comm.all_reduce(t)
+    ok = torch.tensor([int(bool((t == N * (N + 1) // 2).all()))])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def bus_bandwidth(comm, sizes, dtype, device, warmup, iters):
+    """All-reduce (sum) of each size in bytes: rows of dict(bytes, seconds, algbw, busbw (GB/s), correct), the time
+    the slowest rank's mean over `iters` calls after `warmup` (nccl-tests' busbw = algbw * 2(N-1)/N)."""
+    N, rows = dist.get_world_size(), []
+    for size in sizes:
+        numel = max(1, size // torch.empty((), dtype=dtype).element_size())
+        correct = all_reduce_is_correct(comm, numel, dtype, device)
+        tensor = torch.ones(numel, dtype=dtype, device=device)
+        t = time_all_reduce(comm, tensor, warmup, iters)
+        del tensor
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        algbw = nbytes / t / 1e9
+        rows.append(dict(bytes=nbytes, seconds=t, algbw=algbw, busbw=algbw * 2 * (N - 1) / N, correct=correct))
+    return rows
+
+
 def main(argv):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -82,8 +111,9 @@ def main(argv):
     p.add_argument("--iters", type=int, default=10 if cuda else 5)
     args = p.parse_args(argv)
 
-    if cuda:
+    if cuda:  # every rank on GPU 0: NCCL and symmetric memory must be told that this is deliberate
         os.environ["NCCL_HOSTID"] = f"nanoparallel-rank{os.environ['RANK']}"
+        os.environ.setdefault("TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES", "1")
         torch.cuda.set_device(0)
     dist.init_process_group("gloo")
     rank, N = dist.get_rank(), dist.get_world_size()
@@ -95,15 +125,11 @@ def main(argv):
         print(f"{'backend':<8} {'size':>7} {'time':>11} {'algbw GB/s':>11} {'busbw GB/s':>11}")
     for name in args.backends.split(","):
         comm = make_backend(name, device, args.algorithm)
-        for size in map(parse_size, args.sizes.split(",")):
-            numel = max(1, size // torch.empty((), dtype=dtype).element_size())
-            tensor = torch.ones(numel, dtype=dtype, device=device)
-            t = time_all_reduce(comm, tensor, args.warmup, args.iters)
-            nbytes = tensor.numel() * tensor.element_size()
-            algbw = nbytes / t / 1e9
+        for row in bus_bandwidth(comm, [parse_size(x) for x in args.sizes.split(",")], dtype, device, args.warmup,
+                                 args.iters):
             if rank == 0:
-                busbw = algbw * 2 * (N - 1) / N
-                print(f"{name:<8} {human(nbytes):>7} {t * 1e3:>8.3f} ms {algbw:>11.4f} {busbw:>11.4f}", flush=True)
+                print(f"{name:<8} {human(row['bytes']):>7} {row['seconds'] * 1e3:>8.3f} ms {row['algbw']:>11.4f} "
+                      f"{row['busbw']:>11.4f}" + ("" if row["correct"] else "  WRONG RESULT"), flush=True)
     return 0
 
 

@@ -7,9 +7,12 @@ type and reduction, the communicator and the current CUDA stream (nccl.h, NCCL 2
 "NCCL User Guide", sections "Creating a communicator", "Collective operations", "Point-to-point communication",
 "Group calls").
 
-- The library: $NANOPARALLEL_NCCL_LIB if set (a path to libnccl.so.2), else the `nvidia-nccl-cu12` wheel's copy if
-  that package is importable (torch's CUDA wheels depend on it), else whatever the loader finds (libnccl.so.2).
-  A CPU machine has none: the nccl variant then fails at strategy build time with one line.
+- The library: $NANOPARALLEL_NCCL_LIB if set (a path to libnccl.so.2), else the copy of an `nvidia-nccl-cu12` or
+  `-cu13` wheel on sys.path (nvidia/nccl/lib or, from CUDA 13, nvidia/cu13/lib: where torch's CUDA wheels find
+  theirs), else a libnccl this process has already loaded (a system NCCL torch was built against), else whatever
+  the loader finds (libnccl.so.2). requirements.txt installs nvidia-nccl-cu12 on Linux x86_64, so CI tests the
+  binding against the real library (which loads without a GPU); on a CPU machine the nccl variant fails at strategy
+  build time with one line.
 - A communicator per process group: the group's rank 0 calls ncclGetUniqueId, the 128-byte id is broadcast over the
   group (torch.distributed, i.e. gloo or torch's NCCL), and every rank calls ncclCommInitRank.
 - Collectives run on the current CUDA stream, asynchronously with respect to the host (as torch's do); the handle of
@@ -20,12 +23,16 @@ type and reduction, the communicator and the current CUDA stream (nccl.h, NCCL 2
 - Two ranks on one GPU: NCCL refuses them unless they believe they are on different hosts; set NCCL_HOSTID to a
   different value per rank before the first communicator is made (tests/test_nccl.py does).
 
-Every NCCL error becomes an NCCLError naming the call, the ncclResult_t and ncclGetErrorString's text.
+Every NCCL error becomes an NCCLError naming the call, the ncclResult_t, ncclGetErrorString's text and, where the
+library has it (NCCL >= 2.13), ncclGetLastError's message (e.g. "Cuda failure 'CUDA driver version is insufficient
+for CUDA runtime version'" for ncclCommInitRank on a machine without a GPU).
 """
 
 import ctypes
 import ctypes.util
+import glob
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -37,7 +44,8 @@ NCCL_UNIQUE_ID_BYTES = 128
 
 # ncclResult_t
 RESULTS = {0: "ncclSuccess", 1: "ncclUnhandledCudaError", 2: "ncclSystemError", 3: "ncclInternalError",
-           4: "ncclInvalidArgument", 5: "ncclInvalidUsage", 6: "ncclRemoteError", 7: "ncclInProgress"}
+           4: "ncclInvalidArgument", 5: "ncclInvalidUsage", 6: "ncclRemoteError", 7: "ncclInProgress",
+           8: "ncclTimeout"}
 # ncclDataType_t (ncclBfloat16 needs NCCL >= 2.10)
 DATA_TYPES = {torch.int8: 0, torch.uint8: 1, torch.int32: 2, torch.int64: 4, torch.float16: 6, torch.float32: 7,
               torch.float64: 8, torch.bfloat16: 9}
@@ -92,19 +100,36 @@ def nccl_dtype(dtype):
     return DATA_TYPES[dtype]
 
 
+def loaded_libraries():
+    """Paths of the libnccl.so* files mapped into this process (/proc/self/maps; [] where there is none)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
+    except OSError:
+        return []
+    return sorted(p for p in paths if os.path.basename(p).startswith("libnccl.so"))
+
+
+def wheel_libraries():
+    """libnccl.so.2 of the nvidia-nccl-cu* wheels on sys.path: nvidia/nccl/lib (cu12, cu13) and nvidia/cu*/lib (the
+    CUDA 13 layout torch 2.11's torch/__init__.py also searches)."""
+    out = []
+    for root in sys.path:
+        for pattern in ("nvidia/nccl/lib/libnccl.so.2", "nvidia/cu*/lib/libnccl.so.2"):
+            out += sorted(glob.glob(os.path.join(root or ".", pattern)))
+    return list(dict.fromkeys(out))
+
+
 def library_candidates():
-    """The paths or names load_library tries, in order: $NANOPARALLEL_NCCL_LIB, the nvidia-nccl-cu12 wheel's
-    libnccl.so.2, what ctypes.util.find_library("nccl") returns, "libnccl.so.2"."""
+    """The paths or names load_library tries, in order: $NANOPARALLEL_NCCL_LIB, the nvidia-nccl wheels'
+    (wheel_libraries), a libnccl already loaded in this process (e.g. a system NCCL that torch was built against),
+    what ctypes.util.find_library("nccl") returns, "libnccl.so.2"."""
     out = []
     if os.environ.get(LIBRARY_ENV):
         out.append(os.environ[LIBRARY_ENV])
-    try:
-        import nvidia.nccl
-        out += [os.path.join(d, "lib", "libnccl.so.2") for d in nvidia.nccl.__path__]
-    except ImportError:
-        pass
+    out += wheel_libraries() + loaded_libraries()
     found = ctypes.util.find_library("nccl")
-    return out + ([found] if found else []) + ["libnccl.so.2"]
+    return list(dict.fromkeys(out + ([found] if found else []) + ["libnccl.so.2"]))
 
 
 def load_library(path=None):
@@ -120,7 +145,7 @@ def load_library(path=None):
         except OSError as e:
             errors.append(f"{candidate} ({str(e).split(':')[-1].strip()})")
     raise OSError(f"libnccl not found: tried {'; '.join(errors)}. Set {LIBRARY_ENV}=/path/to/libnccl.so.2 (from the "
-                  f"nvidia-nccl-cu12 wheel, which torch's CUDA wheels install)")
+                  f"nvidia-nccl-cu12 or -cu13 wheel, which torch's CUDA wheels install)")
 
 
 class NCCLLibrary:
@@ -133,16 +158,29 @@ class NCCLLibrary:
             fn = getattr(self.lib, name)
             fn.argtypes, fn.restype = argtypes, ctypes.c_int
         self.lib.ncclGetErrorString.argtypes, self.lib.ncclGetErrorString.restype = [ctypes.c_int], ctypes.c_char_p
+        self._last_error = getattr(self.lib, "ncclGetLastError", None)  # NCCL >= 2.13
+        if self._last_error is not None:
+            self._last_error.argtypes, self._last_error.restype = [_p], ctypes.c_char_p
 
     def error_string(self, code):
         """ncclGetErrorString(code)."""
         text = self.lib.ncclGetErrorString(code)
         return text.decode(errors="replace") if text else ""
 
+    def last_error(self):
+        """ncclGetLastError(NULL): the message of this thread's last NCCL error ("" if none or unsupported)."""
+        if self._last_error is None:
+            return ""
+        text = self._last_error(None)
+        return text.decode(errors="replace") if text else ""
+
     def call(self, name, *args):
+        """Call libnccl's `name`; raise NCCLError (with the error string and the last error's message) unless it
+        returns ncclSuccess."""
         code = getattr(self.lib, name)(*args)
         if code != 0:
-            raise NCCLError(name, code, self.error_string(code))
+            message, detail = self.error_string(code), self.last_error()
+            raise NCCLError(name, code, f"{message}; {detail}" if detail and detail not in message else message)
 
     def version(self):
         """(major, minor, patch) of the loaded library."""

@@ -41,6 +41,12 @@ chunks, messages larger than a slot in slot-sized ones.
 
 Waiting: a kernel spins on a flag a bounded number of times and reports; the host relaunches it (sleeping a little
 between tries on CPU, where several ranks share 2 cores) until it succeeds or `timeout_s` passes (RuntimeError).
+
+What is launched: launch_space (constexprs) and ARGUMENTS (how Triton specializes each runtime argument) describe
+every launch the backend can make; every launch is checked against them (always under the interpreter), and
+kernels/compile_check.py compiles exactly that description for sm_80 and sm_90, so the CPU tests prove the kernels
+compile for a GPU in every variant that runs. Two ranks on one GPU: set TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1,
+without which torch's CUDA symmetric memory refuses the rendezvous.
 """
 
 import atexit
@@ -186,6 +192,97 @@ def _mailbox_kernel(flag_addr, src_addr, dst_addr, n, status, SEND: tl.constexpr
         else:
             tl.atomic_xchg(flag, 0, sem="release", scope="sys")
     tl.store(status, ready.to(tl.int32))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the backend launches. Every launch goes through TritonCollectives._launch, which checks it against this
+# description (always under the interpreter, so the CPU tests check every launch they make; on CUDA when
+# NANOPARALLEL_TRITON_CHECK_LAUNCHES=1, as gpu_check.py sets). kernels/compile_check.py compiles exactly this
+# description for sm_80 and sm_90 (tests/test_kernels_compile.py), so a launch it does not cover fails here, on CPU,
+# rather than as a kernel that does not compile on the first GPU.
+
+# Elements per program, CAS attempts per kernel before the host retries, seconds slept between retries at most.
+# The interpreter runs a program as Python, so on CPU wide blocks and short spins with a pause are what is fast.
+TUNING = {"cuda": dict(block=1024, spins=1 << 16, max_pause=0.0),
+          "cpu": dict(block=1 << 16, spins=8, max_pause=1e-3)}
+NUM_WARPS = {"_barrier_kernel": 1, "_reduce_kernel": 4, "_gather_kernel": 4, "_mailbox_kernel": 4}
+MAX_HEAP_BYTES = 2**31 - 1  # the kernels take byte offsets into a heap as int32
+
+# How Triton specializes a runtime argument at launch (triton.runtime.jit; kernels/compile_check.py checks this
+# mirror against Triton's own function): a tensor is a pointer "*<dtype>", with "D" when its address is a multiple
+# of 16; an int is "i32", or "i64" past the int32 range, with "D" when it is a multiple of 16; the int 1 becomes
+# the constant 1. Each kernel's argument compiles to one variant per distinct specialization, so every one a
+# launch can produce is listed here.
+POINTER_I64 = (("*i64", "D"),)                        # a table of addresses, allocated by torch: 16-byte aligned
+POINTER_I32 = (("*i32", "D"),)
+ADDRESS = (("i64", "D"), ("i64", ""))                 # a byte address in this process's or a peer's memory
+COUNT = (("i32", "D"), ("i32", ""), ("constexpr", 1))  # a rank, or a count or byte offset bounded by the heap
+SIZE = COUNT + (("i64", "D"), ("i64", ""))            # a count or byte stride of a whole tensor: may pass 2**31
+ARGUMENTS = {
+    "_barrier_kernel": dict(signals=POINTER_I64, rank=COUNT, state=POINTER_I32),
+    "_reduce_kernel": dict(heaps=POINTER_I64, in_offset=COUNT, out_addr=ADDRESS, n=COUNT),
+    "_gather_kernel": dict(heaps=POINTER_I64, first_peer=COUNT, peers=COUNT, in_offset=COUNT, in_stride=COUNT,
+                           out_addr=ADDRESS, out_stride=SIZE, n=COUNT, limit=SIZE),
+    "_mailbox_kernel": dict(flag_addr=ADDRESS, src_addr=ADDRESS, dst_addr=ADDRESS, n=COUNT, status=POINTER_I32),
+}
+KERNELS = {k.__name__: k for k in (_barrier_kernel, _reduce_kernel, _gather_kernel, _mailbox_kernel)}
+_TORCH_TYPES = {torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
+                torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def specialization(value):
+    """(type, attribute) that Triton's JIT gives a runtime argument `value` (a tensor or an int), as above."""
+    if isinstance(value, torch.Tensor):
+        return "*" + _TORCH_TYPES[value.dtype], "D" if value.data_ptr() % 16 == 0 else ""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"the kernels take tensors and ints, got {type(value).__name__}")
+    if value == 1:
+        return "constexpr", 1
+    kind = "i32" if -2**31 <= value < 2**31 else "i64" if -2**63 <= value < 2**63 else "u64"
+    return kind, "D" if value % 16 == 0 else ""
+
+
+def launch_space(world_size, block, spins):
+    """{kernel name: [constexprs, ...]}: every combination of constexpr values the backend can launch each kernel
+    with in a group of world_size ranks, with `block` elements per program and `spins` CAS attempts (TUNING).
+    The barrier and the mailboxes are never launched in a group of one (nothing to wait for, no peer)."""
+    N, lanes = world_size, triton.next_power_of_2(world_size)
+    return {
+        "_barrier_kernel": [dict(WORLD=N, LANES=lanes, SPINS=spins)] if N > 1 else [],
+        "_reduce_kernel": [dict(WORLD=N, OP=op, KIND=kind, BLOCK=block)
+                           for op in OPS.values() for kind in REDUCE_KIND.values()],
+        # LANES: one row per peer read; 1 for a broadcast, all N for all-gather and two-shot all-reduce
+        "_gather_kernel": [dict(DT=dt, LANES=rows, BLOCK=block) for dt in MOVE_TYPE.values()
+                           for rows in sorted({1, lanes})],
+        "_mailbox_kernel": [dict(SEND=send, DT=dt, BLOCK=block) for send in (True, False)
+                            for dt in MOVE_TYPE.values()] if N > 1 else [],
+    }
+
+
+def constexpr_key(constexprs):
+    """A hashable, printable form of a constexprs dict (triton dtypes by name)."""
+    return tuple(sorted((k, str(v)) for k, v in constexprs.items()))
+
+
+def check_launch(name, args, constexprs, world_size, block, spins):
+    """Raise RuntimeError unless launching kernel `name` with runtime `args` (in order) and `constexprs` is covered
+    by ARGUMENTS and launch_space(world_size, block, spins), naming the kernel and what is not covered."""
+    params = [p for p in KERNELS[name].arg_names if p not in constexprs]
+    declared = ARGUMENTS[name]
+    if params != list(declared) or len(args) != len(params):
+        raise RuntimeError(f"{name}: launched with arguments {params[:len(args)]}, ARGUMENTS declares "
+                           f"{list(declared)}: update ARGUMENTS in kernels/triton_comm.py")
+    for param, value in zip(params, args):
+        spec = specialization(value)
+        if spec not in declared[param]:
+            raise RuntimeError(f"{name}: argument {param}={value} specializes as {spec}, which ARGUMENTS does not "
+                               f"list ({declared[param]}), so no compile test covers it: add it in "
+                               f"kernels/triton_comm.py")
+    space = [constexpr_key(c) for c in launch_space(world_size, block, spins)[name]]
+    if constexpr_key(constexprs) not in space:
+        raise RuntimeError(f"{name}: constexprs {dict(constexpr_key(constexprs))} are not in launch_space("
+                           f"{world_size}, {block}, {spins}), so no compile test covers them: update launch_space "
+                           f"in kernels/triton_comm.py")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -367,10 +464,14 @@ class TritonCollectives(Collectives):
         if timeout_s is None:
             timeout_s = os.environ.get("NANOPARALLEL_TRITON_TIMEOUT_S", "300")
         self.timeout_s = float(timeout_s)
-        self.block = 1024 if cuda else 1 << 16      # elements per program (the interpreter likes wide blocks)
-        self.spins = 1 << 16 if cuda else 8          # CAS attempts per kernel before the host retries
-        self.max_pause = 0.0 if cuda else 1e-3       # seconds slept between retries, at most
+        tuning = TUNING["cuda" if cuda else "cpu"]
+        self.block, self.spins, self.max_pause = tuning["block"], tuning["spins"], tuning["max_pause"]
+        self.check_launches = INTERPRET or os.environ.get("NANOPARALLEL_TRITON_CHECK_LAUNCHES") == "1"
+        self._checked = set()  # launches check_launch accepted: (kernel, specializations, constexprs, tuning)
         N = self.world_size
+        if self.data_bytes + N * slots * self.slot_bytes > MAX_HEAP_BYTES:
+            raise ValueError(f"heap of {heap_bytes} bytes plus {N}x{slots} slots of {slot_bytes} bytes: the kernels "
+                             f"address a heap with int32 byte offsets, so it must stay under 2 GiB")
         # signal pad: N barrier flags, the word the barrier's idle lanes aim at (-1), N*slots mailbox flags
         self.heap = SymmetricHeap(group, self.data_bytes + N * slots * self.slot_bytes, N + 1 + N * slots, device)
         self.heap.signal_pad(N, 1).fill_(-1)  # only this rank's barrier kernel reads it
@@ -436,6 +537,17 @@ class TritonCollectives(Collectives):
             time.sleep(pause)
             pause = min(2 * pause + 1e-5, self.max_pause)
 
+    def _launch(self, kernel, grid, *args, **constexprs):
+        """kernel[grid](*args, **constexprs) with the kernel's NUM_WARPS, after check_launch when check_launches
+        (each distinct launch is checked once)."""
+        name = kernel.__name__
+        if self.check_launches:
+            key = (name, tuple(specialization(a) for a in args), constexpr_key(constexprs), self.block, self.spins)
+            if key not in self._checked:
+                check_launch(name, args, constexprs, self.world_size, self.block, self.spins)
+                self._checked.add(key)
+        kernel[grid](*args, num_warps=NUM_WARPS[name], **constexprs)
+
     def _barrier(self):
         if self.world_size == 1:
             return
@@ -443,23 +555,22 @@ class TritonCollectives(Collectives):
         self._state[self.rank] = 2
 
         def attempt():
-            _barrier_kernel[(1,)](self.heap.signals, self.rank, self._state, WORLD=self.world_size,
-                                  LANES=triton.next_power_of_2(self.world_size), SPINS=self.spins, num_warps=1)
+            self._launch(_barrier_kernel, (1,), self.heap.signals, self.rank, self._state, WORLD=self.world_size,
+                         LANES=triton.next_power_of_2(self.world_size), SPINS=self.spins)
             return bool((self._state == 2).all())
 
         self._until(attempt, "barrier")
 
     def _reduce(self, in_offset, out_addr, n, op, kind):
         if n > 0:
-            _reduce_kernel[(triton.cdiv(n, self.block),)](self.heap.buffers, in_offset, out_addr, n,
-                                                          WORLD=self.world_size, OP=OPS[op], KIND=kind,
-                                                          BLOCK=self.block)
+            self._launch(_reduce_kernel, (triton.cdiv(n, self.block),), self.heap.buffers, in_offset, out_addr, n,
+                         WORLD=self.world_size, OP=OPS[op], KIND=kind, BLOCK=self.block)
 
     def _gather(self, first_peer, peers, in_offset, in_stride, out_addr, out_stride, n, limit, element_size):
         if n > 0:
-            _gather_kernel[(triton.cdiv(n, self.block),)](
-                self.heap.buffers, first_peer, peers, in_offset, in_stride, out_addr, out_stride, n, limit,
-                DT=MOVE_TYPE[element_size], LANES=triton.next_power_of_2(peers), BLOCK=self.block)
+            self._launch(_gather_kernel, (triton.cdiv(n, self.block),),
+                         self.heap.buffers, first_peer, peers, in_offset, in_stride, out_addr, out_stride, n, limit,
+                         DT=MOVE_TYPE[element_size], LANES=triton.next_power_of_2(peers), BLOCK=self.block)
 
     @staticmethod
     def _flat(tensor):
@@ -608,8 +719,8 @@ class TritonCollectives(Collectives):
             else:     # out of the peer's ring in our heap
                 offset, flag = self._mailbox(peer, counter[peer] % self.slots)
                 owner, src, dst = self.rank, self.heap.buffer_ptrs[self.rank] + offset, data
-            _mailbox_kernel[(1,)](self.heap.signal_ptrs[owner] + 4 * flag, src, dst, n, self._status, SEND=send,
-                                  DT=MOVE_TYPE[es], BLOCK=self.block)
+            self._launch(_mailbox_kernel, (1,), self.heap.signal_ptrs[owner] + 4 * flag, src, dst, n, self._status,
+                         SEND=send, DT=MOVE_TYPE[es], BLOCK=self.block)
             if not self._status.item():
                 return False
             counter[peer] += 1

@@ -1,10 +1,13 @@
 """
 kernels/nccl.py, the ctypes binding of libnccl behind the `nccl` variant.
 
-On CPU (CI): the binding's pure-Python parts (enums as nccl.h defines them, the 128-byte ncclUniqueId passed by value,
-version decoding, error strings turned into NCCLError, library search and its errors), exercised against a stub
-libnccl compiled from C here when a C compiler exists, and against the real libnccl's ncclGetVersion when one can be
-loaded; and the nccl variant failing at once, in one line, without a GPU.
+On CPU (CI): the binding's pure-Python parts (enums, the 128-byte ncclUniqueId passed by value, version decoding,
+error strings turned into NCCLError, library search and its errors) against a stub libnccl compiled from C here
+(argument passing); against the real libnccl, which requirements.txt installs on Linux x86_64 (nvidia-nccl-cu12,
+or found where torch's CUDA build put it) and which loads without a GPU: the enums and signatures against the
+wheel's nccl.h, the version, every error string, unique ids, and ncclCommInitRank without a usable GPU raising
+NCCLError with NCCL's own message instead of crashing; and the nccl variant failing at once, in one line, without a
+GPU. Without the library those tests skip and say so.
 On a GPU (2 ranks on GPU 0, a different NCCL_HOSTID per rank, gloo for torch's own group): every collective against
 exact references, and each strategy's nccl variant equal to its custom variant (on CPU) within 1e-5.
 
@@ -15,6 +18,7 @@ exact references, and each strategy's nccl variant equal to its custom variant (
 import atexit
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 import unittest
@@ -93,6 +97,22 @@ def test_library_search_order_and_errors(monkeypatch, tmp_path):
     assert nccl.library_candidates()[-1] == "libnccl.so.2"
 
 
+def test_library_search_finds_the_wheels_layouts(monkeypatch, tmp_path):
+    """On sys.path, the nvidia-nccl wheels' nvidia/nccl/lib (cu12, and cu13 as torch 2.11 pins it) and CUDA 13's
+    nvidia/cu13/lib come before the loader's own search; $NANOPARALLEL_NCCL_LIB before everything."""
+    monkeypatch.delenv(nccl.LIBRARY_ENV, raising=False)
+    paths = [tmp_path / "a" / "nvidia" / "nccl" / "lib" / "libnccl.so.2", tmp_path / "b" / "nvidia" / "cu13" / "lib" /
+             "libnccl.so.2"]
+    for p in paths:
+        p.parent.mkdir(parents=True)
+        p.write_bytes(b"")
+    monkeypatch.setattr("sys.path", [str(tmp_path / "a"), str(tmp_path / "b")])
+    assert nccl.wheel_libraries() == [str(p) for p in paths]
+    assert nccl.library_candidates()[:2] == [str(p) for p in paths]
+    monkeypatch.setenv(nccl.LIBRARY_ENV, "/elsewhere/libnccl.so.2")
+    assert nccl.library_candidates()[:3] == ["/elsewhere/libnccl.so.2"] + [str(p) for p in paths]
+
+
 def test_binding_against_a_stub_library(stub_library, monkeypatch):
     monkeypatch.setenv(nccl.LIBRARY_ENV, stub_library)
     lib = nccl.NCCLLibrary()
@@ -106,13 +126,115 @@ def test_binding_against_a_stub_library(stub_library, monkeypatch):
         lib.call("ncclCommInitRank", ctypes.byref(comm), 2, uid, 2)
 
 
-def test_real_library_version():
+# ----------------------------------------------------------------------------------------------------------
+# the real libnccl (loads without a GPU)
+
+@pytest.fixture(scope="module")
+def real_library(tmp_path_factory):
+    """The real libnccl as the backend finds it without $NANOPARALLEL_NCCL_LIB (never the stub this file loaded from
+    pytest's temporary directory), or skip saying why."""
+    saved = os.environ.pop(nccl.LIBRARY_ENV, None)
     try:
-        lib = nccl.NCCLLibrary()
-    except OSError as e:
-        pytest.skip(f"no libnccl on this machine: {str(e)[:120]}")
-    major, minor, _ = lib.version()
-    assert (major, minor) >= (2, 10), "bf16 and avg need NCCL >= 2.10"
+        stubs = str(tmp_path_factory.getbasetemp())
+        errors = []
+        for candidate in nccl.library_candidates():
+            if candidate.startswith(stubs):
+                continue
+            try:
+                return nccl.NCCLLibrary(candidate)
+            except OSError as e:
+                errors.append(str(e)[:100])
+        pytest.skip(f"no libnccl on this machine (requirements.txt installs nvidia-nccl-cu12 on Linux x86_64): "
+                    f"{'; '.join(errors)}")
+    finally:
+        if saved is not None:
+            os.environ[nccl.LIBRARY_ENV] = saved
+
+
+def library_path(lib):
+    return lib.lib._name
+
+
+@pytest.fixture(scope="module")
+def nccl_h(real_library):
+    """The text of the nccl.h shipped next to the loaded library (the nvidia-nccl wheels' include/), or skip."""
+    path = os.path.join(os.path.dirname(os.path.dirname(library_path(real_library))), "include", "nccl.h")
+    if not os.path.exists(path):
+        pytest.skip(f"no nccl.h next to {library_path(real_library)}")
+    with open(path) as f:
+        return f.read()
+
+
+def test_real_library_version(real_library, nccl_h):
+    """ncclGetVersion of the loaded library = its header's NCCL_VERSION_CODE, and >= 2.10 (bf16, avg)."""
+    code = int(re.search(r"#define NCCL_VERSION_CODE (\d+)", nccl_h).group(1))
+    assert real_library.version() == nccl.decode_version(code)
+    assert real_library.version() >= (2, 10, 0), "bf16 and avg need NCCL >= 2.10"
+
+
+def test_enums_and_signatures_match_the_real_nccl_h(nccl_h):
+    """RESULTS, DATA_TYPES, REDUCE_OPS and every function of SIGNATURES as the library's own header declares them:
+    the values of the enums, and for every parameter the ctypes type of its C type (size_t, int or an enum, a
+    pointer or opaque handle, ncclUniqueId by value)."""
+    enum = {name: int(value) for name, value in re.findall(r"\b(nccl[A-Z]\w*)\s*=\s*(\d+)", nccl_h)}
+    block = re.search(r"typedef enum \{([^}]*)\}\s*ncclResult_t;", nccl_h).group(1)
+    results = {int(v): n for n, v in re.findall(r"(nccl\w+)\s*=\s*(\d+)", block) if n != "ncclNumResults"}
+    assert {c: nccl.RESULTS[c] for c in results} == results  # every result this header has, by the same code
+    # a result newer than this header (ncclTimeout: in 2.32.3, not in 2.28.9) comes after all of its own
+    assert all(c in results or c >= enum["ncclNumResults"] for c in nccl.RESULTS)
+    names = {torch.int8: "ncclInt8", torch.uint8: "ncclUint8", torch.int32: "ncclInt32", torch.int64: "ncclInt64",
+             torch.float16: "ncclFloat16", torch.float32: "ncclFloat32", torch.float64: "ncclFloat64",
+             torch.bfloat16: "ncclBfloat16"}
+    assert nccl.DATA_TYPES == {t: enum[n] for t, n in names.items()}
+    assert nccl.REDUCE_OPS == {op: enum[f"nccl{op.capitalize()}"]
+                               for op in nccl.REDUCE_OPS}
+    for name, argtypes in nccl.SIGNATURES.items():
+        m = re.search(rf"ncclResult_t\s+{name}\s*\(([^)]*)\)\s*;", nccl_h)
+        assert m, f"{name} is not declared in nccl.h"
+        params = [p.strip() for p in m.group(1).split(",") if p.strip() not in ("", "void")]
+        assert len(params) == len(argtypes), f"{name}: nccl.h has {params}, the binding {argtypes}"
+        for param, argtype in zip(params, argtypes):
+            if "*" in param or param.startswith(("ncclComm_t", "cudaStream_t")):
+                expected = (ctypes.c_void_p, ctypes._Pointer)
+            elif param.startswith("size_t"):
+                expected = (ctypes.c_size_t,)
+            elif param.startswith("ncclUniqueId"):
+                expected = (nccl.ncclUniqueId,)
+            else:
+                assert param.split()[0] in ("int", "ncclDataType_t", "ncclRedOp_t"), f"{name}: {param}"
+                expected = (ctypes.c_int,)
+            assert argtype in expected or (isinstance(argtype, type) and issubclass(argtype, expected)), \
+                f"{name}: {param!r} bound as {argtype}"
+
+
+def test_real_library_error_strings(real_library):
+    """ncclGetErrorString gives NCCL's text for every ncclResult_t the binding names, and an NCCLError carries it."""
+    texts = {code: real_library.error_string(code) for code in nccl.RESULTS}
+    assert texts[0] == "no error"
+    assert texts[1].startswith("unhandled cuda error") and texts[4].startswith("invalid argument")
+    assert len(set(texts.values())) == len(texts), texts  # one text per code
+    e = nccl.NCCLError("ncclAllReduce", 4, texts[4])
+    assert str(e) == f"ncclAllReduce failed: ncclInvalidArgument (4): {texts[4]}"
+
+
+def test_real_library_unique_ids(real_library):
+    """ncclGetUniqueId fills the 128-byte id (not zeros), differently each call; it needs no GPU."""
+    a, b = (bytes(bytearray(real_library.unique_id().internal)) for _ in range(2))
+    assert len(a) == 128 and a != bytes(128) and a != b
+
+
+@pytest.mark.skipif(CUDA, reason="checks what happens without a usable GPU")
+def test_real_comm_init_without_gpu_is_an_nccl_error(real_library):
+    """ncclCommInitRank on a machine without a usable GPU returns an error code, which the binding raises as NCCLError
+    with ncclGetErrorString's text and ncclGetLastError's detail (the CUDA failure), leaving the communicator NULL."""
+    comm = ctypes.c_void_p()
+    with pytest.raises(nccl.NCCLError) as e:
+        real_library.call("ncclCommInitRank", ctypes.byref(comm), 1, real_library.unique_id(), 0)
+    err = e.value
+    assert err.call == "ncclCommInitRank" and err.code != 0 and err.name == nccl.RESULTS[err.code]
+    assert real_library.error_string(err.code) in str(err)
+    assert real_library.last_error() and real_library.last_error() in str(err)  # e.g. "Cuda failure '...'"
+    assert comm.value is None
 
 
 @pytest.mark.skipif(CUDA, reason="checks the CPU-only error")

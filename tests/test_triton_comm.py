@@ -62,6 +62,8 @@ class TestTritonCollectives(DistributedTestCase):
 
     @classmethod
     def setUpClass(cls):
+        if CUDA:  # ranks share GPU 0, which torch's symmetric memory refuses unless told it is deliberate
+            os.environ.setdefault("TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES", "1")
         if CUDA and not dist.is_initialized():  # ranks share GPU 0: torch's NCCL group would refuse that, gloo
             torch.cuda.set_device(0)            # serves the heap's rendezvous
             dist.init_process_group("gloo")

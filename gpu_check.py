@@ -1,0 +1,678 @@
+"""
+One command that proves, on a machine with one GPU, what the CPU tests cannot: the triton and nccl variants on a
+real GPU, their bandwidth, and GPT-2's speed. Writes one report (Markdown + JSON) and prints its path.
+
+    make gpu-check                  # python gpu_check.py: needs one GPU, takes at most --budget-s (default 450 s)
+    python gpu_check.py --dry-run   # the same orchestration on CPU (gloo, Triton's interpreter, tiny sizes), < 2 min
+    python gpu_check.py --phases tests,bandwidth --out out-gpu-check/mine
+
+Phases, in order; every part runs in its own processes (torchrun with 2 ranks sharing GPU 0, or one process) with a
+time limit carved out of the budget, so a part that fails, crashes the GPU context or hangs costs only itself and
+the report says what happened:
+  env         versions, the GPU, libnccl, and every API the kernels and strategies use that the machine's torch /
+              triton might lack (torch 2.11 and triton 3.6 on the lent machines): present, replaced by a fallback,
+              or missing, and then what is skipped because of it, with the reason
+  tests       the GPU test classes: TestTritonCollectives (tests/test_triton_comm.py: triton on CUDA symmetric
+              memory, including its strategies = custom) and TestNCCLOnGPU (tests/test_nccl.py)
+  strategies  ddp, fsdp, tp, pp, 3d (tests/test_triton_comm.py's STRATEGIES) with the custom, triton and nccl
+              variants on 2 ranks sharing the GPU (a different NCCL_HOSTID per rank), 5 fp32 steps, against
+              tests/reference.py's single-device run: every loss and parameter within 1e-5
+  bandwidth   all-reduce bus bandwidth (nccl-tests: busbw = S/t * 2(N-1)/N) of torch's NCCL, our nccl binding and
+              our triton kernels, 1 MB to 1 GB, each result checked
+  gpt2        GPT-2 124M (block 1024, bf16 autocast) on one GPU through the `single` strategy: tokens/s and MFU
+              with torch.compile off, then on
+Two ranks on one GPU need: NCCL_HOSTID different per rank (NCCL otherwise refuses two ranks on one device; they then
+talk through NCCL's network transport, so NCCL's figures here are not NVLink figures) and
+TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1 (torch's CUDA symmetric memory otherwise refuses the rendezvous).
+
+--dry-run runs the same orchestration, workers and report writer on CPU: gloo, the interpreter, a few of the test
+cases, 2 steps, kilobyte sizes, a tiny GPT with compile backend aot_eager; the nccl parts are skipped with the reason.
+Without a GPU and without --dry-run it prints one line and exits with 2. Exit code: 0 when every check that ran
+passed, 1 otherwise.
+"""
+
+import argparse
+import datetime
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import unittest
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, REPO)
+
+STRATEGY_NAMES = ("ddp", "fsdp", "tp", "pp", "3d")
+VARIANTS = ("custom", "triton", "nccl")
+TOLERANCE = 1e-5
+# dense bf16 peak FLOP/s by GPU name (NVIDIA's data sheets): H100/H200 SXM 989.4 TFLOP/s, A100 312
+PEAK_BF16 = (("H200", 989.4e12), ("H100", 989.4e12), ("A100", 312e12))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the plan: which parts run, with which limits, for a GPU run and a dry run
+
+def plan(dry_run):
+    """[(phase, part, worker argv, ranks, cap seconds)] in order. ranks: 2 (torchrun) or 1 (one process)."""
+    steps = "2" if dry_run else "5"
+    sizes = "4K,64K" if dry_run else "1M,4M,16M,64M,256M,1G"
+    triton_tests = ("tests.test_triton_comm:TestTritonCollectives:" + ",".join([
+        "test_all_gather_reduce_scatter_broadcast", "test_point_to_point", "test_bad_input_is_a_clear_error"])
+        if dry_run else "tests.test_triton_comm:TestTritonCollectives")
+    parts = [
+        ("env", "env", ["env"], 1, 60),
+        ("tests", "triton", ["tests", "--suite", triton_tests], 2, 150),
+        ("tests", "nccl", ["tests", "--suite", "tests.test_nccl:TestNCCLOnGPU"], 2, 90),
+    ]
+    for variant in VARIANTS:
+        parts.append(("strategies", variant, ["strategies", "--variant", variant, "--steps", steps], 2,
+                      120 if variant == "triton" else 90))
+    for backend in ("torch", "nccl", "triton"):
+        parts.append(("bandwidth", backend, ["bandwidth", "--backend", backend, "--sizes", sizes], 2, 60))
+    for compile_ in ("off", "on"):
+        cap = 60 if compile_ == "off" else 180
+        parts.append(("gpt2", f"compile {compile_}", ["gpt2", "--compile", compile_], 1, cap))
+    return parts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# workers: run inside the parts' processes; rank 0 appends JSON lines to --result
+
+def _emit(path, record):
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _device(dry_run):
+    import torch
+    if dry_run:
+        return torch.device("cpu")
+    torch.cuda.set_device(0)  # every rank on GPU 0: one GPU is what the machine has
+    return torch.device("cuda", 0)
+
+
+def _init_group(backend):
+    """The default process group for a torchrun part: `backend` ("gloo", or "cpu:gloo,cuda:nccl" for torch's NCCL
+    on CUDA tensors). NCCL_HOSTID differs per rank, so NCCL accepts the two ranks on one GPU."""
+    import datetime as dt
+    import torch.distributed as dist
+    os.environ["NCCL_HOSTID"] = f"nanoparallel-gpu-check-rank{os.environ['RANK']}"
+    dist.init_process_group(backend, timeout=dt.timedelta(seconds=120))
+
+
+def worker_env(args):
+    """Versions and API probes (see the module docstring): one record."""
+    import torch
+    import torch.distributed as dist
+    cuda = torch.cuda.is_available()
+    info = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
+                host=socket.gethostname(), cpus=os.cpu_count(), dry_run=args.dry_run)
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, capability=f"{props.major}.{props.minor}", gpu_memory_gb=round(
+            props.total_memory / 2**30, 1), gpus=torch.cuda.device_count(), bf16=torch.cuda.is_bf16_supported())
+    probes = []
+
+    def probe(name, status, detail, consequence=""):
+        probes.append(dict(api=name, status=status, detail=detail, consequence=consequence))
+
+    try:
+        import triton
+        info["triton"] = triton.__version__
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        assert callable(triton.compile) and ASTSource and GPUTarget
+        probe("triton.compile, ASTSource, GPUTarget", "ok", f"triton {triton.__version__}: kernels/compile_check.py "
+              "can compile ahead of time here too (CI compiles with triton 3.7.1 and was checked with 3.6.0)")
+    except Exception as e:
+        probe("triton", "missing", f"{type(e).__name__}: {e}", "the triton variant and tests are skipped")
+    for new, old in (("all_gather_single", "all_gather_into_tensor"),
+                     ("reduce_scatter_single", "reduce_scatter_tensor")):
+        if hasattr(dist, new):
+            probe(f"torch.distributed.{new}", "ok", "torch >= 2.13 name")
+        elif hasattr(dist, old):
+            probe(f"torch.distributed.{new}", "fallback", f"absent in torch {torch.__version__}: comm.py and "
+                  f"parallel/fsdp.py use torch.distributed.{old}, the same collective under its older name")
+        else:
+            probe(f"torch.distributed.{new}", "missing", f"neither {new} nor {old}", "custom FSDP/TP fail")
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+        missing = [f for f in ("empty", "rendezvous") if not hasattr(symm_mem, f)]
+        probe("torch.distributed._symmetric_memory.empty/rendezvous", "missing" if missing else "ok",
+              f"missing {missing}" if missing else "the triton backend's heap on CUDA (a private module: the one "
+              "place kernels/triton_comm.py uses one, as no public API exists)",
+              "the triton variant fails on CUDA" if missing else "")
+    except Exception as e:
+        probe("torch.distributed._symmetric_memory", "missing", f"{type(e).__name__}: {e}",
+              "the triton variant fails on CUDA")
+    probe("TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES", "ok" if os.environ.get(
+          "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES") == "1" else "missing", "set to 1 by gpu_check.py for its parts: "
+          "torch's CUDA symmetric memory (2.11 included) refuses two ranks' allocations on one device without it")
+    probe("TORCH_SYMMMEM", "ok", f"{os.environ.get('TORCH_SYMMMEM', 'unset')}: the symmetric-memory allocator "
+          "(gpu_check.py defaults it to CUDA, the cuMem one whose peer pointers the kernels use)")
+    try:
+        from kernels import nccl
+        lib = nccl.NCCLLibrary()
+        info["libnccl"] = f"{'.'.join(map(str, lib.version()))} ({lib.lib._name})"
+        probe("libnccl (kernels/nccl.py)", "ok", info["libnccl"])
+    except Exception as e:
+        probe("libnccl (kernels/nccl.py)", "missing", f"{type(e).__name__}: {str(e)[:300]}",
+              "the nccl variant, TestNCCLOnGPU and the nccl bandwidth fail")
+    if cuda:
+        probe("torch's NCCL", "ok" if dist.is_nccl_available() else "missing",
+              f"torch.cuda.nccl.version() = {torch.cuda.nccl.version()}" if dist.is_nccl_available() else "",
+              "" if dist.is_nccl_available() else "the custom variant on CUDA and torch's bandwidth fail")
+    probe("torch.compile", "ok" if hasattr(torch, "compile") else "missing", "GPT-2 with compile on")
+    for module in ("numpy", "pytest"):
+        found = importlib.util.find_spec(module) is not None
+        status = "ok" if found else ("fallback" if module == "pytest" else "missing")
+        detail = "" if found else ("not installed: gpu_check.py puts a stand-in on the parts' PYTHONPATH (the GPU "
+                                   "test classes are unittest classes; their modules import pytest only to "
+                                   "decorate pytest functions)" if module == "pytest" else "not installed")
+        probe(module, status, detail, "" if found or module == "pytest" else "train.py's data loading fails")
+    _emit(args.result, dict(kind="env", info=info, probes=probes))
+    return 0
+
+
+class _Collect(unittest.TextTestResult):
+    """A unittest result that also keeps the successes, and each test's seconds."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.records, self._t0 = [], {}
+
+    def startTest(self, test):
+        self._t0[test.id()] = time.perf_counter()
+        super().startTest(test)
+
+    def _record(self, test, outcome, message=""):
+        t0 = self._t0.get(test.id(), time.perf_counter())
+        self.records.append(dict(test=test.id(), outcome=outcome, message=message[-3000:],
+                                 seconds=round(time.perf_counter() - t0, 2)))
+
+    def addSuccess(self, test):
+        super().addSuccess(test)
+        self._record(test, "passed")
+
+    def addFailure(self, test, err):
+        super().addFailure(test, err)
+        self._record(test, "failed", self._exc_info_to_string(err, test))
+
+    def addError(self, test, err):
+        super().addError(test, err)
+        self._record(test, "error", self._exc_info_to_string(err, test))
+
+    def addSkip(self, test, reason):
+        super().addSkip(test, reason)
+        self._record(test, "skipped", reason)
+
+    def addSubTest(self, test, subtest, err):
+        super().addSubTest(test, subtest, err)
+        if err is not None:
+            failed = issubclass(err[0], test.failureException)
+            self._record(subtest, "failed" if failed else "error", self._exc_info_to_string(err, test))
+
+
+def worker_tests(args):
+    """Run one unittest class (module:Class[:test,test]) on every rank; rank 0 records every test's outcome. The
+    classes set up their own process group (gloo, GPU 0 shared) as they do under torchrun."""
+    from comm import teardown
+    module, cls, *names = args.suite.split(":")
+    case = getattr(importlib.import_module(module), cls)
+    loader = unittest.TestLoader()
+    suite = (unittest.TestSuite([case(n) for n in names[0].split(",")]) if names
+             else loader.loadTestsFromTestCase(case))
+    result = unittest.TextTestRunner(stream=sys.stderr, verbosity=2, resultclass=_Collect).run(suite)
+    for record in result.records:
+        _emit(args.result, dict(kind="test", suite=f"{module}:{cls}", **record))
+    skipped_class = getattr(case, "__unittest_skip__", False)
+    if skipped_class and not result.records:
+        _emit(args.result, dict(kind="test", suite=f"{module}:{cls}", test=cls, outcome="skipped",
+                                message=getattr(case, "__unittest_skip_why__", ""), seconds=0))
+    teardown(0 if result.wasSuccessful() else 1)
+
+
+def worker_strategies(args):
+    """Every strategy of STRATEGY_NAMES with --variant, `steps` fp32 steps on 2 ranks, against the single-device
+    reference (tests/reference.py's train_single on CPU): one record per strategy. A strategy that raises is
+    recorded and the ranks meet at a barrier before the next one."""
+    import torch
+    import torch.distributed as dist
+    from comm import teardown
+    device = _device(args.dry_run)
+    custom_on_gpu = args.variant == "custom" and device.type == "cuda"
+    _init_group("cpu:gloo,cuda:nccl" if custom_on_gpu else "gloo")  # custom on CUDA: torch's NCCL underneath
+    from parallel import build_strategy
+    from tests.reference import global_batches, max_param_diff, tiny_config, train_config, train_single
+    from tests.test_triton_comm import STRATEGIES, train
+    N, failed = dist.get_world_size(), False
+    for name in STRATEGY_NAMES:
+        t0 = time.perf_counter()
+        record = dict(kind="strategy", strategy=name, variant=args.variant, world_size=N, steps=args.steps,
+                      device=str(device))
+        try:
+            cfg = dict(parallel=name, **STRATEGIES[name](N))
+            model_config = tiny_config(n_head=4, n_layer=cfg["n_layer"])
+            batches = global_batches(args.steps, cfg["gradient_accumulation_steps"], 2, model_config)
+            ref_losses, ref_model = train_single(model_config, batches, train_config(**cfg))
+            strategy = build_strategy(train_config(variant=args.variant, **cfg), device)
+            losses = train(strategy, model_config, batches)
+            state = {k: v.detach().cpu() for k, v in strategy.full_state_dict().items()}
+            loss_diff = max(abs(a - b) for a, b in zip(losses, ref_losses))
+            param_diff = max_param_diff(ref_model, state)
+            ok = loss_diff < TOLERANCE and param_diff < TOLERANCE
+            record.update(outcome="passed" if ok else "failed", loss_diff=loss_diff, param_diff=param_diff,
+                          losses=losses, reference_losses=ref_losses, loss_fell=losses[-1] < losses[0],
+                          bus_bytes=dict(strategy.stats.bus))
+            if hasattr(strategy, "close"):
+                strategy.close()
+        except Exception as e:
+            record.update(outcome="error", message=f"{type(e).__name__}: {e}"[:2000],
+                          traceback=traceback.format_exc()[-3000:])
+        record["seconds"] = round(time.perf_counter() - t0, 2)
+        failed |= record["outcome"] != "passed"
+        _emit(args.result, record)
+        _close_backends()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dist.barrier()
+    teardown(1 if failed else 0)
+
+
+def _close_backends():
+    """Release every heap and communicator the last strategy opened (kernels' close_all)."""
+    for module in ("kernels.triton_comm", "kernels.nccl"):
+        if module in sys.modules:
+            try:
+                sys.modules[module].close_all()
+            except Exception as e:
+                print(f"gpu_check: {module}.close_all failed: {e}", file=sys.stderr)
+
+
+def worker_bandwidth(args):
+    """All-reduce bus bandwidth of one backend over --sizes (kernels/bench_comm.py's bus_bandwidth): one record per
+    size. torch: TorchCollectives over a process group whose CUDA backend is NCCL (gloo in a dry run)."""
+    import torch
+    from comm import TorchCollectives, teardown
+    from kernels.bench_comm import bus_bandwidth, parse_size
+    device = _device(args.dry_run)
+    _init_group("cpu:gloo,cuda:nccl" if args.backend == "torch" and device.type == "cuda" else "gloo")
+    if args.backend == "torch":
+        comm = TorchCollectives()
+    elif args.backend == "triton":
+        from kernels.triton_comm import TritonCollectives
+        comm = TritonCollectives(device=device)
+    else:
+        from kernels.nccl import NCCLCollectives
+        comm = NCCLCollectives(device=device)
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    failed = False
+    for size in sizes:  # one call per size, so a size that is too slow still leaves the smaller ones recorded
+        row = bus_bandwidth(comm, [size], torch.float32, device, warmup=2 if args.dry_run else 3,
+                            iters=2 if args.dry_run else 10)[0]
+        failed |= not row["correct"]
+        _emit(args.result, dict(kind="bandwidth", backend=args.backend, dtype="float32", **row))
+    teardown(1 if failed else 0)
+
+
+def worker_gpt2(args):
+    """GPT-2 124M (block 1024, bf16 autocast, fused AdamW) on one device through the single strategy, random
+    tokens: tokens/s and MFU over the timed steps after the warm-up ones (which include torch.compile's)."""
+    import torch
+    from model import GPTConfig, flops_per_token
+    from parallel import build_strategy
+    from tests.reference import train_config
+    device = _device(args.dry_run)
+    compile_ = args.compile == "on"
+    if args.dry_run:  # tiny, and aot_eager: inductor on CPU compiles C++ for ~25 s, which proves nothing here
+        model_config = GPTConfig(block_size=64, vocab_size=96, n_layer=2, n_head=2, n_embd=64)
+        batch, warmup, steps, backend = 4, 1, 2, "aot_eager"
+    else:
+        model_config = GPTConfig(block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768, bias=True)
+        batch, warmup, steps, backend = args.gpt2_batch, 3, 20, "inductor"
+    cfg = train_config(dtype="bfloat16", compile=compile_, compile_backend=backend, learning_rate=6e-4)
+    strategy = build_strategy(cfg, device)
+    strategy.build_model(model_config)
+    opt = strategy.configure_optimizer()
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, model_config.vocab_size, (batch, model_config.block_size), generator=g).to(device)
+    y = torch.roll(x, -1, dims=1)
+
+    def step():
+        loss = strategy.forward_backward([(x, y)], scaler)
+        strategy.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        first = step().item()
+    sync()
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        last = step()
+    sync()
+    dt = (time.perf_counter() - t0) / steps
+    tokens = batch * model_config.block_size / dt
+    flops = flops_per_token(model_config) * tokens
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
+    peak = next((p for key, p in PEAK_BF16 if key in name), None)
+    record = dict(kind="gpt2", compile=compile_, compile_backend=backend if compile_ else None, device=name,
+                  params=sum(p.numel() for p in strategy.model.parameters()), batch=batch,
+                  block_size=model_config.block_size, ms_per_step=dt * 1e3, tokens_per_s=tokens,
+                  tflops=flops / 1e12, mfu=flops / peak if peak else None, peak_tflops=peak / 1e12 if peak else None,
+                  warmup_s=warm, first_loss=first, last_loss=last.item(), steps=steps)
+    if device.type == "cuda":
+        record["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    _emit(args.result, record)
+    ok = torch.isfinite(last).item()
+    sys.stdout.flush()
+    os._exit(0 if ok else 1)  # skip interpreter teardown (compile workers), as comm.teardown does
+
+
+WORKERS = dict(env=worker_env, tests=worker_tests, strategies=worker_strategies, bandwidth=worker_bandwidth,
+               gpt2=worker_gpt2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the orchestrator
+
+PYTEST_SHIM = '''"""Stand-in for pytest where it is not installed (written by gpu_check.py). The GPU test classes are
+unittest classes; their modules use pytest only to declare pytest functions at import time, which never run here."""
+import importlib
+import unittest
+
+
+def _decorator(*args, **kwargs):
+    if len(args) == 1 and callable(args[0]) and not kwargs:
+        return args[0]
+    return lambda f: f
+
+
+class _Mark:
+    def __getattr__(self, name):
+        return _decorator
+
+
+mark, fixture = _Mark(), _decorator
+
+
+def skip(reason=""):
+    raise unittest.SkipTest(reason)
+
+
+def fail(reason=""):
+    raise AssertionError(reason)
+
+
+def importorskip(name, *args, **kwargs):
+    return importlib.import_module(name)
+'''
+
+
+def child_env(dry_run, shim_dir):
+    env = dict(os.environ)
+    env.update(TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES="1", NANOPARALLEL_TRITON_CHECK_LAUNCHES="1",
+               NANOPARALLEL_TRITON_TIMEOUT_S="60", PYTHONUNBUFFERED="1")
+    env.setdefault("TORCH_SYMMMEM", "CUDA")  # torch's cuMem-based symmetric memory, whose peers' buffers the kernels
+    #                                          address directly (not NVSHMEM's or NCCL's allocator)
+    if dry_run:
+        env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    if shim_dir:
+        env["PYTHONPATH"] = os.pathsep.join([shim_dir] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def run_part(phase, part, argv, ranks, timeout_s, out_dir, dry_run, env, extra):
+    """Run one part in its own process(es) with a time limit; return its record (status, seconds, log, results)."""
+    slug = f"{phase}-{part}".replace(" ", "-")
+    result, log = os.path.join(out_dir, "parts", f"{slug}.jsonl"), os.path.join(out_dir, "parts", f"{slug}.log")
+    worker = [os.path.join(REPO, "gpu_check.py"), "--worker", *argv, "--result", result] + extra
+    if dry_run:
+        worker.append("--dry-run")
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *worker]
+           if ranks > 1 else [sys.executable, *worker])
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout_s)
+            status = "passed" if code == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code, status = None, "timeout"
+    records = []
+    if os.path.exists(result):
+        with open(result) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    with open(log) as f:
+        tail = f.read()[-4000:]
+    return dict(phase=phase, part=part, status=status, exit_code=code, seconds=round(time.perf_counter() - t0, 1),
+                timeout_s=timeout_s, command=" ".join(cmd), log=os.path.relpath(log, out_dir), records=records,
+                log_tail=tail if status != "passed" else "")
+
+
+def skip_reason(phase, part, env_records, dry_run):
+    """Why a part does not run (a string), or None."""
+    if dry_run and "nccl" in part:
+        return "dry run: libnccl needs a GPU"
+    probes = {p["api"]: p for r in env_records for p in r.get("probes", [])}
+    if "nccl" in part and probes.get("libnccl (kernels/nccl.py)", {}).get("status") == "missing":
+        return "libnccl not found: " + probes["libnccl (kernels/nccl.py)"]["detail"]
+    if "triton" in part and probes.get("triton", {}).get("status") == "missing":
+        return "triton not importable: " + probes["triton"]["detail"]
+    return None
+
+
+def orchestrate(args):
+    """Run the plan within the budget and write the report; return (report dict, exit code)."""
+    start = time.perf_counter()
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out_dir = os.path.abspath(args.out or os.path.join(REPO, "out-gpu-check", stamp + ("-dry-run" if args.dry_run
+                                                                                        else "")))
+    os.makedirs(os.path.join(out_dir, "parts"), exist_ok=True)
+    shim_dir = None
+    if importlib.util.find_spec("pytest") is None:
+        shim_dir = os.path.join(out_dir, "pytest-shim")
+        os.makedirs(shim_dir, exist_ok=True)
+        with open(os.path.join(shim_dir, "pytest.py"), "w") as f:
+            f.write(PYTEST_SHIM)
+    env = child_env(args.dry_run, shim_dir)
+    extra = ["--gpt2-batch", str(args.gpt2_batch)]
+    parts = [p for p in plan(args.dry_run) if p[0] in args.phases]
+    deadline = start + args.budget_s
+    reserve = 20  # seconds kept for each part still to come
+    results, env_records = [], []
+    for i, (phase, part, argv, ranks, cap) in enumerate(parts):
+        reason = skip_reason(phase, part, env_records, args.dry_run)
+        left = deadline - time.perf_counter() - reserve * (len(parts) - i - 1)
+        if reason is None and left < 15:
+            reason = f"not run: the {args.budget_s:.0f} s budget was spent"
+        if reason:
+            results.append(dict(phase=phase, part=part, status="skipped", reason=reason, records=[], seconds=0,
+                                command=" ".join(argv)))
+            print(f"gpu_check: {phase}/{part}: skipped ({reason})", flush=True)
+            continue
+        r = run_part(phase, part, argv, ranks, int(min(cap, left)), out_dir, args.dry_run, env, extra)
+        results.append(r)
+        if phase == "env":
+            env_records = r["records"]
+        print(f"gpu_check: {phase}/{part}: {r['status']} in {r['seconds']} s", flush=True)
+    report = dict(title="gpu_check report", dry_run=args.dry_run, date=stamp, budget_s=args.budget_s,
+                  seconds=round(time.perf_counter() - start, 1), out_dir=out_dir, pytest_shim=shim_dir is not None,
+                  parts=results)
+    report["ok"] = all(r["status"] in ("passed", "skipped") for r in results) and all(
+        rec.get("outcome", "passed") in ("passed", "skipped") and rec.get("correct", True)
+        for r in results for rec in r["records"])
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(markdown(report))
+    return report, 0 if report["ok"] else 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the report
+
+def _fmt(x, spec=".2e"):
+    return "" if x is None else format(x, spec)
+
+
+def _human(nbytes):
+    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if nbytes >= size:
+            return f"{nbytes / size:g} {unit}"
+    return f"{nbytes} B"
+
+
+def markdown(report):
+    """The report as Markdown: environment, API compatibility, test classes, strategies, bandwidth, GPT-2, parts."""
+    parts = report["parts"]
+    by_phase = {}
+    for r in parts:
+        by_phase.setdefault(r["phase"], []).append(r)
+    lines = [f"# {report['title']}{' (dry run on CPU)' if report['dry_run'] else ''}", "",
+             f"{report['date']} UTC, {report['seconds']} s of a {report['budget_s']:.0f} s budget: "
+             f"**{'all checks passed' if report['ok'] else 'SOME CHECKS FAILED'}**.", ""]
+    env = next((rec for r in by_phase.get("env", []) for rec in r["records"]), None)
+    lines += ["## Environment", ""]
+    if env:
+        lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in env["info"].items()] + [""]
+        lines += ["## APIs the kernels and strategies need", "", "| API | status | detail | consequence |",
+                  "|---|---|---|---|"]
+        lines += [f"| {p['api']} | {p['status']} | {p['detail']} | {p['consequence']} |" for p in env["probes"]]
+        lines.append("")
+    else:
+        lines += ["(the env part did not report)", ""]
+
+    lines += ["## GPU test classes", "", "| class | passed | failed | skipped | seconds | status |",
+              "|---|---|---|---|---|---|"]
+    failures = []
+    for r in by_phase.get("tests", []):
+        recs = r["records"]
+        count = {o: sum(x["outcome"] == o for x in recs) for o in ("passed", "failed", "error", "skipped")}
+        suite = recs[0]["suite"] if recs else r.get("command", r["part"]).split("--suite ")[-1]
+        status = r["status"] if r["status"] != "skipped" else f"skipped: {r['reason']}"
+        lines.append(f"| {suite} | {count['passed']} | {count['failed'] + count['error']} | {count['skipped']} | "
+                     f"{r['seconds']} | {status} |")
+        failures += [f"- `{x['test']}` ({x['outcome']}): {(x['message'].strip().splitlines() or [''])[-1]}"
+                     for x in recs if x["outcome"] in ("failed", "error")]
+        failures += [f"- `{x['test']}` skipped: {x['message']}" for x in recs if x["outcome"] == "skipped"]
+    lines += [""] + failures + ([""] if failures else [])
+
+    strat = {(rec["strategy"], rec["variant"]): rec for r in by_phase.get("strategies", []) for rec in r["records"]}
+    parts_by_variant = {r["part"]: r for r in by_phase.get("strategies", [])}
+    steps = next((rec["steps"] for rec in strat.values()), "")
+    lines += [f"## Strategies vs single (fp32, {steps} steps, 2 ranks on one device, tolerance {TOLERANCE:g})", "",
+              "Each cell: max |loss - single's| / max |parameter - single's|.", "",
+              "| strategy | " + " | ".join(VARIANTS) + " |", "|---|" + "---|" * len(VARIANTS)]
+    for name in STRATEGY_NAMES:
+        cells = []
+        for v in VARIANTS:
+            rec, part = strat.get((name, v)), parts_by_variant.get(v, {})
+            if rec is None:
+                cells.append(f"skipped: {part['reason']}" if part.get("status") == "skipped" else
+                             f"not reported ({part.get('status', 'not run')})")
+            elif rec["outcome"] == "error":
+                cells.append(f"ERROR {rec['message'][:150]}")
+            else:
+                mark = "ok" if rec["outcome"] == "passed" else "FAIL"
+                cells.append(f"{mark} {_fmt(rec['loss_diff'])} / {_fmt(rec['param_diff'])}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+
+    bw = [rec for r in by_phase.get("bandwidth", []) for rec in r["records"]]
+    backends = ("torch", "nccl", "triton")
+    label = {"torch": "torch (NCCL)" if not report["dry_run"] else "torch (gloo)", "nccl": "nccl (ours)",
+             "triton": "triton (ours)"}
+    lines += ["## All-reduce bus bandwidth (fp32, 2 ranks, GB/s; busbw = S/t * 2(N-1)/N)", "",
+              "| size | " + " | ".join(label[b] for b in backends) + " |", "|---|" + "---|" * len(backends)]
+    for size in sorted({rec["bytes"] for rec in bw}):
+        cells = []
+        for b in backends:
+            rec = next((x for x in bw if x["backend"] == b and x["bytes"] == size), None)
+            cells.append("" if rec is None else f"{rec['busbw']:.3f} ({rec['seconds'] * 1e3:.3g} ms)"
+                         + ("" if rec["correct"] else " WRONG RESULT"))
+        lines.append(f"| {_human(size)} | " + " | ".join(cells) + " |")
+    for r in by_phase.get("bandwidth", []):
+        if r["status"] != "passed":
+            lines.append(f"- {r['part']}: {r['status']}{': ' + r['reason'] if r.get('reason') else ''}")
+    lines.append("")
+
+    g = [rec for r in by_phase.get("gpt2", []) for rec in r["records"]]
+    lines += ["## GPT-2 on one device (bf16 autocast, single strategy)", "",
+              "| compile | tokens/s | MFU | TFLOP/s | ms/step | batch x block | params | warm-up s "
+              "| loss first -> last |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for rec in g:
+        mfu = "" if rec["mfu"] is None else f"{100 * rec['mfu']:.1f}%"
+        lines.append(f"| {rec['compile_backend'] or 'off'} | {rec['tokens_per_s']:,.0f} | {mfu} | "
+                     f"{rec['tflops']:.1f} | {rec['ms_per_step']:.1f} | {rec['batch']} x {rec['block_size']} | "
+                     f"{rec['params'] / 1e6:.1f}M | {rec['warmup_s']:.1f} | {rec['first_loss']:.3f} -> "
+                     f"{rec['last_loss']:.3f} |")
+    for r in by_phase.get("gpt2", []):
+        if r["status"] != "passed":
+            lines.append(f"- {r['part']}: {r['status']}{': ' + r['reason'] if r.get('reason') else ''}")
+    lines.append("")
+
+    lines += ["## Parts", "", "| phase | part | status | seconds | limit s | log |", "|---|---|---|---|---|---|"]
+    for r in parts:
+        lines.append(f"| {r['phase']} | {r['part']} | {r['status']}{': ' + r['reason'] if r.get('reason') else ''} | "
+                     f"{r['seconds']} | {r.get('timeout_s', '')} | {r.get('log', '')} |")
+    bad = [r for r in parts if r["status"] in ("failed", "timeout") and r.get("log_tail")]
+    for r in bad:
+        lines += ["", f"### {r['phase']}/{r['part']}: {r['status']} (end of {r['log']})", "", "```",
+                  r["log_tail"].strip()[-2500:], "```"]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def main(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="the whole orchestration on CPU, tiny sizes")
+    p.add_argument("--out", default=None, help="report directory (default out-gpu-check/<UTC time>)")
+    p.add_argument("--budget-s", type=float, default=450, help="wall-clock budget of the whole check")
+    p.add_argument("--phases", default="env,tests,strategies,bandwidth,gpt2")
+    p.add_argument("--gpt2-batch", type=int, default=16, help="GPT-2 micro-batch (sequences of 1024 tokens)")
+    p.add_argument("--worker", default=None, choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--suite", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=5, help=argparse.SUPPRESS)
+    p.add_argument("--backend", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--sizes", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--compile", default="off", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.phases = [x.strip() for x in args.phases.split(",") if x.strip()]
+    if args.worker:
+        return WORKERS[args.worker](args)
+    unknown = set(args.phases) - {"env", "tests", "strategies", "bandwidth", "gpt2"}
+    if unknown:
+        p.error(f"unknown phases {sorted(unknown)}")
+    if not args.dry_run:
+        import torch
+        if not torch.cuda.is_available():
+            print(f"gpu_check: no GPU here (torch {torch.__version__}: torch.cuda.is_available() is False); "
+                  f"`python gpu_check.py --dry-run` runs the same orchestration on CPU")
+            return 2
+    report, code = orchestrate(args)
+    print(os.path.join(report["out_dir"], "report.md"))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
