@@ -166,7 +166,7 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config) if config.block == "llama" else MLP(config)
 
     def forward(self, x, pos=None):
-        x = x + self.attn(self.ln_1(x), pos)
+        x = x + self.attn(self.ln_1(x), pos=pos)  # by keyword: forward pre-hooks that rewrite args keep it
         return x + self.mlp(self.ln_2(x))
 
 
@@ -256,7 +256,7 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
         for block in self.transformer.h.values():
-            x = block(x, pos)
+            x = block(x, pos=pos)
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
