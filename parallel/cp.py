@@ -196,35 +196,89 @@ def _pairs(rank, src, c):
 # custom variant: ring attention over our Collectives
 
 
+def _ring_forward(q, k, v, comm, scale):
+    """RingAttention's forward: (out in q's dtype, lse in the accumulation dtype)."""
+    cp, r = comm.world_size, comm.rank
+    nxt_rank, prev_rank = (r + 1) % cp, (r - 1) % cp
+    c = q.shape[2] // 2
+    kv = torch.stack([k, v])  # (2, B, H, T/cp, D): the block passed around, one message per round
+    acc_dtype = accumulation_dtype(q.dtype)
+    out = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+    lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc_dtype, device=q.device)
+    for step in range(cp):
+        if step < cp - 1:  # post the transfer of the next block, then compute on the one in hand
+            incoming = torch.empty_like(kv)
+            transfers = [comm.send(kv, nxt_rank, async_op=True), comm.recv(incoming, prev_rank, async_op=True)]
+        qs, ks, causal = _pairs(r, (r - step) % cp, c)
+        block_out, block_lse = block_attention(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], scale, causal)
+        out[:, :, qs], lse[:, :, qs] = merge_partials(out[:, :, qs], lse[:, :, qs], block_out, block_lse)
+        if step < cp - 1:
+            for t in transfers:
+                t.wait()
+            kv = incoming
+    return out.to(q.dtype), lse
+
+
+def _ring_backward(q, k, v, out, lse, dout, comm, scale):
+    """RingAttention's backward: (dq, dk, dv) in the dtypes of q, k, v."""
+    cp, r = comm.world_size, comm.rank
+    nxt_rank, prev_rank = (r + 1) % cp, (r - 1) % cp
+    c = q.shape[2] // 2
+    dout = dout.contiguous()
+    acc_dtype = accumulation_dtype(q.dtype)
+    delta = (dout.to(acc_dtype) * out.to(acc_dtype)).sum(-1)  # (B, H, T/cp)
+    dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+    kv = torch.stack([k, v])
+    own = None  # this rank's part of its own block's [dK; dV], computed at step 0
+    sends = []  # dK/dV sends still in flight (their buffers stay alive here)
+    for step in range(cp):
+        # Receives from rank r-1 are posted in the order r-1 sends: its step-(step-1) dK/dV, then its next K/V.
+        if step >= 2:
+            acc_in = torch.empty((2, *k.shape), dtype=acc_dtype, device=k.device)
+            acc_recv = comm.recv(acc_in, prev_rank, async_op=True)
+        if step < cp - 1:
+            incoming = torch.empty_like(kv)
+            transfers = [comm.send(kv, nxt_rank, async_op=True), comm.recv(incoming, prev_rank, async_op=True)]
+        qs, ks, causal = _pairs(r, (r - step) % cp, c)
+        dq_part, dk_part, dv_part = block_attention_backward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks],
+                                                             dout[:, :, qs], lse[:, :, qs], delta[:, :, qs],
+                                                             scale, causal)
+        dq[:, :, qs] += dq_part
+        acc = torch.zeros((2, *k.shape), dtype=acc_dtype, device=k.device)
+        acc[0][:, :, ks], acc[1][:, :, ks] = dk_part, dv_part
+        if step == 0:
+            own = acc
+        else:
+            if step >= 2:  # the accumulator of this block from the ranks before this one
+                acc_recv.wait()
+                acc += acc_in
+            sends.append((acc, comm.send(acc, nxt_rank, async_op=True)))  # at step cp-1: to the owner
+        if step < cp - 1:
+            for t in transfers:
+                t.wait()
+            kv = incoming
+    if cp > 1:  # our block's accumulator, home from rank r-1 after its last step
+        acc_in = torch.empty_like(own)
+        comm.recv(acc_in, prev_rank)
+        own += acc_in
+    for _, work in sends:
+        work.wait()
+    return dq.to(q.dtype), own[0].to(k.dtype), own[1].to(v.dtype)
+
+
 class RingAttention(torch.autograd.Function):
     """Causal ring attention over the CP group of `comm` (module docstring: forward, merge, backward, bytes).
 
     q, k, v: (B, H, T/cp, D), this rank's tokens in the zigzag layout (chunk r, then chunk 2cp-1-r); comm: a
     Collectives over the CP group (its rank is the CP rank); scale: the softmax scale (1/sqrt(D) for SDPA's).
     Returns (B, H, T/cp, D) in q's dtype: this rank's rows of causal attention over the full sequence.
-    Every rank of the group must call it with the same shapes (it sends and receives cp-1 blocks each way)."""
+    Every rank of the group must call it with the same shapes (it sends and receives cp-1 blocks each way).
+    Autocast is off inside, so the fp32 accumulation stays fp32 under bf16 autocast."""
 
     @staticmethod
     def forward(ctx, q, k, v, comm, scale):
-        cp, r = comm.world_size, comm.rank
-        nxt_rank, prev_rank = (r + 1) % cp, (r - 1) % cp
-        c = q.shape[2] // 2
-        kv = torch.stack([k, v])  # (2, B, H, T/cp, D): the block passed around, one message per round
-        acc = accumulation_dtype(q.dtype)
-        out = torch.zeros(q.shape, dtype=acc, device=q.device)
-        lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
-        for step in range(cp):
-            if step < cp - 1:  # post the transfer of the next block, then compute on the one in hand
-                incoming = torch.empty_like(kv)
-                transfers = [comm.send(kv, nxt_rank, async_op=True), comm.recv(incoming, prev_rank, async_op=True)]
-            qs, ks, causal = _pairs(r, (r - step) % cp, c)
-            block_out, block_lse = block_attention(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], scale, causal)
-            out[:, :, qs], lse[:, :, qs] = merge_partials(out[:, :, qs], lse[:, :, qs], block_out, block_lse)
-            if step < cp - 1:
-                for t in transfers:
-                    t.wait()
-                kv = incoming
-        out = out.to(q.dtype)
+        with torch.autocast(q.device.type, enabled=False):
+            out, lse = _ring_forward(q, k, v, comm, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.comm, ctx.scale = comm, scale
         return out
@@ -232,50 +286,9 @@ class RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        comm, scale = ctx.comm, ctx.scale
-        cp, r = comm.world_size, comm.rank
-        nxt_rank, prev_rank = (r + 1) % cp, (r - 1) % cp
-        c = q.shape[2] // 2
-        dout = dout.contiguous()
-        acc_dtype = accumulation_dtype(q.dtype)
-        delta = (dout.to(acc_dtype) * out.to(acc_dtype)).sum(-1)  # (B, H, T/cp)
-        dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
-        kv = torch.stack([k, v])
-        own = None  # this rank's part of its own block's [dK; dV], computed at step 0
-        sends = []  # dK/dV sends still in flight (their buffers stay alive here)
-        for step in range(cp):
-            # Receives from rank r-1 are posted in the order r-1 sends: its step-(step-1) dK/dV, then its next K/V.
-            if step >= 2:
-                acc_in = torch.empty((2, *k.shape), dtype=acc_dtype, device=k.device)
-                acc_recv = comm.recv(acc_in, prev_rank, async_op=True)
-            if step < cp - 1:
-                incoming = torch.empty_like(kv)
-                transfers = [comm.send(kv, nxt_rank, async_op=True), comm.recv(incoming, prev_rank, async_op=True)]
-            qs, ks, causal = _pairs(r, (r - step) % cp, c)
-            dq_part, dk_part, dv_part = block_attention_backward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks],
-                                                                 dout[:, :, qs], lse[:, :, qs], delta[:, :, qs],
-                                                                 scale, causal)
-            dq[:, :, qs] += dq_part
-            acc = torch.zeros((2, *k.shape), dtype=acc_dtype, device=k.device)
-            acc[0][:, :, ks], acc[1][:, :, ks] = dk_part, dv_part
-            if step == 0:
-                own = acc
-            else:
-                if step >= 2:  # the accumulator of this block from the ranks before this one
-                    acc_recv.wait()
-                    acc += acc_in
-                sends.append((acc, comm.send(acc, nxt_rank, async_op=True)))  # at step cp-1: to the owner
-            if step < cp - 1:
-                for t in transfers:
-                    t.wait()
-                kv = incoming
-        if cp > 1:  # our block's accumulator, home from rank r-1 after its last step
-            acc_in = torch.empty_like(own)
-            comm.recv(acc_in, prev_rank)
-            own += acc_in
-        for _, work in sends:
-            work.wait()
-        return dq.to(q.dtype), own[0].to(k.dtype), own[1].to(v.dtype), None, None
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dk, dv = _ring_backward(q, k, v, out, lse, dout, ctx.comm, ctx.scale)
+        return dq, dk, dv, None, None
 
 
 def ring_attention(q, k, v, comm, scale=None):
@@ -298,9 +311,13 @@ class RingAttentionCore(nn.Module):
 def apply_ring_attention(model, comm):
     """Replace the core of every CausalSelfAttention in `model` (a GPT, a pipeline stage, a TP-sharded model: its
     local heads) by RingAttentionCore(comm), the custom variant. The model must then be fed this rank's tokens and
-    positions (`split_sequence`). Returns the model. Parameters and state_dict keys are unchanged."""
+    positions (`split_sequence`). Returns the model. Parameters and state_dict keys are unchanged.
+    ValueError if an attention core has dropout (check_cp_config says why)."""
     for module in model.modules():
         if isinstance(module, CausalSelfAttention):
+            if getattr(module.core, "dropout", 0.0):
+                raise ValueError(f"context parallel: attention dropout={module.core.dropout} is not supported; "
+                                 f"use dropout=0.0")
             module.core = RingAttentionCore(comm)
     return model
 

@@ -165,7 +165,7 @@ class TestRingAttention(DistributedTestCase):
     def test_forward_backward_equal_full_attention(self):
         """out, dq, dk, dv of this rank's tokens equal plain causal attention over the gathered sequence: in fp64
         within 1e-12 (the algorithm is exact), in fp32 within 1e-6 of the fp64 result (fp32 F.sdpa itself is
-        ~5e-7 away from it, so two fp32 results may differ by twice that)."""
+        ~5e-7 away from it, so two fp32 results may differ by twice that), in bf16 rounded once."""
         for T in (2 * self.world_size, 16 * self.world_size):
             with self.subTest(T=T):
                 q, k, v, dout = self.inputs(T)
@@ -176,12 +176,24 @@ class TestRingAttention(DistributedTestCase):
                     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
                         self.assertEqual(a.dtype, dtype)
                         self.assertLess((a.double() - b[:, :, idx]).abs().max().item(), tol, (dtype, name))
+                # bf16 inputs, computed in fp32: out is the exact result (from the bf16-rounded inputs) rounded once,
+                # within half a bf16 ulp (2^-8 relative, +1e-6 for the fp32 sums); the gradients use that rounded out
+                # (in D = rowsum(dO∘O), as FlashAttention does): within 2^-6 of their largest value (F.sdpa's own bf16
+                # gradients are as far from the fp64 result: measured dv 1.03e-2 for both, largest value 4.1)
+                q16, k16, v16, d16 = (t.bfloat16() for t in (q, k, v, dout))
+                ref16 = [t[:, :, idx] for t in causal_attention(*(t.double() for t in (q16, k16, v16, d16)))]
+                got16 = self.ring(q16, k16, v16, d16, idx)
+                self.assertEqual({t.dtype for t in got16}, {torch.bfloat16})
+                self.assertTrue(bool(((got16[0].double() - ref16[0]).abs() <= 2 ** -8 * ref16[0].abs() + 1e-6).all()))
+                for name, a, b in zip(("dq", "dk", "dv"), got16[1:], ref16[1:]):
+                    self.assertLess((a.double() - b).abs().max().item(), 2 ** -6 * b.abs().max().item(), name)
 
     def test_bytes_equal_the_ring_formula(self):
         """Sends and receives counted by CommStats for one attention equal ring_send_bytes exactly: forward cp-1
-        sends of [K; V] (2·b·(s/cp)·h elements each), backward cp-1 of [K; V] and cp-1 of [dK; dV]."""
+        sends of [K; V] (2·b·(s/cp)·h elements each), backward cp-1 of [K; V] and cp-1 of [dK; dV] (fp32 for fp32 and
+        bf16 inputs, fp64 for fp64)."""
         cp = self.world_size
-        for dtype in (torch.float32, torch.float64):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
             B, H, T, D = 2, 3, 8 * cp, 4
             q, k, v, dout = (t.to(dtype) for t in self.inputs(T, B=B, H=H, D=D))
             idx = zigzag_indices(T, cp, self.rank)
