@@ -203,8 +203,11 @@ def _ring_forward(q, k, v, comm, scale):
     c = q.shape[2] // 2
     kv = torch.stack([k, v])  # (2, B, H, T/cp, D): the block passed around, one message per round
     acc_dtype = accumulation_dtype(q.dtype)
-    out = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
-    lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc_dtype, device=q.device)
+    B, H, T, D = q.shape
+    # out is (B, H, T, D) stored as (B, T, H, D), as the CPU flash kernel stores its output: the model's
+    # transpose(1, 2).reshape(B, T, H·D) is then a view, and out_proj saves no copy of it for backward
+    out = torch.zeros((B, T, H, D), dtype=acc_dtype, device=q.device).transpose(1, 2)
+    lse = torch.full((B, H, T), float("-inf"), dtype=acc_dtype, device=q.device)
     for step in range(cp):
         if step < cp - 1:  # post the transfer of the next block, then compute on the one in hand
             incoming = torch.empty_like(kv)

@@ -353,15 +353,22 @@ class TestCPModel(DistributedTestCase):
             self.assertEqual(self.stats.calls["send"], model_config.n_layer * 2 * (self.cp - 1))
 
     def test_attention_memory_is_one_cp_th(self):
-        """Bytes saved for backward by the attention cores: exactly 1/cp of single's (F.sdpa saves q, k, v, out, lse
-        of the whole sequence, the ring the same of its tokens); whole attention modules (projections, RoPE) too."""
-        model_config = tiny_config(block="llama", block_size=64)
-        x, y = global_batches(1, 1, 2, model_config)[0][0]
-        single = measure_saved_bytes(GPT(model_config), x, y, None)
-        ring = measure_saved_bytes(self.model(model_config, "custom"), *split_sequence(self.cp, self.rank, x, y))
-        self.assertGreater(single["core"], 0)
-        self.assertEqual(ring["core"] * self.cp, single["core"])
-        self.assertEqual(ring["attention"] * self.cp, single["attention"])
+        """Activation bytes saved for backward per rank: in the attention cores exactly 1/cp of single's (F.sdpa
+        saves q, k, v, out, lse of the whole sequence, the ring the same of its tokens); in the attention modules
+        and the whole model at most 1/cp of single's, up to a few 0-dim scalars (every other activation is per
+        token; single may save one more (B, T, n_embd) copy: the CPU flash kernel lays its output out as
+        (B, T, H, D) for some shapes only, the ring always, so the output projection's input is then a view).
+        GPT-2 and Llama blocks."""
+        for block in ("gpt2", "llama"):
+            with self.subTest(block=block):
+                model_config = tiny_config(block=block, block_size=64)
+                x, y = global_batches(1, 1, 2, model_config)[0][0]
+                single = measure_saved_bytes(GPT(model_config), x, y, None)
+                ring = measure_saved_bytes(self.model(model_config, "custom"), *split_sequence(self.cp, self.rank, x, y))
+                self.assertGreater(single["core"], 0)
+                self.assertEqual(ring["core"] * self.cp, single["core"])
+                for scope in ("attention", "model"):
+                    self.assertLessEqual(ring[scope] * self.cp, single[scope] + 16 * self.cp, scope)
 
 
 test_torchrun = torchrun_launcher(__file__, nprocs=(2, 4), timeout_s=300)
