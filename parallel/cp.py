@@ -46,9 +46,10 @@ exact: the same sums as attention over the gathered sequence, in another order.
 
 Communication per layer per micro-batch, per rank (counted by comm.CommStats for the custom variant;
 `ring_send_bytes` is the formula, tests/test_cp.py checks it): b sequences of s tokens, h = n_embd (the K/V width;
-under tensor parallelism h/t), e the activation element size (4 in fp32), dK/dV accumulated in fp32 (4 bytes):
+under tensor parallelism h/t), e the element size of K/V (4 in fp32, 2 in bf16), dK/dV accumulated in fp32 (fp64
+for fp64 inputs), e_acc = max(e, 4):
 - forward: cp-1 sends of [K; V], each 2·b·(s/cp)·h elements: (cp-1)·2·b·(s/cp)·h·e bytes;
-- backward: cp-1 sends of [K; V] again, plus cp-1 sends of [dK; dV]: (cp-1)·2·b·(s/cp)·h·(e + 4) bytes;
+- backward: cp-1 sends of [K; V] again, plus cp-1 sends of [dK; dV]: (cp-1)·2·b·(s/cp)·h·(e + e_acc) bytes;
 and as many bytes received. Derivation: every rank's queries must meet every other rank's K/V block once (cp-1
 hops around the ring), in forward and again in backward (they are not kept: keeping them would cost cp times the
 K/V memory, which CP exists to avoid); every block's dK/dV is a sum over all cp ranks' queries, accumulated along
@@ -56,8 +57,10 @@ the same ring back to its owner (cp-1 hops). Per rank and layer that is 3·(cp-1
 6·b·s·h for large cp, independent of cp, and each transfer overlaps one block's attention compute.
 
 Activation memory: a rank saves q, k, v, o of its s/cp tokens and lse, as single's attention (F.sdpa, flash)
-saves them for all s tokens: 1/cp of it (measured: `python -m parallel.cp`, see main). The score block (at most
-b·H·(2c)^2) is transient, recomputed in backward, as in FlashAttention.
+saves them for all s tokens: 1/cp of it (measured: `python -m parallel.cp`, see main). The score block of a step
+(b·H·2c·2c at most, fp32) is transient and recomputed in backward, as in FlashAttention; this reference computes a
+block with plain matmuls, so that transient is materialised (a production ring calls a flash kernel per block, as
+torch's template does, and never holds more than a tile).
 
 Gradients. The loss on a rank is the mean over its s/cp tokens; the global mean is the mean of the cp local means
 (equal token counts; targets ignored with -1 would weigh the ranks unequally). So each rank backpropagates its local
