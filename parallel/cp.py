@@ -150,8 +150,8 @@ def block_attention(q, k, v, scale, causal):
     """Attention of queries q (B, H, Tq, D) over one block of keys/values k, v (B, H, Tk, D), in fp32 (fp64 for fp64
     inputs). causal: Tq == Tk and query i attends to keys 0..i only. Returns (out (B, H, Tq, D), lse (B, H, Tq)):
     out = softmax(q kᵀ·scale) v and lse = log sum_j exp(q k_jᵀ·scale), the normaliser `merge_partials` needs."""
-    acc = accumulation_dtype(q.dtype)
-    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    acc_dtype = accumulation_dtype(q.dtype)
+    q, k, v = q.to(acc_dtype), k.to(acc_dtype), v.to(acc_dtype)
     s = torch.matmul(q, k.transpose(-2, -1)) * scale
     if causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
@@ -162,8 +162,7 @@ def block_attention(q, k, v, scale, causal):
 def merge_partials(out, lse, block_out, block_lse):
     """Merge two partial attentions of the same queries over disjoint key sets (FlashAttention's rescaling):
     lse = log(e^lse1 + e^lse2), out = e^(lse1-lse)·out1 + e^(lse2-lse)·out2. out: (..., T, D), lse: (..., T), in the
-    accumulation dtype.
-    Returns the merged (out, lse)."""
+    accumulation dtype. Returns the merged (out, lse)."""
     new_lse = torch.logaddexp(lse, block_lse)
     new_out = torch.exp(lse - new_lse).unsqueeze(-1) * out + torch.exp(block_lse - new_lse).unsqueeze(-1) * block_out
     return new_out, new_lse
@@ -174,8 +173,8 @@ def block_attention_backward(q, k, v, dout, lse, delta, scale, causal):
     (B, H, Tk, D); lse, delta (B, H, Tq): the merged output's log-sum-exp and rowsum(dout ∘ out). Recomputes
     P = exp(q kᵀ·scale - lse) and returns (dq (B, H, Tq, D), dk, dv (B, H, Tk, D)), this block's parts, in fp32
     (fp64 for fp64 inputs)."""
-    acc = accumulation_dtype(q.dtype)
-    q, k, v, dout = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
+    acc_dtype = accumulation_dtype(q.dtype)
+    q, k, v, dout = q.to(acc_dtype), k.to(acc_dtype), v.to(acc_dtype), dout.to(acc_dtype)
     s = torch.matmul(q, k.transpose(-2, -1)) * scale
     if causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
@@ -390,8 +389,8 @@ def register_cpu_attention_for_context_parallel():
 def pytorch_context_parallel(mesh, *tensors):
     """torch's context_parallel over the 1-D CP DeviceMesh `mesh` for one micro-batch: yields (*local tensors,
     pos), this rank's share (zigzag, by torch's head-tail load balancer) of the (B, T, ...) tensors (token ids,
-    targets; copies, the originals are untouched) along dim 1, and the positions of its tokens (T/cp,). Inside, the model's
-    F.scaled_dot_product_attention runs torch's ring attention; run the forward AND the backward inside.
+    targets; copies, the originals are untouched) along dim 1, and the positions of its tokens (T/cp,). Inside,
+    the model's F.scaled_dot_product_attention runs torch's ring attention; run the forward AND the backward inside.
     On CPU it first registers the CPU attention kernel (register_cpu_attention_for_context_parallel)."""
     from torch.distributed.tensor.experimental import context_parallel
     if mesh.device_type == "cpu":

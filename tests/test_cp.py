@@ -364,7 +364,8 @@ class TestCPModel(DistributedTestCase):
                 model_config = tiny_config(block=block, block_size=64)
                 x, y = global_batches(1, 1, 2, model_config)[0][0]
                 single = measure_saved_bytes(GPT(model_config), x, y, None)
-                ring = measure_saved_bytes(self.model(model_config, "custom"), *split_sequence(self.cp, self.rank, x, y))
+                ring_model = self.model(model_config, "custom")
+                ring = measure_saved_bytes(ring_model, *split_sequence(self.cp, self.rank, x, y))
                 self.assertGreater(single["core"], 0)
                 self.assertEqual(ring["core"] * self.cp, single["core"])
                 for scope in ("attention", "model"):
