@@ -10,6 +10,9 @@ they swap modules, shard parameters or split layers, relying on three properties
 - Attention infers its number of heads from the projection's output size, so column-sharded q/k/v projections
   (tensor parallelism) run on their local heads unchanged.
 - Blocks live in a ModuleDict keyed "0".."n_layer-1": removing some (pipeline stages) keeps the others' names.
+- Positions are an explicit input (`GPT.forward(idx, targets, pos)`, default 0..T-1), and the attention core
+  (`CausalSelfAttention.core`, a module without parameters) can be replaced: context parallelism feeds each rank
+  its tokens with their positions in the full sequence and swaps the core for ring attention.
 
 References: GPT-2 (Radford et al. 2019) and nanoGPT's model.py; Llama (Touvron et al. 2023): RMSNorm
 (Zhang & Sennrich 2019), rotary position embeddings (Su et al. 2021, RoFormer), SwiGLU (Shazeer 2020).
@@ -53,25 +56,46 @@ class GPTConfig:
 # -----------------------------------------------------------------------------
 # layers
 
-def apply_rope(x, theta):
+def apply_rope(x, theta, pos=None):
     """Rotary position embedding (RoFormer, Su et al. 2021, eq. 34; the "rotate half" layout of Llama/HF).
 
-    x: (B, H, T, head_dim) with even head_dim; returns the same shape and dtype. Positions are 0..T-1, computed
-    on the fly in fp32 (cheap next to the matmuls, and no buffer for meta-device builds to materialise).
+    x: (B, H, T, head_dim) with even head_dim; returns the same shape and dtype. pos: (T,) int64, the position of
+    each of the T tokens (default 0..T-1; context parallelism passes a rank's positions in the full sequence).
+    The angles are computed on the fly in fp32 (cheap next to the matmuls, and no buffer for meta-device builds
+    to materialise).
     """
     T, hd = x.shape[-2], x.shape[-1]
+    if pos is None:
+        pos = torch.arange(T, device=x.device)
     inv_freq = theta ** (-torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
-    angles = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    angles = torch.outer(pos.to(torch.float32), inv_freq)  # (T, hd/2)
     cos, sin = angles.cos(), angles.sin()
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention through F.scaled_dot_product_attention.
+class CausalSDPA(nn.Module):
+    """The default attention core: causal F.scaled_dot_product_attention with attention dropout in training.
 
-    (B, T, n_embd) -> (B, T, n_embd). The number of heads is q_proj's output size / head_dim, so a q/k/v
-    projection holding only some heads (column-parallel) computes attention on those heads.
+    (q, k, v) each (B, H, T, head_dim) -> (B, H, T, head_dim). No parameters. F.scaled_dot_product_attention is
+    looked up at each call, so torch's context_parallel(), which patches it, takes effect here.
+    """
+
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        self.dropout = dropout
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: q/k/v projections, RoPE (llama block), the core, the output projection.
+
+    (B, T, n_embd) -> (B, T, n_embd); pos: (T,) int64 positions of the T tokens (default 0..T-1), used by RoPE.
+    The number of heads is q_proj's output size / head_dim, so a q/k/v projection holding only some heads
+    (column-parallel) computes attention on those heads. `core` (default CausalSDPA, no parameters) maps
+    (q, k, v) (B, H, T, head_dim) to (B, H, T, head_dim); a strategy may replace it (ring attention).
     """
 
     def __init__(self, config):
@@ -83,15 +107,15 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(config.n_embd, config.n_embd, bias=bias)
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.dropout = config.dropout
         self.rope_theta = config.rope_theta if config.block == "llama" else None
+        self.core = CausalSDPA(config.dropout)
 
-    def forward(self, x):
+    def forward(self, x, pos=None):
         B, T, _ = x.shape
         q, k, v = (proj(x).view(B, T, -1, self.head_dim).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
         if self.rope_theta is not None:
-            q, k = apply_rope(q, self.rope_theta), apply_rope(k, self.rope_theta)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+            q, k = apply_rope(q, self.rope_theta, pos), apply_rope(k, self.rope_theta, pos)
+        y = self.core(q, k, v)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_dropout(self.out_proj(y))
 
@@ -131,7 +155,8 @@ def make_norm(config):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x)). (B, T, n_embd) -> (B, T, n_embd)."""
+    """Pre-LN transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x)). (B, T, n_embd) -> (B, T, n_embd);
+    pos: (T,) int64 token positions for the attention (default 0..T-1)."""
 
     def __init__(self, config):
         super().__init__()
@@ -140,8 +165,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = SwiGLU(config) if config.block == "llama" else MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, pos=None):
+        x = x + self.attn(self.ln_1(x), pos=pos)  # by keyword: forward pre-hooks that rewrite args keep it
         return x + self.mlp(self.ln_2(x))
 
 
@@ -215,19 +240,23 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None):
-        """idx, targets: (B, T) int64 with T <= block_size. Returns (logits, loss): with targets, logits
-        (B, T, vocab_size) and the mean cross-entropy (ignore_index=-1); without, the last position's
-        logits (B, 1, vocab_size) and None."""
+    def forward(self, idx, targets=None, pos=None):
+        """idx, targets: (B, T) int64 with T <= block_size. pos: (T,) int64, the position of each token of idx in
+        the full sequence (default 0..T-1; context parallelism passes a rank's share of the positions), used by
+        the position embedding (gpt2) or RoPE (llama). Returns (logits, loss): with targets, logits
+        (B, T, vocab_size) and the mean cross-entropy (ignore_index=-1); without, the last token's logits
+        (B, 1, vocab_size) and None."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        if pos is None:
+            pos = torch.arange(T, device=idx.device)
         x = self.transformer.wte(idx)
         if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
+            x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
         for block in self.transformer.h.values():
-            x = block(x)
+            x = block(x, pos=pos)
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None

@@ -1,0 +1,501 @@
+"""
+Context parallelism (CP): the sequence of every micro-batch is split over the cp ranks of a CP group, and attention
+sees the whole sequence by passing key/value blocks around a ring (ring attention: Liu, Zaharia & Abbeel 2023, "Ring
+Attention with Blockwise Transformers for Near-Infinite Context", section 3). Everything else in a transformer block
+(norms, projections, MLP, the loss) is per token and runs on the rank's own tokens unchanged. Positions stay global:
+each rank feeds the model its tokens' positions in the full sequence (`GPT.forward(idx, targets, pos)`), so learned
+position embeddings and RoPE see what they would on one device. CP ranks hold the same weights: their gradients are
+reduced together with data parallelism's (Megatron-LM's dp x cp group), see "Gradients" below.
+
+Layout (zigzag, for causal load balance). The s tokens are cut into 2·cp chunks of c = s/(2·cp); rank r holds
+chunk r and chunk 2·cp-1-r, in that order (`zigzag_indices`). With a plain split, the last rank's queries would
+see every key and the first rank's almost none; with the zigzag every rank has one early and one late chunk and
+the same amount of unmasked attention. Used by Megatron-LM's CP and Llama 3 (Dubey et al. 2024, "The Llama 3 Herd of
+Models", section 3.3.2: "the i-th CP rank received both the i-th and the (2 x CP - 1 - i)-th chunks"), and by
+torch's context_parallel (its head-tail load balancer gives the same indices).
+
+Forward of one attention (`RingAttention`), per rank r, with its queries q = [q_r; q_{2cp-1-r}] and its block
+[K; V] (b, H, s/cp, D each). Step i = 0..cp-1 works on the block of rank src = (r - i) mod cp; before computing,
+the rank posts an async send of the block in hand to rank r+1 and an async receive of the next one from rank r-1
+(cp-1 rounds), so the transfer overlaps the compute. Which (query chunk, key chunk) pairs a step computes, from
+causality on global chunk indices (chunk j attends to chunk i iff i <= j; only i == j needs the mask):
+- src == r (step 0): the local queries against the local keys with a causal mask on local indices (the local order
+  is ascending in global position, so that mask is the global one restricted to these tokens);
+- src < r: every local query against the block's first chunk (chunk src < r), no mask; its second chunk
+  (2cp-1-src > 2cp-1-r) comes after both query chunks: skipped;
+- src > r: only the second query chunk (2cp-1-r) against both key chunks, no mask; the first query chunk
+  (r < src <= 2cp-1-src) comes before both: skipped.
+So fully masked pairs are never computed, the mask is used only on the diagonal, and every rank computes about
+2c^2 score entries at every step (step 0: half of a 2c x 2c block; later steps: c x 2c or 2c x c), the balance the
+zigzag buys: with a plain split, rank r would compute r+1 blocks and the last rank would set the pace.
+
+Merging partial results (the log-sum-exp rule, as FlashAttention merges tiles: Dao et al. 2022, section 3.1; Milakov
+& Gimelshein 2018, "Online normalizer calculation for softmax"). A block returns o_i = softmax(S_i) V_i over its keys
+and lse_i = log sum_j exp(S_ij). Over the union of two disjoint key sets: lse = log(e^lse1 + e^lse2) and
+o = e^(lse1-lse)·o1 + e^(lse2-lse)·o2, which is formulas.md's o = (e^(m1-m)·l1·o1 + e^(m2-m)·l2·o2)/l with
+lse = m + log l. Accumulated in fp32 (`merge_partials`).
+
+Backward (FlashAttention-2's, Dao 2023, algorithm 2, at block granularity). Saved: q, k, v, the output o and lse
+(fp32). With dO given, D = rowsum(dO ∘ o) once; for each block pair the probabilities are recomputed from the saved
+lse, P = exp(S - lse), and dV = Pᵀ dO, dP = dO Vᵀ, dS = P ∘ (dP - D), dQ = dS K·scale, dK = dSᵀ Q·scale. The K/V
+blocks go around the ring again (cp-1 sends, overlapped), and each block's dK/dV accumulator travels behind it: it
+starts on the owner's successor (step 1), every rank holding the block adds its part and passes it on, and the
+rank before the owner (step cp-1) sends it home, where the owner adds its own part (computed at step 0): cp-1
+sends of dK/dV per rank. (torch's template sends its accumulator cp times: it starts at the owner.) Gradients are
+exact: the same sums as attention over the gathered sequence, in another order.
+
+Communication per layer per micro-batch, per rank (counted by comm.CommStats for the custom variant;
+`ring_send_bytes` is the formula, tests/test_cp.py checks it): b sequences of s tokens, h = n_embd (the K/V width;
+under tensor parallelism h/t), e the element size of K/V (4 in fp32, 2 in bf16), dK/dV accumulated in fp32 (fp64
+for fp64 inputs), e_acc = max(e, 4):
+- forward: cp-1 sends of [K; V], each 2·b·(s/cp)·h elements: (cp-1)·2·b·(s/cp)·h·e bytes;
+- backward: cp-1 sends of [K; V] again, plus cp-1 sends of [dK; dV]: (cp-1)·2·b·(s/cp)·h·(e + e_acc) bytes;
+and as many bytes received. Derivation: every rank's queries must meet every other rank's K/V block once (cp-1
+hops around the ring), in forward and again in backward (they are not kept: keeping them would cost cp times the
+K/V memory, which CP exists to avoid); every block's dK/dV is a sum over all cp ranks' queries, accumulated along
+the same ring back to its owner (cp-1 hops). Per rank and layer that is 3·(cp-1)·2·b·(s/cp)·h elements, about
+6·b·s·h for large cp, independent of cp, and each transfer overlaps one block's attention compute.
+
+Activation memory: a rank saves q, k, v, o of its s/cp tokens and lse, as single's attention (F.sdpa, flash)
+saves them for all s tokens: 1/cp of it (measured: `python -m parallel.cp`, see main). The score block of a step
+(b·H·2c·2c at most, fp32) is transient and recomputed in backward, as in FlashAttention; this reference computes a
+block with plain matmuls, so that transient is materialised (a production ring calls a flash kernel per block, as
+torch's template does, and never holds more than a tile).
+
+Gradients. The loss on a rank is the mean over its s/cp tokens; the global mean is the mean of the cp local means
+(equal token counts; targets ignored with -1 would weigh the ranks unequally). So each rank backpropagates its local
+loss, and the parameter gradients are averaged over the CP group (with DP: over the dp x cp group), exactly the
+single device's gradient of the mean loss.
+
+Dropout: rejected (`check_cp_config`). The attention-probability dropout mask of a (query chunk, key chunk) block
+would have to be regenerated identically in the ring backward (FlashAttention keeps the Philox seed and offset per
+tile), and it would not be the mask a single device draws for the same step, so "= single" could not be tested.
+
+Two variants, top to bottom:
+- `pytorch`: `torch.distributed.tensor.experimental.context_parallel` (prototype API since PyTorch 2.7): it shards
+  the inputs, targets and positions with its head-tail load balancer (= our zigzag) and patches
+  F.scaled_dot_product_attention (the model's default core) to run its ring template on DTensors (in 2.13 the K/V
+  blocks are all-gathered once by default, set_rotate_method("alltoall") makes it a ring; dK/dV go around by
+  all-to-all). It registers only the CUDA kernels (flash, efficient, cuDNN); on CPU the op is
+  aten._scaled_dot_product_flash_attention_for_cpu and the API raises NotImplementedError. The CPU kernel returns
+  the same (out, lse) pair and its backward takes the same arguments, so `register_cpu_attention_for_context_
+  parallel` hands it to torch's own ring template (private modules, isolated in that one function): the native API
+  then runs on CPU unchanged, and custom is compared with it there.
+- `custom`: ring attention written out (`RingAttention`, an autograd Function over our Collectives, swapped in as
+  each attention's core by `apply_ring_attention`), so the triton and nccl variants run the same algorithm over
+  their backends.
+
+The functions here are the pieces the Strategy composes (config check, batch split, the attention swap, the pytorch
+context); the CP group comes from the caller: a Collectives over it (custom) or a 1-D DeviceMesh (pytorch).
+"""
+
+import argparse
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+
+from model import CausalSelfAttention
+
+
+def check_cp_config(model_config, cp):
+    """Raise ValueError (one line, naming the numbers) if the model cannot run with context parallelism over cp ranks:
+    block_size must be divisible by 2·cp (the zigzag's 2·cp chunks), and dropout must be 0 (module docstring). Call it
+    before any collective."""
+    c = model_config
+    if cp < 1:
+        raise ValueError(f"context parallel: cp_size={cp} must be >= 1")
+    if c.block_size % (2 * cp):
+        raise ValueError(f"context parallel: block_size={c.block_size} is not divisible by 2 x cp_size = {2 * cp} "
+                         f"(each rank holds 2 of the sequence's {2 * cp} chunks)")
+    if c.dropout:
+        raise ValueError(f"context parallel: dropout={c.dropout} is not supported (the attention dropout mask of each "
+                         f"ring block would differ from the single device's and must be replayed in backward); "
+                         f"use dropout=0.0")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the zigzag split
+
+
+def zigzag_indices(seq_len, cp, rank, device=None):
+    """The positions of rank `rank`'s tokens: chunk `rank` and chunk 2·cp-1-rank of the sequence cut into 2·cp
+    chunks, ascending. Returns an int64 tensor of shape (seq_len/cp,). ValueError if 2·cp does not divide seq_len.
+    (Megatron-LM / Llama 3's CP layout; torch's context_parallel head-tail load balancer.)"""
+    if seq_len % (2 * cp):
+        raise ValueError(f"context parallel: sequence length {seq_len} is not divisible by 2 x cp_size = {2 * cp}")
+    c = seq_len // (2 * cp)
+    first, second = rank * c, (2 * cp - 1 - rank) * c
+    return torch.cat([torch.arange(first, first + c, device=device), torch.arange(second, second + c, device=device)])
+
+
+def split_sequence(cp, rank, *tensors):
+    """This rank's share of (B, T) tensors (token ids, targets) along the sequence, and their positions.
+    Returns (*local tensors (B, T/cp), pos (T/cp,) int64) for `GPT.forward(x, y, pos=pos)`."""
+    pos = zigzag_indices(tensors[0].shape[1], cp, rank, tensors[0].device)
+    return (*(t[:, pos] for t in tensors), pos)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# blockwise attention, the log-sum-exp merge, and its backward (fp32)
+
+
+def accumulation_dtype(dtype):
+    """The dtype ring attention computes and accumulates in: fp32, or the input's if wider (fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def block_attention(q, k, v, scale, causal):
+    """Attention of queries q (B, H, Tq, D) over one block of keys/values k, v (B, H, Tk, D), in fp32 (fp64 for fp64
+    inputs). causal: Tq == Tk and query i attends to keys 0..i only. Returns (out (B, H, Tq, D), lse (B, H, Tq)):
+    out = softmax(q kᵀ·scale) v and lse = log sum_j exp(q k_jᵀ·scale), the normaliser `merge_partials` needs."""
+    acc_dtype = accumulation_dtype(q.dtype)
+    q, k, v = q.to(acc_dtype), k.to(acc_dtype), v.to(acc_dtype)
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.matmul(torch.exp(s - lse.unsqueeze(-1)), v), lse
+
+
+def merge_partials(out, lse, block_out, block_lse):
+    """Merge two partial attentions of the same queries over disjoint key sets (FlashAttention's rescaling):
+    lse = log(e^lse1 + e^lse2), out = e^(lse1-lse)·out1 + e^(lse2-lse)·out2. out: (..., T, D), lse: (..., T), in the
+    accumulation dtype. Returns the merged (out, lse)."""
+    new_lse = torch.logaddexp(lse, block_lse)
+    new_out = torch.exp(lse - new_lse).unsqueeze(-1) * out + torch.exp(block_lse - new_lse).unsqueeze(-1) * block_out
+    return new_out, new_lse
+
+
+def block_attention_backward(q, k, v, dout, lse, delta, scale, causal):
+    """Gradients of one block's share of attention (FlashAttention-2's backward): q, dout (B, H, Tq, D); k, v
+    (B, H, Tk, D); lse, delta (B, H, Tq): the merged output's log-sum-exp and rowsum(dout ∘ out). Recomputes
+    P = exp(q kᵀ·scale - lse) and returns (dq (B, H, Tq, D), dk, dv (B, H, Tk, D)), this block's parts, in fp32
+    (fp64 for fp64 inputs)."""
+    acc_dtype = accumulation_dtype(q.dtype)
+    q, k, v, dout = q.to(acc_dtype), k.to(acc_dtype), v.to(acc_dtype), dout.to(acc_dtype)
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    p = torch.exp(s - lse.unsqueeze(-1))
+    dv = torch.matmul(p.transpose(-2, -1), dout)
+    ds = p * (torch.matmul(dout, v.transpose(-2, -1)) - delta.unsqueeze(-1))
+    return torch.matmul(ds, k) * scale, torch.matmul(ds.transpose(-2, -1), q) * scale, dv
+
+
+def _pairs(rank, src, c):
+    """Which part of the local queries meets which part of src's K/V block (module docstring): (query slice,
+    key slice, causal), for the zigzag layout with chunks of c tokens."""
+    if src == rank:
+        return slice(None), slice(None), True
+    if src < rank:
+        return slice(None), slice(0, c), False
+    return slice(c, None), slice(None), False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# custom variant: ring attention over our Collectives
+
+
+def _ring_forward(q, k, v, comm, scale):
+    """RingAttention's forward: (out in q's dtype, lse in the accumulation dtype)."""
+    cp, r = comm.world_size, comm.rank
+    nxt_rank, prev_rank = (r + 1) % cp, (r - 1) % cp
+    c = q.shape[2] // 2
+    kv = torch.stack([k, v])  # (2, B, H, T/cp, D): the block passed around, one message per round
+    acc_dtype = accumulation_dtype(q.dtype)
+    B, H, T, D = q.shape
+    # out is (B, H, T, D) stored as (B, T, H, D), as the CPU flash kernel stores its output: the model's
+    # transpose(1, 2).reshape(B, T, H·D) is then a view, and out_proj saves no copy of it for backward
+    out = torch.zeros((B, T, H, D), dtype=acc_dtype, device=q.device).transpose(1, 2)
+    lse = torch.full((B, H, T), float("-inf"), dtype=acc_dtype, device=q.device)
+    for step in range(cp):
+        if step < cp - 1:  # post the transfer of the next block, then compute on the one in hand
+            incoming = torch.empty_like(kv)
+            transfers = [comm.send(kv, nxt_rank, async_op=True), comm.recv(incoming, prev_rank, async_op=True)]
+        qs, ks, causal = _pairs(r, (r - step) % cp, c)
+        block_out, block_lse = block_attention(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], scale, causal)
+        out[:, :, qs], lse[:, :, qs] = merge_partials(out[:, :, qs], lse[:, :, qs], block_out, block_lse)
+        if step < cp - 1:
+            for t in transfers:
+                t.wait()
+            kv = incoming
+    return out.to(q.dtype), lse
+
+
+def _ring_backward(q, k, v, out, lse, dout, comm, scale):
+    """RingAttention's backward: (dq, dk, dv) in the dtypes of q, k, v."""
+    cp, r = comm.world_size, comm.rank
+    nxt_rank, prev_rank = (r + 1) % cp, (r - 1) % cp
+    c = q.shape[2] // 2
+    dout = dout.contiguous()
+    acc_dtype = accumulation_dtype(q.dtype)
+    delta = (dout.to(acc_dtype) * out.to(acc_dtype)).sum(-1)  # (B, H, T/cp)
+    dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+    kv = torch.stack([k, v])
+    own = None  # this rank's part of its own block's [dK; dV], computed at step 0
+    sends = []  # dK/dV sends still in flight (their buffers stay alive here)
+    for step in range(cp):
+        # Receives from rank r-1 are posted in the order r-1 sends: its step-(step-1) dK/dV, then its next K/V.
+        if step >= 2:
+            acc_in = torch.empty((2, *k.shape), dtype=acc_dtype, device=k.device)
+            acc_recv = comm.recv(acc_in, prev_rank, async_op=True)
+        if step < cp - 1:
+            incoming = torch.empty_like(kv)
+            transfers = [comm.send(kv, nxt_rank, async_op=True), comm.recv(incoming, prev_rank, async_op=True)]
+        qs, ks, causal = _pairs(r, (r - step) % cp, c)
+        dq_part, dk_part, dv_part = block_attention_backward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks],
+                                                             dout[:, :, qs], lse[:, :, qs], delta[:, :, qs],
+                                                             scale, causal)
+        dq[:, :, qs] += dq_part
+        acc = torch.zeros((2, *k.shape), dtype=acc_dtype, device=k.device)
+        acc[0][:, :, ks], acc[1][:, :, ks] = dk_part, dv_part
+        if step == 0:
+            own = acc
+        else:
+            if step >= 2:  # the accumulator of this block from the ranks before this one
+                acc_recv.wait()
+                acc += acc_in
+            sends.append((acc, comm.send(acc, nxt_rank, async_op=True)))  # at step cp-1: to the owner
+        if step < cp - 1:
+            for t in transfers:
+                t.wait()
+            kv = incoming
+    if cp > 1:  # our block's accumulator, home from rank r-1 after its last step
+        acc_in = torch.empty_like(own)
+        comm.recv(acc_in, prev_rank)
+        own += acc_in
+    for _, work in sends:
+        work.wait()
+    return dq.to(q.dtype), own[0].to(k.dtype), own[1].to(v.dtype)
+
+
+class RingAttention(torch.autograd.Function):
+    """Causal ring attention over the CP group of `comm` (module docstring: forward, merge, backward, bytes).
+
+    q, k, v: (B, H, T/cp, D), this rank's tokens in the zigzag layout (chunk r, then chunk 2cp-1-r); comm: a
+    Collectives over the CP group (its rank is the CP rank); scale: the softmax scale (1/sqrt(D) for SDPA's).
+    Returns (B, H, T/cp, D) in q's dtype: this rank's rows of causal attention over the full sequence.
+    Every rank of the group must call it with the same shapes (it sends and receives cp-1 blocks each way).
+    Autocast is off inside, so the fp32 accumulation stays fp32 under bf16 autocast."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, comm, scale):
+        with torch.autocast(q.device.type, enabled=False):
+            out, lse = _ring_forward(q, k, v, comm, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.comm, ctx.scale = comm, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dk, dv = _ring_backward(q, k, v, out, lse, dout, ctx.comm, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def ring_attention(q, k, v, comm, scale=None):
+    """RingAttention.apply with SDPA's default scale 1/sqrt(D). q, k, v: (B, H, T/cp, D) -> (B, H, T/cp, D)."""
+    return RingAttention.apply(q, k, v, comm, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+
+
+class RingAttentionCore(nn.Module):
+    """An attention core (model.CausalSelfAttention.core) computing causal ring attention over the CP group of
+    `comm`: (q, k, v) (B, H, T/cp, D) of this rank's zigzag tokens -> (B, H, T/cp, D). No parameters."""
+
+    def __init__(self, comm):
+        super().__init__()
+        self.comm = comm
+
+    def forward(self, q, k, v):
+        return ring_attention(q, k, v, self.comm)
+
+
+def apply_ring_attention(model, comm):
+    """Replace the core of every CausalSelfAttention in `model` (a GPT, a pipeline stage, a TP-sharded model: its
+    local heads) by RingAttentionCore(comm), the custom variant. The model must then be fed this rank's tokens and
+    positions (`split_sequence`). Returns the model. Parameters and state_dict keys are unchanged.
+    ValueError if an attention core has dropout (check_cp_config says why)."""
+    for module in model.modules():
+        if isinstance(module, CausalSelfAttention):
+            if getattr(module.core, "dropout", 0.0):
+                raise ValueError(f"context parallel: attention dropout={module.core.dropout} is not supported; "
+                                 f"use dropout=0.0")
+            module.core = RingAttentionCore(comm)
+    return model
+
+
+def ring_send_bytes(batch_size, seq_len, kv_width, cp, element_size=4):
+    """The ring's communication per layer per micro-batch per rank (module docstring), in bytes sent (as many are
+    received): {"forward": (cp-1)·2·b·(s/cp)·h·e, "backward": (cp-1)·2·b·(s/cp)·h·(e + max(e, 4))} with
+    h = kv_width (the K/V features of the local heads), e = element_size of K/V; dK/dV travel in the accumulation
+    dtype (fp32, or fp64 for fp64 inputs)."""
+    block = 2 * batch_size * (seq_len // cp) * kv_width
+    return {"forward": (cp - 1) * block * element_size,
+            "backward": (cp - 1) * block * (element_size + max(element_size, 4))}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pytorch variant: torch.distributed.tensor.experimental.context_parallel
+
+
+def register_cpu_attention_for_context_parallel():
+    """Let torch's context_parallel run on CPU: route aten._scaled_dot_product_flash_attention_for_cpu (the kernel
+    F.scaled_dot_product_attention picks on CPU) and its backward through torch's own ring template, as it routes the
+    CUDA flash / efficient / cuDNN kernels. Idempotent.
+
+    Uses private torch modules, the one place in this file: DTensor's CP op table
+    (torch.distributed.tensor.experimental._context_parallel._attention.custom_ops, which context_parallel() installs
+    on entry) and its _templated_ring_attention(_backward). No public API registers an attention kernel with CP. The
+    CPU kernel returns (out, logsumexp (B, H, T)) like the CUDA flash kernel and its backward takes (grad_out, query,
+    key, value, out, logsumexp, dropout_p, is_causal, scale), the arguments the template passes, so the template
+    (load balancing, LSE merge, K/V rotation) runs unchanged."""
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.experimental._context_parallel import _attention as torch_cp
+    aten = torch.ops.aten
+    forward_op = aten._scaled_dot_product_flash_attention_for_cpu.default
+    backward_op = aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+    def local(a):
+        return a.to_local() if isinstance(a, DTensor) else a
+
+    def sharded(mesh, tensors):
+        return tuple(DTensor.from_local(t, mesh, [Shard(2)], run_check=False) for t in tensors)
+
+    def forward_handler(op_call, args, kwargs):
+        # query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None
+        q, k, v = args[:3]
+        kw = {**dict(zip(("dropout_p", "is_causal"), args[3:])), **kwargs}
+        if kw.get("attn_mask") is not None:
+            raise NotImplementedError("context parallel on CPU: attn_mask is not supported")
+        return sharded(q.device_mesh, torch_cp._templated_ring_attention(
+            q.device_mesh.get_group(), 2, forward_op, local(q), local(k), local(v), **kw))
+
+    def backward_handler(op_call, args, kwargs):
+        names = ("grad_out", "query", "key", "value", "out", "logsumexp", "dropout_p", "is_causal")
+        kw = {**dict(zip(names, args)), **kwargs}
+        mesh = kw["query"].device_mesh
+        grads = torch_cp._templated_ring_attention_backward(mesh.get_group(), 2, backward_op, grad_out_name="grad_out",
+                                                            **{n: local(a) for n, a in kw.items()})
+        return sharded(mesh, grads[:3])
+
+    torch_cp.custom_ops[forward_op] = forward_handler
+    torch_cp.custom_ops[backward_op] = backward_handler
+
+
+@contextlib.contextmanager
+def pytorch_context_parallel(mesh, *tensors):
+    """torch's context_parallel over the 1-D CP DeviceMesh `mesh` for one micro-batch: yields (*local tensors,
+    pos), this rank's share (zigzag, by torch's head-tail load balancer) of the (B, T, ...) tensors (token ids,
+    targets; copies, the originals are untouched) along dim 1, and the positions of its tokens (T/cp,). Inside,
+    the model's F.scaled_dot_product_attention runs torch's ring attention; run the forward AND the backward inside.
+    On CPU it first registers the CPU attention kernel (register_cpu_attention_for_context_parallel)."""
+    from torch.distributed.tensor.experimental import context_parallel
+    if mesh.device_type == "cpu":
+        register_cpu_attention_for_context_parallel()
+    buffers = [t.clone(memory_format=torch.contiguous_format) for t in tensors]
+    buffers.append(torch.arange(tensors[0].shape[1], device=tensors[0].device))
+    with context_parallel(mesh, buffers=buffers, buffer_seq_dims=[1] * len(tensors) + [0],
+                          no_restore_buffers=set(buffers)):
+        yield tuple(buffers)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# measurement: attention activation memory per rank
+
+
+def measure_saved_bytes(model, x, y, pos):
+    """Forward one micro-batch and return the activation bytes autograd saves for backward (torch.autograd.graph.
+    saved_tensors_hooks; each storage counted once, parameters not counted: what stays alive until backward)
+    {"core": inside the attention cores, "attention": inside the CausalSelfAttention modules (projections, RoPE,
+    core), "model": the whole forward}; then run the backward (so the ring's transfers complete on every rank)."""
+    active = {"core": 0, "attention": 0, "model": 1}
+    saved = {name: {} for name in active}
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() in parameters:
+            return t
+        for name, depth in active.items():
+            if depth:
+                saved[name][storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def enter(name):
+        def hook(module, args):
+            active[name] += 1
+        return hook
+
+    def leave(name):
+        def hook(module, args, output):
+            active[name] -= 1
+        return hook
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, CausalSelfAttention):
+            for sub, name in ((module, "attention"), (module.core, "core")):
+                handles += [sub.register_forward_pre_hook(enter(name)), sub.register_forward_hook(leave(name))]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(x, y, pos=pos)
+    for h in handles:
+        h.remove()
+    loss.backward()
+    return {name: sum(storages.values()) for name, storages in saved.items()}
+
+
+def main():
+    """Print the attention activation memory per rank at cp = 1 (single, F.sdpa) and every cp that divides the
+    world size, for one micro-batch of a small GPT with a long block. Run under torchrun, e.g.
+        torchrun --standalone --nproc_per_node=4 -m parallel.cp --block_size 1024
+    (cp=2 runs as two groups of 2 ranks, cp=4 as the world; each rank measures its own share)."""
+    import torch.distributed as dist
+    from comm import TorchCollectives, init_distributed, teardown
+    from model import GPT, GPTConfig
+    parser = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    parser.add_argument("--block_size", type=int, default=1024)
+    parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--n_layer", type=int, default=2)
+    parser.add_argument("--n_head", type=int, default=4)
+    parser.add_argument("--n_embd", type=int, default=64)
+    parser.add_argument("--block", default="llama")
+    args = parser.parse_args()
+    init_distributed()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    config = GPTConfig(block_size=args.block_size, vocab_size=64, n_layer=args.n_layer, n_head=args.n_head,
+                       n_embd=args.n_embd, block=args.block)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, config.vocab_size, (args.batch_size, args.block_size), generator=g)
+    y = torch.randint(0, config.vocab_size, (args.batch_size, args.block_size), generator=g)
+    rows = []
+    for cp in [n for n in (1, 2, 4, 8) if world % n == 0]:
+        check_cp_config(config, cp)
+        groups = [dist.new_group(list(range(s, s + cp))) for s in range(0, world, cp)] if cp > 1 else None
+        model = GPT(config)
+        if cp > 1:
+            comm = TorchCollectives(groups[rank // cp])
+            apply_ring_attention(model, comm)
+            xl, yl, pos = split_sequence(cp, comm.rank, x, y)
+        else:
+            xl, yl, pos = x, y, None
+        saved = measure_saved_bytes(model, xl, yl, pos)
+        worst = torch.tensor([saved["core"], saved["attention"], saved["model"]], dtype=torch.float64)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        rows.append((cp, *worst.tolist()))
+    if rank == 0:
+        print(f"saved for backward per rank (max over ranks), one micro-batch: B={args.batch_size}, "
+              f"T={args.block_size}, {args.n_layer} {args.block} layers, n_embd={args.n_embd}, n_head={args.n_head}")
+        print(f"{'cp':>3} {'attention core':>16} {'x single':>9} {'attention module':>17} {'x single':>9} "
+              f"{'whole model':>13} {'x single':>9}")
+        base = rows[0]
+        for cp, core, attn, whole in rows:
+            print(f"{cp:>3} {core / 2**20:>13.3f} MiB {core / base[1]:>9.4f} {attn / 2**20:>14.3f} MiB "
+                  f"{attn / base[2]:>9.4f} {whole / 2**20:>10.3f} MiB {whole / base[3]:>9.4f}")
+    teardown()
+
+
+if __name__ == "__main__":
+    main()
