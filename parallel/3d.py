@@ -1,35 +1,44 @@
 """
-3-D parallelism: data x pipeline x tensor parallel on one rank grid (Megatron-LM, Narayanan et al. 2021,
-"Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", section 3; torchtitan's
-parallelize_llama; picotron's train.py).
+3-D (and 4-D) parallelism: data x pipeline x context x tensor parallel on one rank grid (Megatron-LM, Narayanan et
+al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", section 3; context
+parallelism as Megatron-core and Llama 3 add it; torchtitan's parallelize_llama; picotron's train.py). The key stays
+`3d`, the name users know; cp_size=1 by default.
 
     torchrun --standalone --nproc_per_node=8 train.py config/train_shakespeare_char_3d_custom_cpu.py
+    torchrun --standalone --nproc_per_node=16 train.py config/train_shakespeare_char_4d_custom_cpu.py
 
-The grid (parallel/grid.py): world_size = dp * pp * tp ranks, TP innermost, then PP, then DP,
-rank = (dp_rank * pp + pp_rank) * tp + tp_rank, so a TP group is consecutive ranks (one node on a GPU cluster),
-the stages of a pipeline tp ranks apart and the DP replicas pp * tp apart. `print_grid(dp=2, pp=2, tp=2)` shows it.
+The grid (parallel/grid.py): world_size = dp * pp * cp * tp ranks, TP innermost, then CP, then PP, then DP,
+rank = (((dp_rank * pp + pp_rank) * cp + cp_rank) * tp + tp_rank, so a TP group is consecutive ranks (one node on a
+GPU cluster), a CP ring tp ranks apart (TP and CP, the two per-layer collectives, inside a node when cp * tp <= 8),
+the stages of a pipeline cp * tp apart and the DP replicas pp * cp * tp apart. This is ../shared/DESIGN.md's order;
+Megatron-core's default puts DP inside PP (tp-cp-dp-pp), which makes dp x cp one contiguous block, but would change
+the existing 3-D layout, so the dp x cp group is a flattened sub-mesh here (RankGrid.replicas).
+`print_grid(dp=2, pp=2, cp=2, tp=2)` shows it.
 
 The composition: the 1-D strategies' own functions, applied in torchtitan's order on the grid's dimensions, each
 skipped where its size is 1:
 1. pipeline split (parallel/pp.py's build_stages): this rank's stages, on the meta device; at pp=1 the whole GPT;
 2. tensor parallel on each over "tp" (parallel/tp.py): pytorch `apply_tp` (the DTensor plan, with sequence and loss
    parallelism), custom `apply_custom_tp` (Megatron's layers);
-3. data parallel on each over "dp": pytorch `apply_fsdp` (FSDP2, dp_type="fsdp") or `apply_replicate` (dp_type="ddp");
-   custom `FullyShardedDataParallel` or `DataParallel` (parallel/fsdp.py, parallel/ddp.py);
-4. materialise: every parameter gets its slice of the full model's init, so every grid starts from single's weights;
-5. pipeline schedule over "pp" (pp > 1): parallel/pp.py's PytorchPipeline or CustomPipeline, which drives the
+3. context parallel over "cp" (parallel/cp.py): custom `apply_ring_attention` (every attention core a ring);
+   pytorch: torch's context_parallel around each step (`cp_micro_batch`, which also splits every sequence);
+4. data parallel on each over "dp" x "cp" (the ranks holding the same weights): pytorch `apply_fsdp` (FSDP2,
+   dp_type="fsdp") or `apply_replicate` (dp_type="ddp"); custom `FullyShardedDataParallel` or `DataParallel`;
+5. materialise: every parameter gets its slice of the full model's init, so every grid starts from single's weights;
+6. pipeline schedule over "pp" (pp > 1): parallel/pp.py's PytorchPipeline or CustomPipeline, which drives the
    data-parallel wrappers' gradient sync (once per step, in each stage's last backward).
 
 Across dimensions:
-- data: TP peers (and the stages of one pipeline) read the same micro-batches, DP ranks different ones; the global
-  batch is batch_size (micro-batch) x micro-batches per pipeline x dp.
-- gradients are reduced over DP only, and divided by the number of micro-batches, so they are the single device's on
+- data: TP and CP peers (and the stages of one pipeline) read the same micro-batches, DP ranks different ones; the
+  global batch is batch_size (micro-batch) x micro-batches per pipeline x dp. CP ranks take their zigzag share of
+  every sequence, at its global positions.
+- gradients are reduced over dp x cp, and divided by the number of micro-batches, so they are the single device's on
   the global batch. The tied embedding/head gradient is summed over the first and last stage. With sequence
   parallelism the gradients of the norms and row-parallel biases are also summed over TP.
 - the gradient norm counts every element once (parallel.clip_grad_norm_ over the world): each parameter's global
-  form (a DTensor on the dp x tp sub-mesh) says on which ranks it is replicated, and it counts on the first replica.
-- the logged loss is the mean over micro-batches (last stage) and DP, on every rank.
-Communication per step = the sum of the 1-D formulas on each group (tests/test_3d.py checks it exactly).
+  form (a DTensor) says on which ranks it is replicated, and it counts on the first replica.
+- the logged loss is the mean over micro-batches (last stage) and dp x cp, on every rank.
+Communication per step = the sum of the 1-D formulas on each group (tests/test_3d.py checks it exactly for 3-D).
 """
 
 import torch
@@ -38,6 +47,7 @@ from torch.distributed.tensor import Replicate
 from model import GPT
 from parallel import Strategy, as_dtensor, full_shapes, materialize, register, slice_init
 from parallel.checkpoint import HEAD
+from parallel.cp import apply_ring_attention, check_cp_config, cp_micro_batch
 from parallel.ddp import DataParallel, apply_replicate
 from parallel.fsdp import (LOW_PRECISION, FullyShardedDataParallel, apply_fsdp, flat_state, fsdp2_no_sync,
                            load_flat_state, mixed_precision, reshard_after_forward)
@@ -49,21 +59,24 @@ from parallel.tp import (all_reduce_flat, apply_custom_tp, apply_tp, check_tp_co
 
 
 class Parallel3D(Strategy):
-    """What both variants share: the grid's sizes from cfg.dp_size / pp_size / tp_size (0: dp takes the rest, pp and
-    tp are 1), checked with dp_type, sequence parallelism and the pipeline config before any collective (one-line
-    ValueErrors), then the grid; the stages (or the GPT) this rank builds."""
+    """What both variants share: the grid's sizes from cfg.dp_size / pp_size / cp_size / tp_size (0: dp takes the
+    rest, the others are 1), checked with dp_type, sequence and context parallelism and the pipeline config before any
+    collective (one-line ValueErrors), then the grid; the stages (or the GPT) this rank builds. Data parallelism's
+    wrapper runs over the dp x cp ranks (`replicas`: they hold the same weights)."""
 
     sharded = True
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
-        self.sizes = resolve_sizes(self.world_size, cfg.dp_size, cfg.pp_size, 0, cfg.tp_size)
-        dp, pp, tp = self.sizes["dp"], self.sizes["pp"], self.sizes["tp"]
+        self.sizes = resolve_sizes(self.world_size, cfg.dp_size, cfg.pp_size, cfg.cp_size, cfg.tp_size)
+        dp, pp, cp, tp = (self.sizes[d] for d in ("dp", "pp", "cp", "tp"))
+        self.replicas = dp * cp
         if cfg.dp_type not in ("ddp", "fsdp"):
             raise ValueError(f"dp_type must be 'ddp' or 'fsdp', got {cfg.dp_type!r}")
         self.sp, self.lp = cfg.sequence_parallel and tp > 1, cfg.loss_parallel and tp > 1
-        if self.sp and cfg.block_size % tp:
-            raise ValueError(f"sequence parallel: block_size={cfg.block_size} is not divisible by tp_size={tp}")
+        if self.sp and cfg.block_size % (tp * cp):
+            raise ValueError(f"sequence parallel: block_size={cfg.block_size} is not divisible by tp_size={tp}"
+                             + (f" x cp_size={cp} (each rank's share of the sequence is split over tp)" if cp > 1 else ""))
         self.reshard_after_forward = reshard_after_forward(cfg.reshard_after_forward, pipelined=pp > 1)
         self.dp_size = dp
         if pp > 1:
@@ -71,9 +84,12 @@ class Parallel3D(Strategy):
         self.use_grid(self.sizes)
 
     def build_modules(self, model_config):
-        """Check the model against the TP size, seed the RNG alike on TP peers (their dropout masks must agree), and
-        return this rank's {stage: StageModule} on the meta device ({0: GPT} at pp=1)."""
+        """Check the model against the TP and CP sizes, seed the RNG alike on TP peers (their dropout masks must
+        agree), and return this rank's {stage: StageModule} on the meta device ({0: GPT} at pp=1)."""
         check_tp_config(model_config, self.sizes["tp"], self.sp)
+        check_cp_config(model_config, self.sizes["cp"])
+        if self.sizes["cp"] > 1:  # this rank's share of every sequence, and its positions (pp.Pipeline uses it too)
+            self.micro_batch = cp_micro_batch(self.variant, self.grid.mesh["cp"], self.collectives(self.grid.group("cp")))
         torch.manual_seed(self.cfg.seed + self.rank // self.sizes["tp"])
         if self.sizes["pp"] == 1:
             with torch.device("meta"):
@@ -109,11 +125,11 @@ class Pytorch3D(Parallel3D):
             if cfg.compile:  # per block, before FSDP (torchtitan's order)
                 for block in module.transformer.h.values():
                     block.compile(backend=cfg.compile_backend)
-            if self.sizes["dp"] > 1 and cfg.dp_type == "fsdp":
-                apply_fsdp(module, mesh["dp"], self.stats, cfg.dtype, self.reshard_after_forward)
-            elif self.sizes["dp"] > 1:
+            if self.replicas > 1 and cfg.dp_type == "fsdp":
+                apply_fsdp(module, self.grid.replicas, self.stats, cfg.dtype, self.reshard_after_forward)
+            elif self.replicas > 1:
                 for unit in [*module.transformer.h.values(), module]:
-                    apply_replicate(unit, mesh["dp"], mixed_precision(cfg.dtype))
+                    apply_replicate(unit, self.grid.replicas, mixed_precision(cfg.dtype))
             materialize(module, self.device, slice_init(model_config))
         self.run(model_config, stages, stages, PytorchPipeline)
         return self.model
@@ -122,7 +138,7 @@ class Pytorch3D(Parallel3D):
         return loss_parallel_context(self.lp)
 
     def no_sync(self):
-        return fsdp2_no_sync(self.model) if self.sizes["dp"] > 1 else super().no_sync()
+        return fsdp2_no_sync(self.model) if self.replicas > 1 else super().no_sync()
 
     def sync_gradients(self):
         match_grad_placements(p for _, p in self.named_parameters())
@@ -138,10 +154,10 @@ class Custom3D(Parallel3D):
     layout and their sharded gradients are summed shard by shard."""
 
     def build_model(self, model_config):
-        cfg, dp, tp = self.cfg, self.sizes["dp"], self.sizes["tp"]
+        cfg, tp = self.cfg, self.sizes["tp"]
         stages = self.build_modules(model_config)
-        self.tp_comm, self.dp_comm = self.collectives(self.grid.group("tp")), self.collectives(self.grid.group("dp"))
-        self.fsdp = cfg.dp_type == "fsdp" and dp > 1
+        self.tp_comm, self.dp_comm = self.collectives(self.grid.group("tp")), self.collectives(self.dp_group)
+        self.fsdp = cfg.dp_type == "fsdp" and self.replicas > 1
         self.shapes = full_shapes(model_config)
         self.sp_names = {n for n in self.shapes if self.sp and is_sequence_parallel_param(n)}
         init = slice_init(model_config, tp_local_slice(self.tp_comm) if tp > 1 else None)
@@ -150,6 +166,8 @@ class Custom3D(Parallel3D):
             loss = apply_custom_tp(module, self.tp_comm, self.sp, self.lp) if tp > 1 else None
             if loss is not None:  # vocab-parallel cross-entropy: the GPT's (pp=1), or the last stage's (below)
                 module.loss = head_loss = loss
+            if self.sizes["cp"] > 1:
+                apply_ring_attention(module, self.collectives(self.grid.group("cp")))
             if self.fsdp:
                 first, last = "wte" in module.transformer, hasattr(module, "lm_head")
                 units = ([module.transformer.wte] if first and not last else []) + list(module.transformer.h.values()) \
@@ -160,7 +178,7 @@ class Custom3D(Parallel3D):
                 modules[s].pre_reduce_scatter = self._sum_sequence_parallel_grads
             else:
                 materialize(module, self.device, init)
-                modules[s] = DataParallel(module, self.dp_comm, cfg.bucket_cap_mb) if dp > 1 else module
+                modules[s] = DataParallel(module, self.dp_comm, cfg.bucket_cap_mb) if self.replicas > 1 else module
         self.wrappers = list(modules.values())
         self.run(model_config, stages, modules, CustomPipeline)
         if self.pipeline is not None:

@@ -121,9 +121,9 @@ def is_first_replica(tensor, grid):
     but pp (a plain tensor: over all of them), so it counts on coordinate 0 of those. The pipeline dimension holds
     different stages, not copies."""
     split = set()
-    if isinstance(tensor, DTensor):
-        split = {dim for dim, placement in zip(tensor.device_mesh.mesh_dim_names, tensor.placements)
-                 if not placement.is_replicate()}
+    if isinstance(tensor, DTensor):  # a flattened mesh dim ("dp_cp") splits over each of its dims
+        for name, placement in zip(tensor.device_mesh.mesh_dim_names, tensor.placements):
+            split |= set() if placement.is_replicate() else set(name.split("_"))
     return all(grid.coord[dim] == 0 for dim in ("dp", "cp", "tp") if dim not in split)
 
 
@@ -170,6 +170,20 @@ def materialize(module, device, init):
             init(name, p)
 
 
+def local_part(full, dtensor):
+    """The part of the full tensor `full` that `dtensor` holds on this rank: each mesh dim that shards it, innermost
+    first, keeps its torch.chunk (DTensor's split rule). Innermost first is how FSDP2 shards a tensor-parallel
+    parameter (its dim-0 chunk of the TP-local tensor, DTensor's _StridedShard); distribute_tensor(src_data_rank=None)
+    computes the same locally for even splits but not for uneven ones (the 65-row vocabulary over tp=2, then dp=4)."""
+    coordinate = dtensor.device_mesh.get_coordinate()
+    for i in reversed(range(dtensor.device_mesh.ndim)):
+        dim = getattr(dtensor.placements[i], "dim", None)  # Shard and _StridedShard have one, Replicate does not
+        if dim is not None:
+            chunks = torch.chunk(full, dtensor.device_mesh.size(i), dim=dim)
+            full = chunks[coordinate[i]] if coordinate[i] < len(chunks) else full.narrow(dim, 0, 0)
+    return full
+
+
 def full_shapes(model_config):
     """{name: shape} of every parameter of the unsharded GPT, lm_head.weight included (the tied embedding's)."""
     with torch.device("meta"):
@@ -181,7 +195,7 @@ def full_shapes(model_config):
 def slice_init(model_config, local_slice=None):
     """init(name, tensor) for materialize: the tensor receives its part of the full GPT's initial value
     (model.init_parameter_ on the full tensor), so every layout starts from the single model's weights. A DTensor
-    keeps the slice its placements select (distribute_tensor with src_data_rank=None: no communication); a plain
+    keeps the slice its placements select (local_part: no communication); a plain
     tensor the slice local_slice(name, full) picks (custom tensor parallelism), else all of it. The head's copy in a
     pipeline gets the tied embedding's value."""
     shapes = full_shapes(model_config)
@@ -190,10 +204,7 @@ def slice_init(model_config, local_slice=None):
         full = torch.empty(shapes[name])
         init_parameter_(WTE if name == HEAD else name, full, model_config)
         if isinstance(tensor, DTensor):
-            from torch.distributed.tensor import distribute_tensor
-            full = distribute_tensor(full.to(tensor.device), tensor.device_mesh, tensor.placements,
-                                     src_data_rank=None).to_local()
-            tensor = tensor.to_local()
+            full, tensor = local_part(full.to(tensor.device), tensor), tensor.to_local()
         elif local_slice is not None:
             full = local_slice(name, full)
         tensor.copy_(full)
@@ -245,9 +256,12 @@ class Strategy:
 
     def use_grid(self, sizes):
         """Build the rank grid of `sizes` (validated by parallel.grid.resolve_sizes, before any collective) and take
-        the data-parallel coordinate from it."""
+        the data-parallel coordinate from it: dp_rank, dp_size say which rows of the global batch this rank reads
+        (context-parallel peers read the same rows), dp_group is dp x cp, the ranks whose gradients and losses are
+        averaged."""
         self.grid = RankGrid(sizes, self.device.type)
-        self.dp_rank, self.dp_size, self.dp_group = self.grid.coord["dp"], sizes["dp"], self.grid.group("dp")
+        self.dp_rank, self.dp_size = self.grid.coord["dp"], sizes["dp"]
+        self.dp_group = self.grid.replicas.get_group()
 
     @property
     def grad_accum(self):
@@ -300,9 +314,15 @@ class Strategy:
         """Context around forward and backward (DTensor's loss_parallel() when the logits stay vocab-sharded)."""
         return contextlib.nullcontext()
 
-    def forward(self, x, y):
+    def micro_batch(self, x, y):
+        """Context around one micro-batch's forward and backward, yielding what the model is called with:
+        (x, y, keyword arguments). Here (x, y, {}); context parallelism yields this rank's share of the sequence and
+        its positions (parallel/cp.py)."""
+        return contextlib.nullcontext((x, y, {}))
+
+    def forward(self, x, y, **kwargs):
         """Forward of one micro-batch through self.module: x, y (B, T) int64 -> (logits, mean loss as a plain tensor)."""
-        logits, loss = self.module(x, y)
+        logits, loss = self.module(x, y, **kwargs)
         return logits, loss.full_tensor() if isinstance(loss, DTensor) else loss
 
     def no_sync(self):
@@ -327,11 +347,12 @@ class Strategy:
             if self.pipeline is not None:  # the schedule calls sync_gradients after its last backward
                 return self.dp_mean(self.pipeline.step(batches))
             loss = torch.zeros((), device=self.device)
-            for i, (x, y) in enumerate(batches):
+            for i, batch in enumerate(batches):
                 with contextlib.nullcontext() if i == len(batches) - 1 else self.no_sync():
-                    with self.autocast():
-                        micro_loss = self.forward(x, y)[1] / len(batches)
-                    (micro_loss if scaler is None else scaler.scale(micro_loss)).backward()
+                    with self.micro_batch(*batch) as (x, y, kwargs):
+                        with self.autocast():
+                            micro_loss = self.forward(x, y, **kwargs)[1] / len(batches)
+                        (micro_loss if scaler is None else scaler.scale(micro_loss)).backward()
                 loss += micro_loss.detach()
             self.sync_gradients()
         return self.dp_mean(loss)
@@ -367,7 +388,7 @@ class Strategy:
 
     def dp_mean(self, tensor):
         """Average a metric over the data-parallel group (for logging and eval; not counted in stats)."""
-        if self.dp_size > 1:
+        if (self.dp_size if self.dp_group is None else dist.get_world_size(self.dp_group)) > 1:
             tensor = tensor.clone()
             dist.all_reduce(tensor, op=dist.ReduceOp.AVG, group=self.dp_group)
         return tensor
@@ -377,7 +398,11 @@ class Strategy:
         """Mean loss on one eval micro-batch x, y (B, T), averaged over the data-parallel group."""
         self.model.eval()
         with self.loss_context(), self.autocast():
-            loss = self.pipeline.eval_loss(x, y) if self.pipeline is not None else self.forward(x, y)[1]
+            if self.pipeline is not None:
+                loss = self.pipeline.eval_loss(x, y)
+            else:
+                with self.micro_batch(x, y) as (x, y, kwargs):
+                    loss = self.forward(x, y, **kwargs)[1]
         self.model.train()
         return self.dp_mean(loss.float())
 

@@ -85,8 +85,10 @@ Two variants, top to bottom:
   each attention's core by `apply_ring_attention`), so the triton and nccl variants run the same algorithm over
   their backends.
 
-The functions here are the pieces the Strategy composes (config check, batch split, the attention swap, the pytorch
-context); the CP group comes from the caller: a Collectives over it (custom) or a 1-D DeviceMesh (pytorch).
+The functions here are the pieces a strategy composes (config check, the attention swap, the per-micro-batch split,
+`cp_micro_batch`); the CP group comes from the rank grid: a Collectives over it (custom) or its 1-D DeviceMesh
+(pytorch). The 1-D strategy (`ContextParallel`, at the end) is the whole model on every rank, the sequence split over
+all of them; parallel/3d.py composes the same pieces with dp, pp and tp.
 """
 
 import argparse
@@ -97,6 +99,8 @@ import torch
 import torch.nn as nn
 
 from model import CausalSelfAttention
+from parallel import Strategy, register
+from parallel.ddp import DataParallel, apply_ddp
 
 
 def check_cp_config(model_config, cp):
@@ -400,6 +404,52 @@ def pytorch_context_parallel(mesh, *tensors):
     with context_parallel(mesh, buffers=buffers, buffer_seq_dims=[1] * len(tensors) + [0],
                           no_restore_buffers=set(buffers)):
         yield tuple(buffers)
+
+
+def cp_micro_batch(variant, mesh, comm):
+    """A strategy's micro_batch context (parallel.Strategy.micro_batch) for context parallelism over the "cp" mesh
+    dimension `mesh` (pytorch) or the Collectives `comm` over it (custom and its backends): it yields this rank's
+    share of x and y (B, T/cp) and {"pos": its tokens' positions (T/cp,)}, the zigzag of both variants (torch's
+    head-tail load balancer gives the same indices). pytorch: the forward and backward run inside
+    context_parallel(); custom: the attention cores already are RingAttentionCore (apply_ring_attention)."""
+    if variant == "pytorch":
+        @contextlib.contextmanager
+        def micro_batch(x, y):
+            with pytorch_context_parallel(mesh, x, y) as (x, y, pos):
+                yield x, y, {"pos": pos}
+        return micro_batch
+
+    def micro_batch(x, y):
+        x, y, pos = split_sequence(comm.world_size, comm.rank, x, y)
+        return contextlib.nullcontext((x, y, {"pos": pos}))
+    return micro_batch
+
+
+@register("cp", "pytorch", "custom", "triton", "nccl")
+class ContextParallel(Strategy):
+    """Context parallelism over every process (a grid with only a "cp" dimension): the whole model on every rank,
+    every micro-batch's sequence split over the ranks (zigzag), attention by ring (torch's context_parallel, or our
+    RingAttention over this variant's Collectives); the ranks hold the same weights, so their gradients are averaged
+    as data parallelism's: DistributedDataParallel (pytorch) or our DataParallel (custom) over the cp group. Every
+    rank reads the same rows of the global batch; the logged loss is the mean of the ranks' means."""
+
+    def __init__(self, cfg, device):
+        super().__init__(cfg, device)
+        if cfg.cp_size not in (0, self.world_size):
+            raise ValueError(f"parallel='cp' uses every process for context parallelism: cp_size={cfg.cp_size} must be "
+                             f"0 or the world size {self.world_size} (use parallel='3d' to combine)")
+        self.use_grid({"dp": 1, "pp": 1, "cp": self.world_size, "tp": 1})
+
+    def build_model(self, model_config):
+        check_cp_config(model_config, self.world_size)
+        model = super().build_model(model_config)
+        comm = self.collectives(self.grid.group("cp"))
+        if self.variant == "pytorch":
+            self.module = apply_ddp(model, self.grid.group("cp"), self.stats, self.cfg.bucket_cap_mb, self.device)
+        else:
+            self.module = DataParallel(apply_ring_attention(model, comm), comm, self.cfg.bucket_cap_mb)
+        self.micro_batch = cp_micro_batch(self.variant, self.grid.mesh["cp"], comm)
+        return model
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -46,21 +46,22 @@ def coords(rank, sizes):
     out = {}
     for dim in reversed(DIMS):
         rank, out[dim] = divmod(rank, sizes[dim])
-    return out
+    return {dim: out[dim] for dim in DIMS}
 
 
 def groups(sizes):
-    """{dim: [[global ranks of each group of that dim, in group-rank order]]}: the ranks that differ only in dim."""
+    """{dim: [[global ranks of each group of that dim, in group-rank order]]}: the ranks that differ only in dim; and
+    "dp_cp", the ranks that differ only in dp and cp (they hold the same weights)."""
     world = 1
     for d in DIMS:
         world *= sizes[d]
     by_rest = {}
-    for dim in DIMS:
+    for name in (*DIMS, "dp_cp"):
         members = {}
         for r in range(world):
             c = coords(r, sizes)
-            members.setdefault(tuple(c[d] for d in DIMS if d != dim), []).append(r)
-        by_rest[dim] = list(members.values())
+            members.setdefault(tuple(c[d] for d in DIMS if d not in name.split("_")), []).append(r)
+        by_rest[name] = list(members.values())
     return by_rest
 
 
@@ -73,7 +74,7 @@ def describe(sizes):
         c = coords(r, sizes)
         lines.append(f"  rank {r}: " + " ".join(f"{d}={c[d]}" for d in DIMS))
     for dim, members in groups(sizes).items():
-        if sizes[dim] > 1:
+        if len(members[0]) > 1 and (dim != "dp_cp" or min(sizes["dp"], sizes["cp"]) > 1):
             lines.append(f"  {dim} groups: " + " ".join("[" + ",".join(map(str, g)) + "]" for g in members))
     return "\n".join(lines)
 
@@ -85,14 +86,18 @@ def print_grid(dp=1, pp=1, cp=1, tp=1):
 
 class RankGrid:
     """This rank's place on the grid: `sizes` and `coord` ({dim: int}), the DeviceMesh `mesh` over DIMS (a
-    collective: every rank builds it, after resolve_sizes has checked the sizes), and `group(dim)`, the process
-    group of this rank's peers along dim (a sub-mesh's group)."""
+    collective: every rank builds it, after resolve_sizes has checked the sizes), `group(dim)`, the process group of
+    this rank's peers along dim (a sub-mesh's group), and `replicas`, the 1-D mesh "dp_cp" of the ranks that hold the
+    same weights: data and context parallelism's, whose gradients are reduced together (Megatron's dp x cp group)."""
 
     def __init__(self, sizes, device_type="cpu"):
         self.sizes = sizes
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.coord = coords(self.rank, sizes)
         self.mesh = init_device_mesh(device_type, tuple(sizes[d] for d in DIMS), mesh_dim_names=DIMS)
+        # dp and cp flattened into one dimension (they are not adjacent in the layout: pp lies between). DeviceMesh
+        # has no public way to do this in torch 2.13; _flatten is what torchtitan uses, and this the one place here.
+        self.replicas = self.mesh["dp", "cp"]._flatten("dp_cp") if sizes["cp"] > 1 else self.mesh["dp"]
 
     def group(self, dim):
         return self.mesh.get_group(dim)

@@ -158,6 +158,7 @@ class StageModule(nn.Module):
     def __init__(self, config, stage, n_stages, lo, hi):
         super().__init__()
         self.config, self.stage, self.lo, self.hi = config, stage, lo, hi
+        self.pos = None  # positions of the tokens: None is 0..T-1 (context parallelism sets this rank's, each step)
         self.first, self.last = stage == 0, stage == n_stages - 1
         with torch.device("meta"):
             gpt = GPT(config)
@@ -178,10 +179,10 @@ class StageModule(nn.Module):
                 raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
             x = tr.wte(x)
             if "wpe" in tr:
-                x = x + tr.wpe(torch.arange(T, device=x.device))
+                x = x + tr.wpe(self.pos if self.pos is not None else torch.arange(T, device=x.device))
             x = tr.drop(x)
         for block in tr.h.values():
-            x = block(x)
+            x = block(x, pos=self.pos)
         if self.last:
             x = self.lm_head(tr.ln_f(x))
         return x
@@ -278,7 +279,7 @@ class Pipeline:
         self.my_stages = sorted(stages)
         self.first_rank, self.last_rank = stage_rank(0, self.pp_size), stage_rank(self.n_stages - 1, self.pp_size)
         self.loss_fn = cross_entropy  # the last stage's loss: (logits, targets) -> mean loss
-        self.finish_backward = strategy.sync_gradients
+        self.finish_backward, self.micro_batch = strategy.sync_gradients, strategy.micro_batch
         self.holds_tied = self.first_rank != self.last_rank and self.pp_rank in (self.first_rank, self.last_rank)
         self.tied_param = None
         if self.holds_tied:
@@ -317,13 +318,25 @@ class Pipeline:
             raise ValueError("all micro-batches of a pipeline step must have the same shape")
         self.comm.barrier()  # timestamps are relative to this moment on every rank, so the timelines line up
         self.timeline, self._t0 = [], time.perf_counter()
-        losses = self._run(batches)
+        with self.split(batches) as batches:
+            losses = self._run(batches)
         self._sum_tied_grads()
         loss = torch.zeros((), device=self.device)
         if losses is not None:
             loss = torch.stack(losses).sum() / len(losses)
         self.comm.broadcast(loss, src=self.last_rank)
         return loss
+
+    @contextlib.contextmanager
+    def split(self, batches):
+        """The strategy's micro_batch context around a whole step (or eval) of all micro-batches at once: yields them
+        as the stages see them (with context parallelism, this rank's share of every sequence, whose positions each
+        stage then uses)."""
+        x, y = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+        with self.micro_batch(x, y) as (x, y, kwargs):
+            for stage in self.stages.values():
+                stage.pos = kwargs.get("pos")
+            yield list(zip(x.chunk(len(batches)), y.chunk(len(batches))))
 
     def _record(self, kind, stage, mb, start):
         self.timeline.append((kind, stage, mb, start - self._t0, time.perf_counter() - self._t0))
@@ -347,6 +360,10 @@ class Pipeline:
     @torch.no_grad()
     def eval_loss(self, x, y):
         """Forward-only through the pipeline, stage after stage; the loss (last stage) reaches every rank."""
+        with self.split([(x, y)]) as ((x, y),):
+            return self._eval_loss(x, y)
+
+    def _eval_loss(self, x, y):
         loss, shape, handles = torch.zeros((), device=self.device), self.activation_shape(x), []
         for s in self.my_stages:
             h = x

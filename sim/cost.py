@@ -296,6 +296,16 @@ def collective_time(op, nbytes, n, link, algorithm="ring"):
 # ----------------------------------------------------------------------------------------------------------
 # memory
 
+def cp_send_bytes(model, par):
+    """Ring attention's bytes sent per rank, per layer and micro-batch (parallel/cp.py's ring_send_bytes, which
+    tests/test_cp.py checks against what the trainer's Collectives count): {"forward": (c-1) sends of the local K and
+    V blocks, 2·b·(s/c)·h_kv/t elements of B bytes; "backward": the K/V blocks again plus the dK/dV accumulators,
+    which travel in fp32 (max(B, 4) bytes)}. h_kv = n_kv_head·head_dim, split over t by TP."""
+    c, t, B = par.cp, par.tp, BYTES[par.dtype]
+    block = 2 * par.micro_batch * (model.seq_len // c) * model.n_kv_head * (model.n_embd // model.n_head) // t
+    return {"forward": (c - 1) * block * B, "backward": (c - 1) * block * (B + max(B, 4))}
+
+
 def layer_activation_bytes(model, par, recompute=None):
     """Bytes of activations one block keeps for backward, per micro-batch, on one device (Korthikanti et al. 2022,
     section 4.1 and table 2), generalised to f != 4h, SwiGLU (3 MLP tensors of f), dtype B bytes (the paper's
@@ -502,9 +512,12 @@ def build_costs(model, par, cluster):
     # backward with SP: reduce-scatter + all-gather per half block, and the input all-gathered again for the
     # weight gradient (Korthikanti et al. 2022 section 4.2.2, Megatron keeps only the 1/t shard)
     tp_block_b = tp_block + (coll("all_gather", act, "tp") if par.sequence_parallel else 0.0)
-    kv = collective_time("send", 2 * tokens * h / t * B, 2, cluster.group_link(groups["cp"], "send")) if c > 1 else 0.0
-    cp_fwd = (c - 1) * max(0.0, kv - core / c)          # ring attention: K/V passes hidden behind block compute
-    cp_bwd = (c - 1) * max(0.0, 2 * kv - 2 * core / c)  # backward also passes dK, dV
+    ring = cp_send_bytes(model, par)  # per layer and micro-batch: (c-1) K/V messages forward, K/V + dK/dV backward
+
+    def ring_round(nbytes):  # one round's send on the CP link, hidden behind one block's compute
+        return collective_time("send", nbytes / (c - 1), 2, cluster.group_link(groups["cp"], "send")) if c > 1 else 0.0
+    cp_fwd = (c - 1) * max(0.0, ring_round(ring["forward"]) - core / c)
+    cp_bwd = (c - 1) * max(0.0, ring_round(ring["backward"]) - 2 * core / c)
 
     def clean(segments):
         return [(k, d) for k, d in segments if d > 0]

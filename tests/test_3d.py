@@ -51,13 +51,25 @@ def test_rank_grid_for_8_ranks():
     """Megatron's layout: TP innermost (consecutive ranks), then PP, then DP."""
     assert [tuple(coords(r, grid(2, 2, 2))[d] for d in ("dp", "pp", "tp")) for r in range(8)] == [
         (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)]
-    assert {d: g for d, g in groups(grid(2, 2, 2)).items() if d != "cp"} == {
+    assert {d: g for d, g in groups(grid(2, 2, 2)).items() if d not in ("cp", "dp_cp")} == {
         "dp": [[0, 4], [1, 5], [2, 6], [3, 7]], "pp": [[0, 2], [1, 3], [4, 6], [5, 7]],
         "tp": [[0, 1], [2, 3], [4, 5], [6, 7]]}
     assert groups(grid(1, 2, 4))["tp"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert groups(grid(4, 1, 2))["dp"] == [[0, 2, 4, 6], [1, 3, 5, 7]]
     text = describe(grid(2, 2, 2))
     assert "rank 5: dp=1 pp=0 cp=0 tp=1" in text and "tp groups: [0,1] [2,3] [4,5] [6,7]" in text
+
+
+def test_rank_grid_with_cp_for_16_ranks():
+    """The fourth dimension between TP and PP: rank = (((dp·pp + pp_rank)·cp + cp_rank)·tp + tp_rank; a CP ring is tp
+    ranks apart, the dp x cp ranks that hold the same weights are the ranks sharing (pp, tp)."""
+    sizes = {"dp": 2, "pp": 2, "cp": 2, "tp": 2}
+    assert [tuple(coords(r, sizes).values()) for r in (0, 1, 2, 5, 9, 15)] == [
+        (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 1, 0, 1), (1, 0, 0, 1), (1, 1, 1, 1)]
+    g = groups(sizes)
+    assert g["cp"][:2] == [[0, 2], [1, 3]] and g["tp"][:2] == [[0, 1], [2, 3]] and g["pp"][0] == [0, 4]
+    assert g["dp"][0] == [0, 8] and g["dp_cp"][0] == [0, 2, 8, 10]
+    assert "dp_cp groups: [0,2,8,10]" in describe(sizes)
 
 
 @pytest.mark.parametrize("world, dp, pp, tp, expected", [

@@ -10,17 +10,21 @@ Time: about 15 s per launch at 2 processes and 30 s at 4 on this 2-core VM, plus
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
 from comm import CommStats, TorchCollectives
 from model import GPT
-from parallel.cp import (_pairs, apply_ring_attention, block_attention, block_attention_backward, check_cp_config,
+from parallel import build_strategy
+from parallel.cp import (_pairs, block_attention, block_attention_backward, check_cp_config,
                          measure_saved_bytes, merge_partials, pytorch_context_parallel, ring_attention,
                          ring_send_bytes, split_sequence, zigzag_indices)
+from sim.cost import Model as SimModel, Parallel as SimParallel, cp_send_bytes
 from tests.distributed import DistributedTestCase, torchrun_launcher
-from tests.reference import global_batches, max_param_diff, tiny_config, train_config, train_single
+from tests.reference import global_batches, max_param_diff, tiny_config, train_config, train_single, train_strategy
 
+CPU = torch.device("cpu")
 VARIANTS = ("custom", "pytorch")
 
 
@@ -137,6 +141,8 @@ def test_positions_default_and_explicit():
 class TestRingAttention(DistributedTestCase):
 
     def setUp(self):
+        if self.world_size not in (2, 4):
+            self.skipTest("ring attention at 2 and 4 processes")
         self.comm = TorchCollectives(stats=CommStats())
         self.mesh = init_device_mesh("cpu", (self.world_size,), mesh_dim_names=("cp",))
 
@@ -232,125 +238,88 @@ class TestRingAttention(DistributedTestCase):
                 self.assertLess((a - c).abs().max().item(), 1e-6, (seed, name, "vs custom"))
 
 
-class TestCPModel(DistributedTestCase):
-    """A tiny GPT-2 and Llama with the attention core swapped (custom) or under torch's context_parallel (pytorch),
-    fed this rank's zigzag tokens and positions, gradients averaged over CP (what the strategy will do with DP)."""
+class TestCPStrategy(DistributedTestCase):
+    """parallel=cp (the whole world one CP group) through the Strategy train.py uses, both variants, against the
+    single-device run on the same global batch."""
 
     def setUp(self):
-        self.cp = self.world_size
-        self.stats = CommStats()
-        self.comm = TorchCollectives(stats=self.stats)
-        self.grad_comm = TorchCollectives()  # gradient averaging, counted apart from the ring
-        self.mesh = init_device_mesh("cpu", (self.cp,), mesh_dim_names=("cp",))
+        if self.world_size not in (2, 4):
+            self.skipTest("1-D context parallelism at 2 and 4 processes")
 
-    def model(self, model_config, variant):
-        model = GPT(model_config)
-        return apply_ring_attention(model, self.comm) if variant == "custom" else model
-
-    def forward_backward(self, model, variant, x, y, scale=1.0):
-        """This rank's logits (B, T/cp, V) and local loss of one micro-batch, backward of loss·scale; and pos."""
-        if variant == "custom":
-            xl, yl, pos = split_sequence(self.cp, self.rank, x, y)
-            logits, loss = model(xl, yl, pos=pos)
-            (loss * scale).backward()
-            return logits, loss, pos
-        with pytorch_context_parallel(self.mesh, x, y) as (xl, yl, pos):
-            logits, loss = model(xl, yl, pos=pos)
-            (loss * scale).backward()
-        return logits, loss, pos
-
-    def average_gradients(self, model):
-        for p in model.parameters():
-            self.grad_comm.all_reduce(p.grad, op="avg")
-
-    def global_loss(self, loss):
-        t = loss.detach().clone()
-        self.grad_comm.all_reduce(t, op="avg")
-        return t.item()
-
-    def train(self, model_config, batches, variant):
-        """tests/reference.py's train_single with CP: per micro-batch the local loss / micro-batches backward,
-        gradients averaged over CP, clip, AdamW. Returns (losses, model, the clipped gradients of every step)."""
-        cfg = train_config()
-        model = self.model(model_config, variant)
-        opt = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), "cpu")
-        losses, grads = [], []
-        for step in batches:
-            total = 0.0
-            for x, y in step:
-                _, loss, _ = self.forward_backward(model, variant, x, y, 1 / len(step))
-                total += self.global_loss(loss) / len(step)
-            self.average_gradients(model)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(total)
-        return losses, model, grads
-
-    def test_one_step_equals_single(self):
-        """Logits of this rank's tokens and the loss within 1e-6, parameter gradients within 1e-5 of the single
-        model's on the whole sequence, for GPT-2 and Llama blocks, both variants; custom = pytorch within 1e-6."""
-        for block in ("gpt2", "llama"):
-            model_config = tiny_config(block=block)
-            x, y = global_batches(1, 1, 4, model_config)[0][0]
-            ref = GPT(model_config)
-            ref_logits, ref_loss = ref(x, y)
-            ref_loss.backward()
-            grads = {}
-            for variant in VARIANTS:
-                with self.subTest(block=block, variant=variant):
-                    model = self.model(model_config, variant)
-                    logits, loss, pos = self.forward_backward(model, variant, x, y)
-                    self.average_gradients(model)
-                    grads[variant] = {n: p.grad for n, p in model.named_parameters()}
-                    self.assertLess((logits - ref_logits[:, pos]).abs().max().item(), 1e-6)
-                    self.assertLess(abs(self.global_loss(loss) - ref_loss.item()), 1e-6)
-                    self.assertLess(max((p.grad - grads[variant][n]).abs().max().item()
-                                        for n, p in ref.named_parameters()), 1e-5)
-            with self.subTest(block=block, compare="custom vs pytorch"):
-                self.assertLess(max((grads["custom"][n] - grads["pytorch"][n]).abs().max().item()
-                                    for n in grads["custom"]), 1e-6)
+    def strategy(self, variant, **overrides):
+        return build_strategy(train_config(parallel="cp", variant=variant, gradient_accumulation_steps=2, **overrides),
+                              CPU)
 
     def test_five_steps_equal_single(self):
-        """5 AdamW steps of 2 micro-batches (clipping at 1.0 active): losses and parameters equal the single run on
-        the global batch within 1e-5, GPT-2 and Llama, both variants. custom = pytorch: losses and every step's
-        gradients within 1e-6, parameters within 1e-5. (Parameters are not compared at 1e-6: AdamW's first update
-        is lr·g/(|g| + eps), and an element whose gradient is near eps = 1e-8 turns a 1e-10 rounding difference
-        into ~1e-6; measured: Llama h.1.attn.v_proj.weight[2, 18], step-1 gradient 2.2e-8, custom 1.6e-6 from
-        single and pytorch.)"""
+        """5 AdamW steps of 2 micro-batches (clipping at 1.0 active): losses and every parameter equal the single run
+        on the global batch within 1e-5, GPT-2 and Llama, both variants. custom = pytorch: losses and the first step's
+        gradients within 1e-6, parameters within 1e-5. (Parameters are not compared at 1e-6: AdamW's first update is
+        lr·g/(|g| + eps), and an element whose gradient is near eps = 1e-8 turns a 1e-10 rounding difference into
+        ~1e-6; measured: Llama h.1.attn.v_proj.weight[2, 18], step-1 gradient 2.2e-8, custom 1.6e-6 from single and
+        from pytorch.)"""
         for block in ("gpt2", "llama"):
             model_config = tiny_config(block=block)
             batches = global_batches(5, 2, 4, model_config)
             ref_losses, ref_model = train_single(model_config, batches, train_config())
             self.assertGreater(max_param_diff(ref_model, GPT(model_config)), 1e-3)  # not vacuous
-            runs = {}
+            runs, grads = {}, {}
             for variant in VARIANTS:
                 with self.subTest(block=block, variant=variant):
-                    losses, model, _ = runs[variant] = self.train(model_config, batches, variant)
+                    first = self.strategy(variant)
+                    first.build_model(model_config)
+                    first.forward_backward(batches[0], None)
+                    first.clip_grad_norm_(1.0)
+                    grads[variant] = {n: p.grad.clone() for n, p in first.named_parameters()}
+                    losses, _ = runs[variant] = train_strategy(self.strategy(variant), model_config, batches)
+                    runs[variant] = (losses, runs[variant][1].state_dict())
                     self.assertLess(max(abs(a - b) for a, b in zip(losses, ref_losses)), 1e-5)
-                    self.assertLess(max_param_diff(model, ref_model), 1e-5)
+                    self.assertLess(max_param_diff(runs[variant][1], ref_model), 1e-5)
             with self.subTest(block=block, compare="custom vs pytorch"):
-                (lc, mc, gc), (lp, mp, gp) = runs["custom"], runs["pytorch"]
+                (lc, mc), (lp, mp) = runs["custom"], runs["pytorch"]
                 self.assertLess(max(abs(a - b) for a, b in zip(lc, lp)), 1e-6)
-                self.assertLess(max((a[n] - b[n]).abs().max().item() for a, b in zip(gc, gp) for n in a), 1e-6)
+                self.assertLess(max((grads["custom"][n] - grads["pytorch"][n]).abs().max().item()
+                                    for n in grads["custom"]), 1e-6)
                 self.assertLess(max_param_diff(mc, mp), 1e-5)
 
-    def test_model_bytes_per_micro_batch(self):
-        """The custom variant's sends over one micro-batch: n_layer x the ring formula, forward and backward."""
+    def test_comm_bytes_per_step(self):
+        """custom, one step of m micro-batches of b sequences: the ring's sends are m x n_layer x the formula of
+        parallel/cp.py (forward + backward: (cp-1)·2·b·(s/cp)·h·(2e + 4) bytes), exactly, and the simulator's CP cost
+        is computed from the same bytes; the gradients' all-reduce over the cp group (data parallelism's) is one of
+        Psi."""
         for block in ("gpt2", "llama"):
-            model_config = tiny_config(block=block)
-            x, y = global_batches(1, 1, 4, model_config)[0][0]
-            model = self.model(model_config, "custom")
-            expected = ring_send_bytes(4, model_config.block_size, model_config.n_embd, self.cp)
-            self.stats.reset()
-            xl, yl, pos = split_sequence(self.cp, self.rank, x, y)
-            _, loss = model(xl, yl, pos=pos)
-            self.assertEqual(self.stats.payload["send"], model_config.n_layer * expected["forward"])
-            self.stats.reset()
-            loss.backward()
-            self.assertEqual(self.stats.payload["send"], model_config.n_layer * expected["backward"])
-            self.assertEqual(self.stats.calls["send"], model_config.n_layer * 2 * (self.cp - 1))
+            with self.subTest(block=block):
+                model_config = tiny_config(block=block)
+                strategy = self.strategy("custom", bucket_cap_mb=1000.0)
+                model = strategy.build_model(model_config)
+                (step,) = global_batches(1, 2, 4, model_config)
+                strategy.stats.reset()
+                strategy.forward_backward(step, None)
+                ring = ring_send_bytes(4, model_config.block_size, model_config.n_embd, self.world_size)
+                psi = sum(p.numel() for p in model.parameters())
+                self.assertEqual(strategy.stats.payload["send"], 2 * model_config.n_layer * sum(ring.values()))
+                # the simulator's cost of the ring (sim/cost.py) is these bytes
+                c = model_config
+                simulated = cp_send_bytes(SimModel(c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size,
+                                                   block=block), SimParallel(cp=self.world_size, micro_batch=4,
+                                                                             dtype="float32"))
+                self.assertEqual(simulated, ring)
+                self.assertEqual(strategy.stats.payload["recv"], strategy.stats.payload["send"])
+                self.assertEqual(strategy.stats.payload["all_reduce"], psi * 4)
+
+    def test_bad_configs_are_one_line_errors(self):
+        """Before any collective of the model: block_size not divisible by 2 x cp_size, dropout, a cp_size that is
+        not the world."""
+        N = self.world_size
+        for overrides, pattern in ((dict(block_size=2 * N + 2), "divisible by 2 x cp_size"),
+                                   (dict(dropout=0.1), "dropout")):
+            for variant in VARIANTS:
+                with self.subTest(variant=variant, **overrides):
+                    with self.assertRaisesRegex(ValueError, pattern) as cm:
+                        self.strategy(variant).build_model(tiny_config(**overrides))
+                    self.assertNotIn("\n", str(cm.exception))
+        with self.assertRaisesRegex(ValueError, f"cp_size={N + 1} must be 0 or the world size {N}"):
+            self.strategy("custom", cp_size=N + 1)
+        dist.barrier()
 
     def test_attention_memory_is_one_cp_th(self):
         """Activation bytes saved for backward per rank: in the attention cores exactly 1/cp of single's (F.sdpa
@@ -358,18 +327,53 @@ class TestCPModel(DistributedTestCase):
         and the whole model at most 1/cp of single's, up to a few 0-dim scalars (every other activation is per
         token; single may save one more (B, T, n_embd) copy: the CPU flash kernel lays its output out as
         (B, T, H, D) for some shapes only, the ring always, so the output projection's input is then a view).
-        GPT-2 and Llama blocks."""
+        GPT-2 and Llama blocks, the model the custom strategy builds."""
+        cp = self.world_size
         for block in ("gpt2", "llama"):
             with self.subTest(block=block):
                 model_config = tiny_config(block=block, block_size=64)
                 x, y = global_batches(1, 1, 2, model_config)[0][0]
                 single = measure_saved_bytes(GPT(model_config), x, y, None)
-                ring_model = self.model(model_config, "custom")
-                ring = measure_saved_bytes(ring_model, *split_sequence(self.cp, self.rank, x, y))
+                strategy = self.strategy("custom")
+                ring_model = strategy.build_model(model_config)
+                with strategy.micro_batch(x, y) as (xl, yl, kwargs):
+                    ring = measure_saved_bytes(ring_model, xl, yl, kwargs["pos"])
                 self.assertGreater(single["core"], 0)
-                self.assertEqual(ring["core"] * self.cp, single["core"])
+                self.assertEqual(ring["core"] * cp, single["core"])
                 for scope in ("attention", "model"):
-                    self.assertLessEqual(ring[scope] * self.cp, single[scope] + 16 * self.cp, scope)
+                    self.assertLessEqual(ring[scope] * cp, single[scope] + 16 * cp, scope)
 
 
-test_torchrun = torchrun_launcher(__file__, nprocs=(2, 4), timeout_s=300)
+class TestCP3D(DistributedTestCase):
+    """Context parallelism as 3d's fourth dimension (dp x pp x cp x tp on one grid), both variants, against single:
+    at 4 processes the 2-D cuts cp x dp, cp x tp and cp x pp, at 16 the full dp2 x pp2 x cp2 x tp2."""
+
+    CASES = {  # world size -> [(dp, pp, cp, tp, overrides)]
+        4: [(2, 1, 2, 1, dict(dp_type="fsdp")), (2, 1, 2, 1, dict(dp_type="ddp")),
+            (1, 1, 2, 2, dict(sequence_parallel=True, loss_parallel=True)), (1, 2, 2, 1, dict(pp_schedule="1f1b"))],
+        16: [(2, 2, 2, 2, dict(dp_type="fsdp", sequence_parallel=True, loss_parallel=True))],
+    }
+
+    def test_grids_equal_single(self):
+        """3 steps on the same global batch: the logged losses, every gathered parameter and an eval loss equal the
+        single run within 1e-5 (Llama blocks: RoPE at the global positions), both variants."""
+        model_config = tiny_config(block="llama", n_layer=2, n_head=4, vocab_size=65)
+        for dp, pp, cp, tp, overrides in self.CASES.get(self.world_size, []):
+            m = 2 * dp
+            batches = global_batches(3, m, 2, model_config, seed=dp + pp)
+            ref_losses, ref_model = train_single(model_config, batches, train_config())
+            x, y = batches[0][0]
+            with torch.no_grad():
+                ref_eval = ref_model(x, y)[1].item()
+            for variant in VARIANTS:
+                with self.subTest(variant=variant, dp=dp, pp=pp, cp=cp, tp=tp, **overrides):
+                    cfg = train_config(parallel="3d", variant=variant, dp_size=dp, pp_size=pp, cp_size=cp, tp_size=tp,
+                                       n_layer=model_config.n_layer, gradient_accumulation_steps=m, **overrides)
+                    strategy = build_strategy(cfg, CPU)
+                    losses, _ = train_strategy(strategy, model_config, batches)
+                    self.assertLess(max(abs(a - b) for a, b in zip(losses, ref_losses)), 1e-5, (losses, ref_losses))
+                    self.assertLess(max_param_diff(strategy.full_state_dict(), ref_model), 1e-5)
+                    self.assertLess(abs(strategy.eval_loss(x, y).item() - ref_eval), 1e-5)
+
+
+test_torchrun = torchrun_launcher(__file__, nprocs=(2, 4, 16), timeout_s=600)
