@@ -14,7 +14,7 @@ the report says what happened:
               or missing, and then what is skipped because of it, with the reason
   tests       the GPU test classes: TestTritonCollectives (tests/test_triton_comm.py: triton on CUDA symmetric
               memory, including its strategies = custom) and TestNCCLOnGPU (tests/test_nccl.py)
-  strategies  ddp, fsdp, tp, pp, 3d (tests/test_triton_comm.py's STRATEGIES) with the custom, triton and nccl
+  strategies  ddp, fsdp, tp, pp, cp, 3d (tests/test_triton_comm.py's STRATEGIES) with the custom, triton and nccl
               variants on 2 ranks sharing the GPU (a different NCCL_HOSTID per rank), 5 fp32 steps, against
               tests/reference.py's single-device run: every loss and parameter within 1e-5
   bandwidth   all-reduce bus bandwidth (nccl-tests: busbw = S/t * 2(N-1)/N) of torch's NCCL, our nccl binding and
@@ -49,7 +49,7 @@ import unittest
 REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO)
 
-STRATEGY_NAMES = ("ddp", "fsdp", "tp", "pp", "3d")
+STRATEGY_NAMES = ("ddp", "fsdp", "tp", "pp", "cp", "3d")
 VARIANTS = ("custom", "triton", "nccl")
 TOLERANCE = 1e-5
 # dense bf16 peak FLOP/s by GPU name (NVIDIA's data sheets): H100/H200 SXM 989.4 TFLOP/s, A100 312

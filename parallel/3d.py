@@ -50,7 +50,7 @@ from parallel.checkpoint import HEAD
 from parallel.cp import apply_ring_attention, check_cp_config, cp_micro_batch
 from parallel.ddp import DataParallel, apply_replicate
 from parallel.fsdp import (LOW_PRECISION, FullyShardedDataParallel, apply_fsdp, flat_state, fsdp2_no_sync,
-                           load_flat_state, mixed_precision, reshard_after_forward)
+                           load_flat_state, mixed_precision, reshard_after_forward, reshard_fsdp2)
 from parallel.grid import print_grid, resolve_sizes  # noqa: F401 (print_grid: for the command line)
 from parallel.pp import CustomPipeline, LocalStages, PytorchPipeline, build_stages, check_pipeline
 from parallel.tp import (all_reduce_flat, apply_custom_tp, apply_tp, check_tp_config,
@@ -139,6 +139,11 @@ class Pytorch3D(Parallel3D):
 
     def no_sync(self):
         return fsdp2_no_sync(self.model) if self.replicas > 1 else super().no_sync()
+
+    def eval_loss(self, x, y):
+        loss = super().eval_loss(x, y)
+        reshard_fsdp2(self.model)  # inside a pipeline FSDP2 does not reshard after forward
+        return loss
 
     def sync_gradients(self):
         match_grad_placements(p for _, p in self.named_parameters())

@@ -33,7 +33,7 @@ import math
 
 import torch
 import torch.nn as nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from comm import all_gather_single, reduce_scatter_single
@@ -104,6 +104,15 @@ def apply_fsdp(module, mesh, stats, dtype="float32", reshard_after_forward=True)
         unit.set_custom_reduce_scatter(CountingReduceScatter(stats))
 
 
+def reshard_fsdp2(module):
+    """Free the parameters FSDP2 holds gathered in `module` and register its sharded ones again (FSDPModule.reshard
+    on every unit): an eval forward with reshard_after_forward off leaves the units gathered, while the optimizer and
+    the checkpoints address the sharded parameters."""
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+
+
 @contextlib.contextmanager
 def fsdp2_no_sync(module):
     """Accumulate gradients without reduce-scatter in the backwards run inside, and keep the units unsharded after
@@ -149,6 +158,11 @@ class PytorchFSDP(FullySharded):
 
     def no_sync(self):
         return fsdp2_no_sync(self.model)
+
+    def eval_loss(self, x, y):
+        loss = super().eval_loss(x, y)
+        reshard_fsdp2(self.model)
+        return loss
 
 
 # ----------------------------------------------------------------------------------------------------------

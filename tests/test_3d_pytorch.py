@@ -209,6 +209,7 @@ class Test3DPytorch(DistributedTestCase):
             opt = strategy.configure_optimizer()
             for step in batches[:2]:
                 train_step(strategy, opt, step)
+            strategy.eval_loss(*batches[0][0])  # as train.py evaluates before it saves (FSDP2 units must reshard)
             strategy.save_checkpoint(path, opt, {"model_args": asdict(MODEL), "iter_num": 2,
                                                  "config": vars(strategy.cfg)})
             full = load_checkpoint_file(path)

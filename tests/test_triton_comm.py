@@ -32,6 +32,7 @@ STRATEGIES = {
     "fsdp": lambda N: dict(n_layer=2, gradient_accumulation_steps=N),
     "tp": lambda N: dict(n_layer=max(2, N), gradient_accumulation_steps=1, sequence_parallel=True, loss_parallel=True),
     "pp": lambda N: dict(n_layer=N, gradient_accumulation_steps=4, pp_schedule="1f1b"),
+    "cp": lambda N: dict(n_layer=2, gradient_accumulation_steps=2),  # ring attention's async K/V passes
     # N=2: a pipeline of 2 (DDP wrapper over a group of 1); N=4: dp2 x tp2 with FSDP (TP and DP groups side by side)
     "3d": lambda N: dict(n_layer=2, gradient_accumulation_steps=2, dp_size=N // 2, pp_size=2 if N == 2 else 1,
                          tp_size=1 if N == 2 else 2, dp_type="ddp" if N == 2 else "fsdp"),
