@@ -110,6 +110,8 @@ def check_cp_config(model_config, cp):
     c = model_config
     if cp < 1:
         raise ValueError(f"context parallel: cp_size={cp} must be >= 1")
+    if cp == 1:  # nothing is split
+        return
     if c.block_size % (2 * cp):
         raise ValueError(f"context parallel: block_size={c.block_size} is not divisible by 2 x cp_size = {2 * cp} "
                          f"(each rank holds 2 of the sequence's {2 * cp} chunks)")

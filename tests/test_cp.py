@@ -111,6 +111,7 @@ def test_block_attention_merge_and_backward_equal_full_attention():
 
 def test_check_cp_config_errors():
     check_cp_config(tiny_config(), 4)  # block 16 = 2 x 4 x 2
+    check_cp_config(tiny_config(block_size=15, dropout=0.1), 1)  # cp=1 splits nothing: 3d's default
     for config, cp, message in ((tiny_config(), 3, "block_size=16 is not divisible by 2 x cp_size = 6"),
                                 (tiny_config(block_size=12), 4, "block_size=12 is not divisible by 2 x cp_size = 8"),
                                 (tiny_config(dropout=0.1), 2, "dropout=0.1 is not supported"),
