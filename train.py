@@ -176,14 +176,16 @@ def main(argv):
         run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=vars(cfg), dir=cfg.out_dir)
 
     def log(metrics):
-        """One metrics record: to wandb when enabled, and appended to out_dir/metrics.jsonl."""
+        """One metrics record: to wandb when enabled, and appended to out_dir/metrics.jsonl, with time_s, the wall
+        seconds since this process entered the training loop (what plot.py draws the curves against)."""
+        metrics["time_s"] = round(time.time() - t_start, 3)
         if run is not None:
             run.log(metrics, step=metrics["iter"])
         with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
 
     # training loop
-    t0 = time.time()
+    t0 = t_start = time.time()
     while True:
         lr = get_lr(iter_num) if cfg.decay_lr else cfg.learning_rate
         for group in optimizer.param_groups:
