@@ -128,16 +128,15 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     plot(runs, labels, args.out, args.smooth, args.title)
     print(f"wrote {args.out}")
-    print(f"{'run':<16} {'iters':>6} {'wall s':>8} {'last val':>9} {'max |Δval| vs ' + labels[0]:>22} "
-          f"{'max |Δtrain| vs ' + labels[0]:>24}")
+    w = max(len(label) for label in labels)
+    print(f"{'run':<{w}} {'iters':>6} {'wall s':>7} {'last val':>9}  max |Δ val loss| and |Δ train loss| vs {labels[0]}")
     for run, label in zip(runs, labels):
         last_val = run["val"][-1][2] if run["val"] else float("nan")
         last_iter = max([p[0] for p in run["train"] + run["val"]], default=0)
         wall = max([p[1] for p in run["train"] + run["val"] if p[1] is not None], default=float("nan"))
         dv, nv = distance(run["val"], runs[0]["val"])
         dt, nt = distance(run["train"], runs[0]["train"])
-        print(f"{label:<16} {last_iter:>6} {wall:>8.0f} {last_val:>9.4f} {dv:>14.2e} ({nv:>3} evals) "
-              f"{dt:>14.2e} ({nt:>4} its)")
+        print(f"{label:<{w}} {last_iter:>6} {wall:>7.0f} {last_val:>9.4f}  {dv:.2e} ({nv} evals), {dt:.2e} ({nt} its)")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ GPT-2 weights from and to Hugging Face (hf.py), through train.py's real loading 
 
 Nothing is downloaded: a small random GPT-2 is built with transformers (GPT2Config, every tensor perturbed so that
 biases and norms are not their trivial init) and saved with save_pretrained into a temporary directory, which
-train.py loads with --init_from=DIR. A step at learning rate 0 leaves the weights as loaded, so the checkpoint
+train.py loads with --init_from=DIR (the ddp/custom run also profiles: a trace per rank). A step at learning rate 0 leaves the weights as loaded, so the checkpoint
 train.py writes must hold them: its logits equal transformers' within 1e-5, and so do those of the Hugging Face
 directory `python hf.py` exports from it (both ways), for single (here), ddp, fsdp, tp, pp (2 processes, both
 variants) and 3d (4 processes: dp2·tp2 and pp2·tp2, both variants). The eval loss train.py logs at step 0, computed
@@ -37,9 +37,11 @@ from tests.distributed import REPO, DistributedTestCase, torchrun_launcher
 
 VOCAB, POSITIONS, BLOCK = 97, 32, 16
 TOLERANCE = 1e-5
+PROFILE = dict(profile=True, profile_start=0, profile_steps=1)  # one run also checks profiling.py on 2 ranks
 CASES = {  # world size -> [(name, train.py overrides)]
-    2: [(f"{s}/{v}", dict(parallel=s, variant=v, **extra)) for s, extra in (
-        ("ddp", {}), ("fsdp", {}), ("tp", dict(sequence_parallel=True, loss_parallel=True)), ("pp", {}))
+    2: [(f"{s}/{v}", dict(parallel=s, variant=v, **extra, **(PROFILE if (s, v) == ("ddp", "custom") else {})))
+        for s, extra in (("ddp", {}), ("fsdp", {}), ("tp", dict(sequence_parallel=True, loss_parallel=True)),
+                         ("pp", {}))
         for v in ("pytorch", "custom")],
     4: [(f"3d/{v} dp{dp}·pp{pp}·tp{tp}", dict(parallel="3d", variant=v, dp_size=dp, pp_size=pp, tp_size=tp,
                                                sequence_parallel=True, loss_parallel=True))
@@ -150,7 +152,7 @@ def test_conversion_both_ways_is_exact():
 
 
 def test_single_train_py_loads_and_exports(model_and_data, tmp_path):
-    """single: train.py --init_from=DIR, then the export command `python hf.py OUT_DIR HF_DIR` (a subprocess)."""
+    """single: train.py --init_from=DIR, then the export command `python hf.py OUT_DIR HF_DIR` (its main)."""
     model_dir, data_dir = model_and_data
     out = str(tmp_path / "out")
     assert train.main(train_args(model_dir, data_dir, out, gradient_accumulation_steps=1)) == 0
@@ -244,6 +246,13 @@ class TestHFEveryStrategy(DistributedTestCase):
                 if self.rank == 0:
                     dp = {"ddp": 2, "fsdp": 2, "tp": 1, "pp": 1}.get(overrides["parallel"], overrides.get("dp_size"))
                     check_run(self, model_dir, data_dir, out, name, dp * 2)
+                    if overrides.get("profile"):  # a trace per rank, the peak memory of every rank in each record
+                        for r in range(self.world_size):
+                            with open(os.path.join(out, "profile", f"rank{r}.json")) as f:
+                                self.assertIn("ProfilerStep#0", {e.get("name") for e in json.load(f)["traceEvents"]})
+                        with open(os.path.join(out, "metrics.jsonl")) as f:
+                            peaks = [r["peak_mem_mib"] for r in map(json.loads, f) if "peak_mem_mib" in r]
+                        self.assertTrue(peaks and all(len(p) == self.world_size for p in peaks), peaks)
                 dist.barrier()
 
 
