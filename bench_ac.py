@@ -7,14 +7,15 @@ the op-level policy, selective every 2nd block) for each strategy, on the CPU re
     python bench_ac.py --strategies=fsdp/pytorch,pp/custom --steps=30
 
 Each strategy runs in one torchrun job (its config's process count: 1, 2, or 8 for 3d) that builds the model once
-per mode and alternates the modes step by step, so a slow spell of a shared machine hits all of them alike;
-ms/step is the median over --steps steps after 3 warm-up steps. Memory: the forward and backward of one more step
-per mode (not the optimizer's step), recorded by torch.profiler (profile_memory=True), whose memory timeline gives
-the bytes allocated during it that are alive at its peak (activations, gradients, temporaries; the parameters and
-Adam state allocated before it are not counted): on CPU the only allocator record PyTorch has (export_memory_timeline; deprecated in favour of the CUDA
-allocator history, which has no CPU counterpart). On a GPU: torch.cuda.max_memory_allocated over the step minus
-memory_allocated before it. The gradients are the same in every mode, so the difference to "none" is what the
-mode saves of activations, minus what its recomputation allocates at the peak.
+per mode and alternates the modes step by step, so a slow spell of a shared machine hits all of them alike; ms/step
+is the median over --steps steps after 3 warm-up steps. Memory: the forward and backward of one more step per mode
+(not the optimizer's step), recorded by torch.profiler (profile_memory=True), whose memory timeline gives the bytes
+allocated during it that are alive at its peak (activations, gradients, temporaries; the parameters and Adam state
+allocated before it are not counted): on CPU the only allocator record PyTorch has (export_memory_timeline;
+deprecated in favour of the CUDA allocator history, which has no CPU counterpart). On a GPU:
+torch.cuda.max_memory_allocated over the step minus memory_allocated before it. The gradients are the same in every
+mode, so the difference to "none" is what the mode saves of activations, minus what its recomputation allocates at
+the peak.
 """
 
 import argparse

@@ -90,7 +90,8 @@ def from_hf(hf_state, config):
     C = config.n_embd
     out = {"transformer.wte.weight": hf["transformer.wte.weight"],
            "transformer.wpe.weight": hf["transformer.wpe.weight"][:config.block_size].clone(),
-           "transformer.ln_f.weight": hf["transformer.ln_f.weight"], "transformer.ln_f.bias": hf["transformer.ln_f.bias"]}
+           "transformer.ln_f.weight": hf["transformer.ln_f.weight"],
+           "transformer.ln_f.bias": hf["transformer.ln_f.bias"]}
     for i in range(config.n_layer):
         src, dst = f"transformer.h.{i}.", f"transformer.h.{i}."
         for ln in ("ln_1", "ln_2"):
@@ -144,9 +145,9 @@ def to_hf(state, config):
         for ln in ("ln_1", "ln_2"):
             out[f"{p}{ln}.weight"] = get(f"{p}{ln}.weight")
             out[f"{p}{ln}.bias"] = get(f"{p}{ln}.bias", C)
-        out[f"{p}attn.c_attn.weight"] = torch.cat([get(f"{p}attn.{x}.weight").t() for x in ("q_proj", "k_proj", "v_proj")],
-                                                  dim=1).contiguous()
-        out[f"{p}attn.c_attn.bias"] = torch.cat([get(f"{p}attn.{x}.bias", C) for x in ("q_proj", "k_proj", "v_proj")])
+        qkv = ("q_proj", "k_proj", "v_proj")
+        out[f"{p}attn.c_attn.weight"] = torch.cat([get(f"{p}attn.{x}.weight").t() for x in qkv], dim=1).contiguous()
+        out[f"{p}attn.c_attn.bias"] = torch.cat([get(f"{p}attn.{x}.bias", C) for x in qkv])
         for hf_name, name, width in (("attn.c_proj", "attn.out_proj", C), ("mlp.c_fc", "mlp.up_proj", config.ffn_hidden),
                                      ("mlp.c_proj", "mlp.down_proj", C)):
             out[f"{p}{hf_name}.weight"] = get(f"{p}{name}.weight").t().contiguous()

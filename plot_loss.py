@@ -129,7 +129,8 @@ def main(argv=None):
     plot(runs, labels, args.out, args.smooth, args.title)
     print(f"wrote {args.out}")
     w = max(len(label) for label in labels)
-    print(f"{'run':<{w}} {'iters':>6} {'wall s':>7} {'last val':>9}  max |Δ val loss| and |Δ train loss| vs {labels[0]}")
+    print(f"{'run':<{w}} {'iters':>6} {'wall s':>7} {'last val':>9}  "
+          f"max |Δ val loss| and |Δ train loss| vs {labels[0]}")
     for run, label in zip(runs, labels):
         last_val = run["val"][-1][2] if run["val"] else float("nan")
         last_iter = max([p[0] for p in run["train"] + run["val"]], default=0)

@@ -25,7 +25,7 @@ from model import GPT, GPTConfig
 from parallel import load_checkpoint_file
 
 # -----------------------------------------------------------------------------
-init_from = "resume"  # "resume" (from out_dir) or GPT-2 weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl, an HF directory
+init_from = "resume"  # "resume" (out_dir's checkpoint), or GPT-2 weights: gpt2(-medium, -large, -xl), an HF directory
 out_dir = "out"
 start = "\n"  # or "<|endoftext|>" or etc. Can also specify a file, use as: "FILE:prompt.txt"
 num_samples = 10

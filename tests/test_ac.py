@@ -25,8 +25,10 @@ MODES = [("full", "op"), ("selective", "op"), ("selective", "2")]
 TOLERANCE = 1e-6
 CASES = {  # world size -> [(name, config overrides, the modes tested)]; "every second block" is "full" on half of
     # the blocks: tested where it differs from full, in FSDP (an unwrapped unit next to a recomputed one) and pp
-    2: [(f"{s}/{v}", dict(parallel=s, variant=v, **extra), MODES if v == "custom" and s in ("fsdp", "pp") else MODES[:2])
-        for s, extra in (("ddp", {}), ("fsdp", {}), ("tp", dict(sequence_parallel=True, loss_parallel=True)), ("pp", {}))
+    2: [(f"{s}/{v}", dict(parallel=s, variant=v, **extra),
+         MODES if v == "custom" and s in ("fsdp", "pp") else MODES[:2])
+        for s, extra in (("ddp", {}), ("fsdp", {}), ("tp", dict(sequence_parallel=True, loss_parallel=True)),
+                         ("pp", {}))
         for v in ("pytorch", "custom")],
     4: [(f"3d/{v} dp{dp}·pp{pp}·tp{tp}", dict(parallel="3d", variant=v, dp_size=dp, pp_size=pp, tp_size=tp,
                                                sequence_parallel=tp > 1, loss_parallel=tp > 1), MODES[:2])

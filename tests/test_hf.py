@@ -5,12 +5,12 @@ GPT-2 weights from and to Hugging Face (hf.py), through train.py's real loading 
 
 Nothing is downloaded: a small random GPT-2 is built with transformers (GPT2Config, every tensor perturbed so that
 biases and norms are not their trivial init) and saved with save_pretrained into a temporary directory, which
-train.py loads with --init_from=DIR (the ddp/custom run also profiles: a trace per rank). A step at learning rate 0 leaves the weights as loaded, so the checkpoint
-train.py writes must hold them: its logits equal transformers' within 1e-5, and so do those of the Hugging Face
-directory `python hf.py` exports from it (both ways), for single (here), ddp, fsdp, tp, pp (2 processes, both
-variants) and 3d (4 processes: dp2·tp2 and pp2·tp2, both variants). The eval loss train.py logs at step 0, computed
-by the sharded forward, equals transformers' on the same batch. Vocabulary 97: TP splits it unevenly (49 + 48);
-block_size 16 of the model's 32 positions (cropped).
+train.py loads with --init_from=DIR (the ddp/custom run also profiles: a trace per rank). A step at learning rate 0
+leaves the weights as loaded, so the checkpoint train.py writes must hold them: its logits equal transformers'
+within 1e-5, and so do those of the Hugging Face directory `python hf.py` exports from it (both ways), for single
+(here), ddp, fsdp, tp, pp (2 processes, both variants) and 3d (4 processes: dp2·tp2 and pp2·tp2, both variants). The
+eval loss train.py logs at step 0, computed by the sharded forward, equals transformers' on the same batch.
+Vocabulary 97: TP splits it unevenly (49 + 48); block_size 16 of the model's 32 positions (cropped).
 """
 
 import json
