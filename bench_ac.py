@@ -9,24 +9,26 @@ the op-level policy, selective every 2nd block) for each strategy, on the CPU re
 Each strategy runs in one torchrun job (its config's process count: 1, 2, or 8 for 3d) that builds the model once
 per mode and alternates the modes step by step, so a slow spell of a shared machine hits all of them alike; ms/step
 is the median over --steps steps after 3 warm-up steps. Memory: the forward and backward of one more step per mode
-(not the optimizer's step), recorded by torch.profiler (profile_memory=True), whose memory timeline gives the bytes
-allocated during it that are alive at its peak (activations, gradients, temporaries; the parameters and Adam state
-allocated before it are not counted): on CPU the only allocator record PyTorch has (export_memory_timeline;
-deprecated in favour of the CUDA allocator history, which has no CPU counterpart). On a GPU:
-torch.cuda.max_memory_allocated over the step minus memory_allocated before it. The gradients are the same in every
-mode, so the difference to "none" is what the mode saves of activations, minus what its recomputation allocates at
-the peak.
+(not the optimizer's step; a whole step before it is profiled too) recorded by torch.profiler with
+profile_memory=True, whose Chrome trace has one event per allocation and free with the CPU allocator's running
+total: the peak of that total over the step minus its value at the start is the memory allocated during the step and
+alive at its peak (activations, gradients, temporaries; the parameters and Adam state allocated before it are not
+counted). On a GPU: torch.cuda.max_memory_allocated over the step minus memory_allocated before it. The gradients
+are the same in every mode, so the difference to "none" is what the mode saves of activations, minus what its
+recomputation allocates at the peak. On CPU the collectives' gloo buffers are allocated and freed on gloo's own
+threads, at moments that vary from step to step around the peak (up to ~5 MiB on tp here): the figure is the least
+of 5 measured steps.
 """
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from types import SimpleNamespace
 
 import torch
@@ -43,24 +45,37 @@ CONFIGS = {  # strategy -> (config file, processes); variant given separately
 }
 
 
-def step_peak_bytes(step, device):
-    """Run step() once and return the bytes allocated during it that are alive at its peak (see the docstring)."""
+def step_peak_bytes(warmup, measured, device):
+    """Run warmup() then measured(); return the bytes allocated during measured() that are alive at its peak (see
+    the module docstring). warmup, a whole step, runs under the profiler too, so that the tensors it leaves to
+    measured() (and measured() frees) have known sizes."""
     if device.type == "cuda":
+        warmup()
         torch.cuda.synchronize(device)
         start = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        step()
+        measured()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - start
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        step()
-    with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        prof.export_memory_timeline(os.path.join(d, "timeline.json"), device="cpu")
-        with open(os.path.join(d, "timeline.json")) as f:
-            _, sizes = json.load(f)  # [times, [bytes per category] per time]
-    return max((sum(row) for row in sizes), default=0)
+    from torch.profiler import ProfilerActivity, profile, record_function
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        warmup()
+        with record_function("measured"):
+            measured()
+    with tempfile.TemporaryDirectory() as d:
+        prof.export_chrome_trace(os.path.join(d, "trace.json"))
+        with open(os.path.join(d, "trace.json")) as f:
+            trace = json.load(f)["traceEvents"]
+    window = next(e for e in trace if e.get("name") == "measured" and e.get("ph") == "X")
+    lo, hi = window["ts"], window["ts"] + window["dur"]
+    events = sorted((e for e in trace if e.get("name") == "[memory]" and lo <= e["ts"] <= hi),
+                    key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0)))
+    if not events:
+        return 0
+    # one event per allocation or free, with the CPU allocator's running total of what it allocated while profiled
+    # ("Total Allocated", after the event) and its size ("Bytes", negative for a free), in time order
+    start = events[0]["args"]["Total Allocated"] - events[0]["args"]["Bytes"]
+    return max(e["args"]["Total Allocated"] for e in events) - start
 
 
 def worker(args):
@@ -89,10 +104,9 @@ def worker(args):
     batches = [(x[k], (x[k] * 3 + 1) % 65) for k in range(n_micro)][first.dp_rank::first.dp_size]
     batches = [(a.to(device), b.to(device)) for a, b in batches]
 
-    def step(strategy, optimizer, measure=None):
-        """One optimizer step; measure(fn) wraps its forward and backward (the optimizer's temporaries are not
-        activations)."""
-        (measure or (lambda fn: fn()))(lambda: strategy.forward_backward(batches, None))
+    def step(strategy, optimizer, forward_backward=True):
+        if forward_backward:
+            strategy.forward_backward(batches, None)
         strategy.clip_grad_norm_(1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -109,9 +123,12 @@ def worker(args):
                 times.append(time.perf_counter() - t0)
     result = {}
     for (mode, option), (strategy, optimizer, times) in runs.items():
-        peak = []
-        step(strategy, optimizer, lambda fn: peak.append(float(step_peak_bytes(fn, device))))
-        peak = torch.tensor(peak, device=device)
+        peak = math.inf
+        for _ in range(5):  # the least of 5: see the module docstring
+            peak = min(peak, step_peak_bytes(lambda: step(strategy, optimizer),
+                                             lambda: strategy.forward_backward(batches, None), device))
+            step(strategy, optimizer, forward_backward=False)
+        peak = torch.tensor([float(peak)], device=device)
         peaks = [torch.zeros_like(peak) for _ in range(dist.get_world_size())] if dist.is_initialized() else [peak]
         if dist.is_initialized():
             dist.all_gather(peaks, peak)
