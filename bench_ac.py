@@ -6,10 +6,10 @@ the op-level policy, selective every 2nd block) for each strategy, on the CPU re
     python bench_ac.py                                         # single + every strategy's custom variant
     python bench_ac.py --strategies=fsdp/pytorch,pp/custom --steps=30
 
-Each strategy runs in one torchrun job (its config's process count: 1, 2, or 8 for 3d) that builds the model once
-per mode and alternates the modes step by step, so a slow spell of a shared machine hits all of them alike; ms/step
-is the median over --steps steps after 3 warm-up steps. Memory: the forward and backward of one more step per mode
-(not the optimizer's step; a whole step before it is profiled too) recorded by torch.profiler with
+Each strategy runs in one torchrun job (its config's process count: 1, 2, or 8 for 3d; one thread each) that builds
+the model once per mode and alternates the modes step by step, so a slow spell of a shared machine hits all of them
+alike; ms/step is the median over --steps steps after 3 warm-up steps. Memory: the forward and backward of one more
+step per mode (not the optimizer's step; a whole step before it is profiled too) recorded by torch.profiler with
 profile_memory=True, whose Chrome trace has one event per allocation and free with the CPU allocator's running
 total: the peak of that total over the step minus its value at the start is the memory allocated during the step and
 alive at its peak (activations, gradients, temporaries; the parameters and Adam state allocated before it are not
@@ -157,7 +157,8 @@ def main():
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "bench_ac.py", "--worker", f"--config={config.format(variant=variant)}", f"--variant={variant}",
                f"--steps={args.steps}"]
-        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3600)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun sets for 2+ processes; single alike
+        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3600, env=env)
         if out.returncode != 0:
             print(f"{pair}: failed\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
             continue
