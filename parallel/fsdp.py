@@ -304,7 +304,8 @@ class FullyShardedDataParallel(nn.Module):
     next unit's all-gather is started at once, to overlap this one's compute) and freed in a forward hook if
     reshard_after_forward (always when grad is disabled). Tensors that autograd saves from the parameters are
     stored as references (saved_tensors_hooks) and their unit is gathered again when backward unpacks them (and
-    the unit before it prefetched). When all of a unit's gradients are accumulated, a hook adds them into its
+    the unit before it prefetched); a unit recomputed in backward (activation checkpointing, parallel.apply_ac)
+    saves nothing through them and is gathered by a hook on its output instead (_pre_backward). When all of a unit's gradients are accumulated, a hook adds them into its
     fp32 accumulator, frees the parameters, and (outside no_sync) starts the reduce-scatter; finish_gradient_sync
     waits for all. The same as torch.distributed.fsdp.FullyShardedDataParallel (FSDP1) with FULL_SHARD, flat
     parameters, BackwardPrefetch.BACKWARD_PRE and forward_prefetch.
