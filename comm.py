@@ -169,7 +169,8 @@ def init_distributed(timeout_s=300):
     if cuda:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    if not dist.is_initialized():  # started already: a test running train.main several times in one process group
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return device
 
 

@@ -39,12 +39,15 @@ class GPTConfig:
     block: str = "gpt2"         # "gpt2": LayerNorm, learned positions, GELU MLP; "llama": RMSNorm, RoPE, SwiGLU
     ffn_hidden: int = 0         # MLP hidden size; 0 means 4*n_embd (gpt2) or 8/3*n_embd rounded up to 64 (llama)
     rope_theta: float = 10000.0
+    gelu_approximate: str = "none"  # gpt2 MLP: F.gelu's `approximate`, "none" (erf) or "tanh" (GPT-2's own "gelu_new")
     init_std: float = 0.02
     init_seed: int = 1337       # every parameter's init is drawn from (init_seed, its name)
 
     def __post_init__(self):
         if self.block not in ("gpt2", "llama"):
             raise ValueError(f"block must be 'gpt2' or 'llama', got {self.block!r}")
+        if self.gelu_approximate not in ("none", "tanh"):
+            raise ValueError(f"gelu_approximate must be 'none' or 'tanh', got {self.gelu_approximate!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.block == "llama" and (self.n_embd // self.n_head) % 2:
@@ -121,16 +124,19 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT-2 MLP: down_proj(gelu(up_proj(x))). (B, T, n_embd) -> (B, T, n_embd)."""
+    """GPT-2 MLP: down_proj(gelu(up_proj(x))). (B, T, n_embd) -> (B, T, n_embd). The GELU is exact (erf, nanoGPT's)
+    or its tanh approximation (config.gelu_approximate="tanh"), which GPT-2 was trained with (Hendrycks & Gimpel
+    2016, section 2; Hugging Face's "gelu_new"): hf.py sets it for pretrained GPT-2 weights."""
 
     def __init__(self, config):
         super().__init__()
+        self.gelu_approximate = config.gelu_approximate
         self.up_proj = nn.Linear(config.n_embd, config.ffn_hidden, bias=config.bias)
         self.down_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.down_proj(F.gelu(self.up_proj(x))))
+        return self.dropout(self.down_proj(F.gelu(self.up_proj(x), approximate=self.gelu_approximate)))
 
 
 class SwiGLU(nn.Module):

@@ -3,9 +3,13 @@ Sample text from a trained model's checkpoint, as nanoGPT's sample.py: out_dir/c
 (DCP) directory out_dir/ckpt that fsdp, tp, pp and 3d write, converted in memory.
 
     python sample.py --out_dir=out-shakespeare-char-cpu --start="ROMEO:" --num_samples=3 --max_new_tokens=200
+    python sample.py --init_from=gpt2-xl --start="What is the answer to life, the universe, and everything?"
 
+init_from: "resume" (out_dir's checkpoint), or GPT-2 weights (hf.py): "gpt2", "gpt2-medium", "gpt2-large",
+"gpt2-xl" (the Hugging Face cache) or a local Hugging Face model directory.
 The tokenizer is the one the checkpoint's dataset was prepared with: meta.pkl's characters (shakespeare_char)
-or a tiktoken encoding (GPT-2 BPE). `--start=FILE:prompt.txt` reads the prompt from a file.
+or a tiktoken encoding (GPT-2 BPE); for GPT-2 weights, GPT-2's BPE (tiktoken's "gpt2": offline, set
+TIKTOKEN_CACHE_DIR to a cache holding it). `--start=FILE:prompt.txt` reads the prompt from a file.
 """
 
 import os
@@ -16,10 +20,12 @@ from contextlib import nullcontext
 import torch
 
 from config import ConfigError, load_config
+from hf import is_hf_source, load_pretrained
 from model import GPT, GPTConfig
 from parallel import load_checkpoint_file
 
 # -----------------------------------------------------------------------------
+init_from = "resume"  # "resume" (out_dir's checkpoint), or GPT-2 weights: gpt2(-medium, -large, -xl), an HF directory
 out_dir = "out"
 start = "\n"  # or "<|endoftext|>" or etc. Can also specify a file, use as: "FILE:prompt.txt"
 num_samples = 10
@@ -54,16 +60,24 @@ def load_tokenizer(train_config):
 def main(argv):
     cfg = load_config(DEFAULTS, argv)
     torch.manual_seed(cfg["seed"])
-    path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    if not os.path.exists(path) and os.path.isdir(os.path.join(cfg["out_dir"], "ckpt")):
-        path = os.path.join(cfg["out_dir"], "ckpt")
-    ckpt = load_checkpoint_file(path, cfg["device"])
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
+    if is_hf_source(cfg["init_from"]):
+        model_config, state = load_pretrained(cfg["init_from"])
+        train_config = {"dataset": "openwebtext"}  # GPT-2's BPE: no meta.pkl there, so tiktoken's "gpt2"
+    elif cfg["init_from"] == "resume":
+        path = os.path.join(cfg["out_dir"], "ckpt.pt")
+        if not os.path.exists(path) and os.path.isdir(os.path.join(cfg["out_dir"], "ckpt")):
+            path = os.path.join(cfg["out_dir"], "ckpt")
+        ckpt = load_checkpoint_file(path, cfg["device"])
+        model_config, state, train_config = GPTConfig(**ckpt["model_args"]), ckpt["model"], ckpt.get("config", {})
+    else:
+        raise ValueError(f"init_from must be 'resume', one of gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face "
+                         f"model directory, got {cfg['init_from']!r}")
+    model = GPT(model_config)
+    model.load_state_dict(state)
     model.eval().to(cfg["device"])
     if cfg["compile"]:
         model.compile()
-    encode, decode = load_tokenizer(ckpt.get("config", {}))
+    encode, decode = load_tokenizer(train_config)
 
     prompt = cfg["start"]
     if prompt.startswith("FILE:"):

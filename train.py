@@ -27,8 +27,10 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from config import ConfigError, load_config
+from hf import is_hf_source, load_pretrained
 from model import GPTConfig, flops_per_token
 from parallel import build_strategy, init_distributed, teardown
+from profiling import TrainingProfiler, check_profiling_config, peak_memory_per_rank
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on OpenWebText, as in nanoGPT
@@ -40,6 +42,8 @@ eval_iters = 200
 eval_only = False  # if True, evaluate once and exit
 always_save_checkpoint = True  # if False, save only when the val loss improves
 init_from = "scratch"  # "scratch" or "resume" (from out_dir/ckpt.pt, or the directory out_dir/ckpt if sharded)
+# or GPT-2 weights (hf.py): "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" or a local Hugging Face model directory;
+# the model then takes their sizes and vocabulary (n_layer, n_head, n_embd, bias, vocab_size are not used)
 # wandb logging (WANDB_MODE=offline works without a network)
 wandb_log = False
 wandb_project = "nanoparallel"
@@ -92,6 +96,14 @@ dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 compile = True  # torch.compile the model (slow to start on CPU: the CPU configs turn it off)
 compile_backend = "inductor"
 seed = 1337
+# memory and profiling (parallel.apply_ac, profiling.py)
+activation_checkpoint = "none"  # "none", "full" (every block recomputed in backward), "selective" (see next)
+selective_ac_option = "op"  # selective: "op" (torchtitan's op-level policy on every block) or "N" (every N-th block)
+profile = False  # write a torch.profiler Chrome trace per rank to out_dir/profile/ (open at ui.perfetto.dev)
+profile_start = 5  # first profiled iteration
+profile_steps = 3  # profiled iterations
+memory_snapshot = False  # CUDA: record the allocator's history, dump out_dir/memory_snapshot/rank{r}.pickle
+memory_snapshot_step = 5  # ... once this iteration is done (open at pytorch.org/memory_viz)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 
@@ -99,6 +111,7 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 def main(argv):
     cfg = SimpleNamespace(**load_config(DEFAULTS, argv))
     device = init_distributed(cfg.timeout_s)
+    check_profiling_config(cfg, device)
     strategy = build_strategy(cfg, device)
     master = strategy.is_logger
     torch.manual_seed(cfg.seed + strategy.rank)  # dropout masks differ per rank; the init does not (init_seed)
@@ -107,6 +120,10 @@ def main(argv):
     # data: uint16 token files written by data/<dataset>/prepare.py, read through np.memmap
     data_dir = cfg.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg.dataset)
     vocab_size = read_vocab_size(data_dir)
+    weights = None
+    if is_hf_source(cfg.init_from):  # GPT-2 weights (hf.py): their sizes and vocabulary, GPT-2's tanh GELU
+        pretrained_config, weights = load_pretrained(cfg.init_from, cfg.block_size, cfg.dropout, cfg.seed)
+        vocab_size = check_data_vocab(data_dir, pretrained_config.vocab_size)
     tokens = {split: open_tokens(data_dir, split, cfg.dataset, cfg.block_size, vocab_size) for split in ("train", "val")}
 
     def get_batch(split, step, micro_step, micro_steps, eval=False):
@@ -131,7 +148,13 @@ def main(argv):
     # model, optimizer, and the state a checkpoint restores
     model_config = GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                              n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, block=cfg.block, init_seed=cfg.seed)
-    model = strategy.build_model(model_config)
+    if weights is not None:
+        model_config = pretrained_config
+        if master:
+            print(f"initialising from {cfg.init_from}: n_layer={model_config.n_layer}, n_head={model_config.n_head}, "
+                  f"n_embd={model_config.n_embd}, vocab_size={model_config.vocab_size}, bias=True (GPT-2's)")
+    model = strategy.build_model(model_config, weights)
+    del weights
     optimizer = strategy.configure_optimizer()
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
     iter_num, best_val_loss = 0, 1e9
@@ -144,8 +167,9 @@ def main(argv):
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"], strategy)
-    elif cfg.init_from != "scratch":
-        raise ValueError(f"init_from must be 'scratch' or 'resume', got {cfg.init_from!r}")
+    elif cfg.init_from != "scratch" and not is_hf_source(cfg.init_from):
+        raise ValueError(f"init_from must be 'scratch', 'resume', one of gpt2, gpt2-medium, gpt2-large, gpt2-xl or a "
+                         f"Hugging Face model directory, got {cfg.init_from!r}")
 
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     flops_per_iter = flops_per_token(model_config) * tokens_per_iter
@@ -177,14 +201,17 @@ def main(argv):
         run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=vars(cfg), dir=cfg.out_dir)
 
     def log(metrics):
-        """One metrics record: to wandb when enabled, and appended to out_dir/metrics.jsonl."""
+        """One metrics record: to wandb when enabled, and appended to out_dir/metrics.jsonl, with time_s, the wall
+        seconds since this process entered the training loop (what plot.py draws the curves against)."""
+        metrics["time_s"] = round(time.time() - t_start, 3)
         if run is not None:
             run.log(metrics, step=metrics["iter"])
         with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
 
     # training loop
-    t0 = time.time()
+    t0 = t_start = time.time()
+    profiler = TrainingProfiler(cfg, device, strategy.rank, iter_num)
     while True:
         lr = get_lr(iter_num) if cfg.decay_lr else cfg.learning_rate
         for group in optimizer.param_groups:
@@ -220,16 +247,21 @@ def main(argv):
         dt, t0 = t1 - t0, t1
         if iter_num % cfg.log_interval == 0:
             lossf, grad_normf = loss.item(), float(grad_norm)
+            peak_mib = peak_memory_per_rank(device)  # every rank takes part
             tflops = flops_per_iter / dt / strategy.world_size / 1e12  # achieved, per process
             if master:
                 sequences_per_device = cfg.gradient_accumulation_steps * cfg.batch_size / strategy.world_size
                 mfu = f", mfu {100 * model.estimate_mfu(sequences_per_device, dt):.1f}%" if device.type == "cuda" else ""
                 print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f}ms, "
-                      f"{tokens_per_iter / dt:,.0f} tok/s, {tflops:.3f} TFLOP/s per process{mfu}")
+                      f"{tokens_per_iter / dt:,.0f} tok/s, {tflops:.3f} TFLOP/s per process{mfu}, "
+                      f"peak mem {'/'.join(f'{m:.0f}' for m in peak_mib)} MiB")
                 log({"iter": iter_num, "train/loss": lossf, "lr": lr, "grad_norm": grad_normf, "ms_per_iter": dt * 1000,
-                     "tokens_per_s": tokens_per_iter / dt, "tflops_per_process": tflops, **strategy.stats.as_dict()})
+                     "tokens_per_s": tokens_per_iter / dt, "tflops_per_process": tflops, "peak_mem_mib": peak_mib,
+                     **strategy.stats.as_dict()})
+        profiler.step(iter_num)
         iter_num += 1
 
+    profiler.close()
     if run is not None:
         run.finish()
     strategy.close()
@@ -247,6 +279,19 @@ def read_vocab_size(data_dir):
     with open(meta_path, "rb") as f:
         vocab = pickle.load(f)["vocab_size"]
     return 50304 if vocab == 50257 else vocab
+
+
+def check_data_vocab(data_dir, model_vocab):
+    """The vocab_size for pretrained weights of `model_vocab` tokens on data_dir's tokens: model_vocab, if data_dir's
+    meta.pkl (if any) names the same vocabulary (or one that model_vocab pads to a multiple of 64); ValueError else."""
+    meta_path = os.path.join(data_dir, "meta.pkl")
+    if os.path.isfile(meta_path):
+        with open(meta_path, "rb") as f:
+            data_vocab = pickle.load(f)["vocab_size"]
+        if data_vocab != model_vocab and not (data_vocab < model_vocab and model_vocab == -(-data_vocab // 64) * 64):
+            raise ValueError(f"the pretrained model has {model_vocab} tokens but {meta_path} describes {data_vocab}: "
+                             f"prepare the data with the model's tokenizer (GPT-2 BPE: data/shakespeare/prepare.py)")
+    return model_vocab
 
 
 def open_tokens(data_dir, split, dataset, block_size, vocab_size):

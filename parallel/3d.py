@@ -115,13 +115,14 @@ class Pytorch3D(Parallel3D):
     """The composition of the module docstring with PyTorch's APIs. Not counted in stats: the collectives inside
     DTensor (TP), the pipelining schedules' send/recv, and replicate's all-reduce (no counting hook)."""
 
-    def build_model(self, model_config):
+    def build_model(self, model_config, weights=None):
         cfg = self.cfg
         stages = self.build_modules(model_config)
         mesh = self.grid.mesh
         for module in stages.values():
             if self.sizes["tp"] > 1:
                 apply_tp(module, mesh["tp"], self.sp, self.lp)
+            self.apply_ac(module)
             if cfg.compile:  # per block, before FSDP (torchtitan's order)
                 for block in module.transformer.h.values():
                     block.compile(backend=cfg.compile_backend)
@@ -130,7 +131,7 @@ class Pytorch3D(Parallel3D):
             elif self.replicas > 1:
                 for unit in [*module.transformer.h.values(), module]:
                     apply_replicate(unit, self.grid.replicas, mixed_precision(cfg.dtype))
-            materialize(module, self.device, slice_init(model_config))
+            materialize(module, self.device, slice_init(model_config, weights=weights))
         self.run(model_config, stages, stages, PytorchPipeline)
         return self.model
 
@@ -158,14 +159,14 @@ class Custom3D(Parallel3D):
     embedding and head are units of their own on the first and last stage, so the two copies have the same flat
     layout and their sharded gradients are summed shard by shard."""
 
-    def build_model(self, model_config):
+    def build_model(self, model_config, weights=None):
         cfg, tp = self.cfg, self.sizes["tp"]
         stages = self.build_modules(model_config)
         self.tp_comm, self.dp_comm = self.collectives(self.grid.group("tp")), self.collectives(self.dp_group)
         self.fsdp = cfg.dp_type == "fsdp" and self.replicas > 1
         self.shapes = full_shapes(model_config)
         self.sp_names = {n for n in self.shapes if self.sp and is_sequence_parallel_param(n)}
-        init = slice_init(model_config, tp_local_slice(self.tp_comm) if tp > 1 else None)
+        init = slice_init(model_config, tp_local_slice(self.tp_comm) if tp > 1 else None, weights)
         modules, head_loss = {}, None
         for s, module in stages.items():
             loss = apply_custom_tp(module, self.tp_comm, self.sp, self.lp) if tp > 1 else None
@@ -173,6 +174,7 @@ class Custom3D(Parallel3D):
                 module.loss = head_loss = loss
             if self.sizes["cp"] > 1:
                 apply_ring_attention(module, self.collectives(self.grid.group("cp")))
+            self.apply_ac(module)
             if self.fsdp:
                 first, last = "wte" in module.transformer, hasattr(module, "lm_head")
                 units = ([module.transformer.wte] if first and not last else []) + list(module.transformer.h.values()) \

@@ -24,6 +24,7 @@ optimizer state behind checkpoints (parallel/checkpoint.py).
 """
 
 import contextlib
+import functools
 import importlib
 from pathlib import Path
 
@@ -192,23 +193,103 @@ def full_shapes(model_config):
     return shapes
 
 
-def slice_init(model_config, local_slice=None):
-    """init(name, tensor) for materialize: the tensor receives its part of the full GPT's initial value
-    (model.init_parameter_ on the full tensor), so every layout starts from the single model's weights. A DTensor
-    keeps the slice its placements select (local_part: no communication); a plain
-    tensor the slice local_slice(name, full) picks (custom tensor parallelism), else all of it. The head's copy in a
-    pipeline gets the tied embedding's value."""
+def slice_init(model_config, local_slice=None, weights=None):
+    """init(name, tensor) for materialize: the tensor receives its part of the full GPT's initial value, so every
+    layout starts from the single model's weights. The full value is weights[name] if a source of full tensors is
+    given ({GPT name: tensor}, e.g. GPT-2's converted by hf.py; the head reads the tied embedding's), else
+    model.init_parameter_'s. A DTensor keeps the slice its placements select (local_part: no communication); a
+    plain tensor the slice local_slice(name, full) picks (custom tensor parallelism), else all of it. The head's copy in a pipeline gets the tied embedding's value. Raises KeyError
+    naming a parameter that `weights` lacks, ValueError for one of another shape."""
     shapes = full_shapes(model_config)
 
     def init(name, tensor):
-        full = torch.empty(shapes[name])
-        init_parameter_(WTE if name == HEAD else name, full, model_config)
+        source = WTE if name == HEAD else name
+        if weights is None:
+            full = torch.empty(shapes[name])
+            init_parameter_(source, full, model_config)
+        else:
+            if source not in weights:
+                raise KeyError(f"the initial weights have no tensor {source!r}")
+            full = weights[source].detach().to("cpu", torch.float32)
+            if full.shape != shapes[name]:
+                raise ValueError(f"initial weight {source} has shape {tuple(full.shape)}, the model's is "
+                                 f"{tuple(shapes[name])}")
         if isinstance(tensor, DTensor):
             full, tensor = local_part(full.to(tensor.device), tensor), tensor.to_local()
         elif local_slice is not None:
             full = local_slice(name, full)
         tensor.copy_(full)
     return init
+
+
+AC_MODES = ("none", "full", "selective")
+
+# torchtitan's op-level selective checkpointing policy (torchtitan/models/llama3/parallelize.py, _op_sac_save_list):
+# the outputs of these ops are kept for backward, everything else (norms, GELU, adds, softmax's pieces) is recomputed.
+# Matmuls are aten.mm, or aten.addmm when the linear has a bias; the CPU attention kernel is the flash one for CPU.
+_SAC_SAVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
+             torch.ops.aten._scaled_dot_product_efficient_attention.default,
+             torch.ops.aten._scaled_dot_product_flash_attention.default,
+             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+             torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+             torch.ops._c10d_functional.reduce_scatter_tensor.default,
+             torch.ops.aten.max.default}
+_MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+
+
+def _op_sac_context():
+    """context_fn of torch.utils.checkpoint for one checkpointed call: torchtitan's op policy, which saves the outputs
+    of _SAC_SAVE except every second matmul (recomputing half of them halves what the matmuls keep)."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+    counts = {"forward": 0, "recompute": 0}
+
+    def policy(ctx, func, *args, **kwargs):
+        mode = "recompute" if ctx.is_recompute else "forward"
+        if func in _MATMULS:
+            counts[mode] += 1
+        save = func in _SAC_SAVE and not (func in _MATMULS and counts[mode] % 2 == 0)
+        return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
+    return create_selective_checkpoint_contexts(policy)
+
+
+def check_ac(mode, selective_option="op"):
+    """Raise ValueError (one line) unless mode is one of AC_MODES and selective_option "op" or a positive integer."""
+    if mode not in AC_MODES:
+        raise ValueError(f"activation_checkpoint must be one of {', '.join(AC_MODES)}, got {mode!r}")
+    if selective_option != "op" and not (selective_option.isdigit() and int(selective_option) > 0):
+        raise ValueError(f"selective_ac_option must be 'op' or a positive integer N (every N-th block), "
+                         f"got {selective_option!r}")
+
+
+def apply_ac(module, mode, selective_option="op"):
+    """Activation checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"; torchtitan's
+    apply_ac) on the transformer blocks of `module`, a GPT or a pipeline stage (module.transformer.h, keyed by the
+    GPT's layer index). A checkpointed block keeps only its inputs in forward and is run again in backward
+    (torch.utils.checkpoint, non-reentrant, RNG state preserved: the same dropout masks).
+    mode "none": nothing; "full": every block; "selective": with selective_option "op", every block under
+    torchtitan's op-level policy (torch.utils.checkpoint's selective checkpointing: the matmul and attention outputs
+    are saved, the rest recomputed), with an integer N every N-th block of the GPT (layers N-1, 2N-1, ... whatever
+    the pipeline split), fully. Applied after tensor parallelism and before data-parallel wrappers (torchtitan's
+    order). The block's forward is replaced in place (an instance attribute calling the original through
+    checkpoint, keyword arguments such as `pos` passed through), so no wrapper module appears and parameter names
+    and state_dict keys are unchanged; its forward hooks (FSDP's gather, TP's input hooks) stay outside the
+    recomputed part; the block gets `recomputes_in_backward = True` (our FSDP then gathers it before its backward).
+    Raises ValueError (one line) for an unknown mode or option."""
+    check_ac(mode, selective_option)
+    if mode == "none":
+        return module
+    from torch.utils.checkpoint import checkpoint
+    for name, block in module.transformer.h.items():
+        if getattr(block, "recomputes_in_backward", False):
+            continue
+        options = dict(use_reentrant=False)
+        if mode == "selective" and selective_option == "op":
+            options["context_fn"] = _op_sac_context
+        elif mode == "selective" and (int(name) + 1) % int(selective_option):
+            continue
+        block.forward = functools.partial(checkpoint, block.forward, **options)
+        block.recomputes_in_backward = True
+    return module
 
 
 # -----------------------------------------------------------------------------
@@ -253,6 +334,7 @@ class Strategy:
         ptdtype = dtypes[cfg.dtype]
         self.autocast = (contextlib.nullcontext if ptdtype == torch.float32 else
                          lambda: torch.autocast(device_type=device.type, dtype=ptdtype))
+        check_ac(cfg.activation_checkpoint, cfg.selective_ac_option)
 
     def use_grid(self, sizes):
         """Build the rank grid of `sizes` (validated by parallel.grid.resolve_sizes, before any collective) and take
@@ -282,13 +364,24 @@ class Strategy:
 
     # --- building ---------------------------------------------------------------------------------------
 
-    def build_model(self, model_config):
+    def build_model(self, model_config, weights=None):
         """Create this rank's model from a GPTConfig and return the bare module (also self.model). Here: the whole
-        GPT on this device, identical on every rank (the init is a function of config.init_seed)."""
-        self.model = self.module = GPT(model_config).to(self.device)
+        GPT on this device, identical on every rank: built on the meta device and materialised with slice_init's
+        values (the init, a function of config.init_seed, or `weights`: {GPT name: full tensor}, e.g. GPT-2's),
+        then activation checkpointing (apply_ac) and compile. Every strategy takes `weights` the same way."""
+        with torch.device("meta"):
+            model = GPT(model_config)
+        materialize(model, self.device, slice_init(model_config, weights=weights))
+        self.apply_ac(model)
+        self.model = self.module = model
         if self.cfg.compile:  # in place: parameter names and state_dict keys stay those of the bare model
             self.model.compile(backend=self.cfg.compile_backend)
         return self.model
+
+    def apply_ac(self, module):
+        """apply_ac on `module` (a GPT or a stage) with the config's activation_checkpoint and selective_ac_option:
+        what every strategy's build_model calls after tensor parallelism and before data-parallel wrappers."""
+        return apply_ac(module, self.cfg.activation_checkpoint, self.cfg.selective_ac_option)
 
     def named_parameters(self):
         """(GPT name, tensor) of every tensor the optimizer updates on this rank, each once (the tied head shares the

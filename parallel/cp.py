@@ -442,9 +442,9 @@ class ContextParallel(Strategy):
                              f"0 or the world size {self.world_size} (use parallel='3d' to combine)")
         self.use_grid({"dp": 1, "pp": 1, "cp": self.world_size, "tp": 1})
 
-    def build_model(self, model_config):
+    def build_model(self, model_config, weights=None):
         check_cp_config(model_config, self.world_size)
-        model = super().build_model(model_config)
+        model = super().build_model(model_config, weights)
         comm = self.collectives(self.grid.group("cp"))
         if self.variant == "pytorch":
             self.module = apply_ddp(model, self.grid.group("cp"), self.stats, self.cfg.bucket_cap_mb, self.device)

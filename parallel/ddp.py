@@ -58,8 +58,8 @@ def apply_replicate(module, mesh, mp_policy):
 class PytorchDDP(Strategy):
     """DistributedDataParallel around the GPT (apply_ddp)."""
 
-    def build_model(self, model_config):
-        model = super().build_model(model_config)
+    def build_model(self, model_config, weights=None):
+        model = super().build_model(model_config, weights)
         self.module = apply_ddp(model, None, self.stats, self.cfg.bucket_cap_mb, self.device)
         return model
 
@@ -168,7 +168,7 @@ class DataParallel(nn.Module):
 class CustomDDP(Strategy):
     """Our DataParallel around the GPT, over the Collectives of this variant (comm.py, kernels/)."""
 
-    def build_model(self, model_config):
-        model = super().build_model(model_config)
+    def build_model(self, model_config, weights=None):
+        model = super().build_model(model_config, weights)
         self.module = DataParallel(model, self.collectives(), self.cfg.bucket_cap_mb)
         return model

@@ -144,15 +144,16 @@ class PytorchFSDP(FullySharded):
     """FSDP2 on the GPT (apply_fsdp) on a 1-D "dp" mesh; built on the meta device, each shard then filled with its
     slice of the full init. With compile=True each block is compiled before sharding (torchtitan's order)."""
 
-    def build_model(self, model_config):
+    def build_model(self, model_config, weights=None):
         cfg = self.cfg
         with torch.device("meta"):
             model = GPT(model_config)
+        self.apply_ac(model)
         if cfg.compile:  # FSDP's hooks stay outside the compiled graphs
             for block in model.transformer.h.values():
                 block.compile(backend=cfg.compile_backend)
         apply_fsdp(model, self.grid.mesh["dp"], self.stats, cfg.dtype, self.reshard_after_forward)
-        materialize(model, self.device, slice_init(model_config))
+        materialize(model, self.device, slice_init(model_config, weights=weights))
         self.model = self.module = model
         return model
 
@@ -317,7 +318,8 @@ class FullyShardedDataParallel(nn.Module):
     next unit's all-gather is started at once, to overlap this one's compute) and freed in a forward hook if
     reshard_after_forward (always when grad is disabled). Tensors that autograd saves from the parameters are
     stored as references (saved_tensors_hooks) and their unit is gathered again when backward unpacks them (and
-    the unit before it prefetched). When all of a unit's gradients are accumulated, a hook adds them into its
+    the unit before it prefetched); a unit recomputed in backward (activation checkpointing, parallel.apply_ac)
+    saves nothing through them and is gathered by a hook on its output instead (_pre_backward). When all of a unit's gradients are accumulated, a hook adds them into its
     fp32 accumulator, frees the parameters, and (outside no_sync) starts the reduce-scatter; finish_gradient_sync
     waits for all. The same as torch.distributed.fsdp.FullyShardedDataParallel (FSDP1) with FULL_SHARD, flat
     parameters, BackwardPrefetch.BACKWARD_PRE and forward_prefetch.
@@ -362,7 +364,7 @@ class FullyShardedDataParallel(nn.Module):
             self.backward_next[self.root] = self.units[-1]
         for unit in self.units:
             unit.module.register_forward_pre_hook(lambda m, a, unit=unit: self._pre_forward(unit))
-            unit.module.register_forward_hook(lambda m, a, o, unit=unit: self._post_forward(unit))
+            unit.module.register_forward_hook(lambda m, a, o, unit=unit: self._post_forward(unit, o))
         self.opt_params = nn.ParameterList([p for u in self.all_units() for p in u.opt_params])
 
     def all_units(self):
@@ -383,9 +385,23 @@ class FullyShardedDataParallel(nn.Module):
         if unit in self.forward_next:
             self.forward_next[unit].unshard(async_op=True)
 
-    def _post_forward(self, unit):
+    def _post_forward(self, unit, output=None):
         if self.reshard_after_forward or not torch.is_grad_enabled():
             unit.reshard()
+        if getattr(unit.module, "recomputes_in_backward", False) and isinstance(output, torch.Tensor) \
+                and output.requires_grad:  # activation checkpointing: gather before the recomputation
+            output.register_hook(lambda grad, unit=unit: self._pre_backward(unit))
+
+    def _pre_backward(self, unit):
+        """When the gradient reaches the output of a unit whose forward is recomputed in backward (parallel.apply_ac):
+        gather it (and prefetch the unit before it), since the recomputation reads the parameters directly and
+        saves nothing through _pack, so _unpack would never gather it. The recomputed forward runs without the
+        unit's hooks; it computes with the unit's current leaf views, while the gradients still reach the leaves of
+        the forward that built the graph (non-reentrant checkpointing recomputes only the saved tensors)."""
+        unit.unshard()
+        nxt = self.backward_next.get(unit)
+        if nxt is not None and not nxt.gathered and nxt.pending:
+            nxt.unshard(async_op=True)
 
     def _pack(self, tensor):
         unit = self.by_full.get(id(tensor._base)) if tensor._base is not None else None
@@ -507,16 +523,17 @@ class CustomFSDP(FullySharded):
     compute, fp32 gradient reduction. Checkpoints: each parameter a DTensor Shard(0) over the data-parallel ranks
     (torch.chunk's split), FSDP2's layout, so both variants' checkpoints load into either, on any world size."""
 
-    def build_model(self, model_config):
+    def build_model(self, model_config, weights=None):
         cfg = self.cfg
         if cfg.compile and self.is_logger:
             print("fsdp/custom runs eagerly: compile=True is ignored (its saved-tensor hooks would break the graphs)")
         with torch.device("meta"):
             model = GPT(model_config)
+        self.apply_ac(model)
         self.module = FullyShardedDataParallel(
             model, list(model.transformer.h.values()), self.collectives(self.dp_group),
             compute_dtype=LOW_PRECISION.get(cfg.dtype, torch.float32), reshard_after_forward=self.reshard_after_forward,
-            init_fn=slice_init(model_config), device=self.device)
+            init_fn=slice_init(model_config, weights=weights), device=self.device)
         self.model = model
         return model
 

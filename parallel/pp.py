@@ -546,10 +546,11 @@ class PipelineParallel(Strategy):
         check_pipeline(cfg, self.world_size, self.grad_accum, self.variant)
         self.use_grid({"dp": 1, "pp": self.world_size, "cp": 1, "tp": 1})
 
-    def build_model(self, model_config):
+    def build_model(self, model_config, weights=None):
         stages, self.bounds = build_stages(model_config, self.cfg, self.world_size, self.grid.coord["pp"])
         for stage in stages.values():
-            materialize(stage, self.device, slice_init(model_config))
+            self.apply_ac(stage)
+            materialize(stage, self.device, slice_init(model_config, weights=weights))
             if self.cfg.compile:
                 stage.compile(backend=self.cfg.compile_backend)
         self.model = LocalStages(model_config, list(stages.values()))

@@ -194,7 +194,7 @@ class TensorParallel(Strategy):
         self.sequence_parallel, self.loss_parallel = cfg.sequence_parallel, cfg.loss_parallel
         self.use_grid({"dp": 1, "pp": 1, "cp": 1, "tp": self.world_size})
 
-    def build_model(self, model_config):
+    def build_model(self, model_config, weights=None):
         check_tp_config(model_config, self.world_size, self.sequence_parallel)
         torch.manual_seed(self.cfg.seed)  # TP peers alike: dropout masks of replicated activations must agree
         with torch.device("meta"):
@@ -206,10 +206,11 @@ class TensorParallel(Strategy):
 class PytorchTP(TensorParallel):
     """parallelize_module with the plan of the module docstring (apply_tp) on a 1-D "tp" DeviceMesh; loss_parallel()."""
 
-    def build_model(self, model_config):
+    def build_model(self, model_config, weights=None):
         model = super().build_model(model_config)
         apply_tp(model, self.grid.mesh["tp"], self.sequence_parallel, self.loss_parallel)
-        materialize(model, self.device, slice_init(model_config))
+        self.apply_ac(model)
+        materialize(model, self.device, slice_init(model_config, weights=weights))
         return model
 
     def loss_context(self):
@@ -551,13 +552,14 @@ class CustomTP(TensorParallel):
     same names, so state_dict keys are the single model's), hooks that enter the TP region once per attention and
     MLP. With SP, the gradients of the norms and row-parallel biases are summed over TP once per step."""
 
-    def build_model(self, model_config):
+    def build_model(self, model_config, weights=None):
         model = super().build_model(model_config)
         self.comm = self.collectives(self.grid.group("tp"))
         loss = apply_custom_tp(model, self.comm, self.sequence_parallel, self.loss_parallel)
         if loss is not None:
             model.loss = loss
-        materialize(model, self.device, slice_init(model_config, tp_local_slice(self.comm)))
+        self.apply_ac(model)
+        materialize(model, self.device, slice_init(model_config, tp_local_slice(self.comm), weights))
         self.full_shapes = full_shapes(model_config)
         self.sp_params = [p for n, p in model.named_parameters() if self.sequence_parallel and is_sequence_parallel_param(n)]
         return model
