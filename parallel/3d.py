@@ -75,8 +75,8 @@ class Parallel3D(Strategy):
             raise ValueError(f"dp_type must be 'ddp' or 'fsdp', got {cfg.dp_type!r}")
         self.sp, self.lp = cfg.sequence_parallel and tp > 1, cfg.loss_parallel and tp > 1
         if self.sp and cfg.block_size % (tp * cp):
-            raise ValueError(f"sequence parallel: block_size={cfg.block_size} is not divisible by tp_size={tp}"
-                             + (f" x cp_size={cp} (each rank's share of the sequence is split over tp)" if cp > 1 else ""))
+            split = f" x cp_size={cp} (each rank's share of the sequence is split over tp)" if cp > 1 else ""
+            raise ValueError(f"sequence parallel: block_size={cfg.block_size} is not divisible by tp_size={tp}{split}")
         self.reshard_after_forward = reshard_after_forward(cfg.reshard_after_forward, pipelined=pp > 1)
         self.dp_size = dp
         if pp > 1:
@@ -89,7 +89,8 @@ class Parallel3D(Strategy):
         check_tp_config(model_config, self.sizes["tp"], self.sp)
         check_cp_config(model_config, self.sizes["cp"])
         if self.sizes["cp"] > 1:  # this rank's share of every sequence, and its positions (pp.Pipeline uses it too)
-            self.micro_batch = cp_micro_batch(self.variant, self.grid.mesh["cp"], self.collectives(self.grid.group("cp")))
+            cp_comm = self.collectives(self.grid.group("cp"))
+            self.micro_batch = cp_micro_batch(self.variant, self.grid.mesh["cp"], cp_comm)
         torch.manual_seed(self.cfg.seed + self.rank // self.sizes["tp"])
         if self.sizes["pp"] == 1:
             with torch.device("meta"):

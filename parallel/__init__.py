@@ -198,8 +198,9 @@ def slice_init(model_config, local_slice=None, weights=None):
     layout starts from the single model's weights. The full value is weights[name] if a source of full tensors is
     given ({GPT name: tensor}, e.g. GPT-2's converted by hf.py; the head reads the tied embedding's), else
     model.init_parameter_'s. A DTensor keeps the slice its placements select (local_part: no communication); a
-    plain tensor the slice local_slice(name, full) picks (custom tensor parallelism), else all of it. The head's copy in a pipeline gets the tied embedding's value. Raises KeyError
-    naming a parameter that `weights` lacks, ValueError for one of another shape."""
+    plain tensor the slice local_slice(name, full) picks (custom tensor parallelism), else all of it. The head's copy
+    in a pipeline gets the tied embedding's value. Raises KeyError naming a parameter that `weights` lacks,
+    ValueError for one of another shape."""
     shapes = full_shapes(model_config)
 
     def init(name, tensor):
@@ -310,7 +311,7 @@ class Strategy:
     """
 
     strategy = None  # set by @register
-    sharded = False  # True: no rank holds the whole model's state; checkpoints are DCP directories, the norm all-reduced
+    sharded = False  # True: no rank holds the whole model's state (DCP checkpoints; the norm is all-reduced)
 
     @property
     def checkpoint_name(self):
@@ -414,7 +415,7 @@ class Strategy:
         return contextlib.nullcontext((x, y, {}))
 
     def forward(self, x, y, **kwargs):
-        """Forward of one micro-batch through self.module: x, y (B, T) int64 -> (logits, mean loss as a plain tensor)."""
+        """One micro-batch through self.module: x, y (B, T) int64 -> (logits, mean loss as a plain tensor)."""
         logits, loss = self.module(x, y, **kwargs)
         return logits, loss.full_tensor() if isinstance(loss, DTensor) else loss
 
@@ -433,8 +434,8 @@ class Strategy:
 
         Gradients end up as the mean over all micro-batches of all data-parallel ranks (the same as one device on the
         global batch); only the last micro-batch synchronises them (or the pipeline's schedule does). scaler: a
-        torch.amp.GradScaler (disabled unless fp16), or None. Returns the loss (0-dim tensor) averaged over micro-batches and
-        the data-parallel group, the same value on every rank.
+        torch.amp.GradScaler (disabled unless fp16), or None. Returns the loss (0-dim tensor) averaged over
+        micro-batches and the data-parallel group, the same value on every rank.
         """
         with self.loss_context():
             if self.pipeline is not None:  # the schedule calls sync_gradients after its last backward
@@ -459,7 +460,8 @@ class Strategy:
         for name, p in self.named_parameters():
             if p.grad is not None:
                 grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-                counted = not self.sharded or (name != HEAD and is_first_replica(self.global_tensor(name, p), self.grid))
+                counted = not self.sharded or (
+                    name != HEAD and is_first_replica(self.global_tensor(name, p), self.grid))
                 out.append((grad, counted))
         return out
 

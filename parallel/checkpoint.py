@@ -60,8 +60,8 @@ def parameters_state(named_params, optimizer, global_tensor, tied_head=True):
         model[name] = global_tensor(name, p.detach())
         if optimizer is not None:
             state = adamw_state(optimizer, p)
-            optim[WTE if name == HEAD else name] = {
-                k: state[k] if k == "step" else global_tensor(name, state[k]) for k in ("step", "exp_avg", "exp_avg_sq")}
+            optim[WTE if name == HEAD else name] = {k: state[k] if k == "step" else global_tensor(name, state[k])
+                                                    for k in ("step", "exp_avg", "exp_avg_sq")}
     if tied_head and WTE in model:
         model[HEAD] = model[WTE]
     return {"model": model, "optim": optim}

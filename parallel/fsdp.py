@@ -319,7 +319,8 @@ class FullyShardedDataParallel(nn.Module):
     reshard_after_forward (always when grad is disabled). Tensors that autograd saves from the parameters are
     stored as references (saved_tensors_hooks) and their unit is gathered again when backward unpacks them (and
     the unit before it prefetched); a unit recomputed in backward (activation checkpointing, parallel.apply_ac)
-    saves nothing through them and is gathered by a hook on its output instead (_pre_backward). When all of a unit's gradients are accumulated, a hook adds them into its
+    saves nothing through them and is gathered by a hook on its output instead (_pre_backward). When all of a
+    unit's gradients are accumulated, a hook adds them into its
     fp32 accumulator, frees the parameters, and (outside no_sync) starts the reduce-scatter; finish_gradient_sync
     waits for all. The same as torch.distributed.fsdp.FullyShardedDataParallel (FSDP1) with FULL_SHARD, flat
     parameters, BackwardPrefetch.BACKWARD_PRE and forward_prefetch.
@@ -491,7 +492,8 @@ def flat_state(fsdp, optimizer, global_tensor):
             model |= {fqn: global_tensor(fqn, params[info["name"]]) for fqn in info["fqns"]}
         if optimizer is None:
             continue
-        moments = {k: fsdp.gather_full(unit, flat_optimizer_state(unit, optimizer, k)) for k in ("exp_avg", "exp_avg_sq")}
+        moments = {k: fsdp.gather_full(unit, flat_optimizer_state(unit, optimizer, k))
+                   for k in ("exp_avg", "exp_avg_sq")}
         step = next((optimizer.state[p]["step"] for p in unit.opt_params if p in optimizer.state), torch.tensor(0.0))
         for info in unit.infos:
             name = info["name"]

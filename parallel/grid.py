@@ -29,7 +29,8 @@ def resolve_sizes(world_size, dp=0, pp=0, cp=0, tp=0):
     sizes = {"dp": dp, "pp": pp, "cp": cp, "tp": tp}
     for name, size in sizes.items():
         if size < 0:
-            raise ValueError(f"{name}_size must be >= 0 (0: the rest of the world for dp, 1 for the others), got {size}")
+            raise ValueError(f"{name}_size must be >= 0 (0: the rest of the world for dp, 1 for the others), "
+                             f"got {size}")
     inner = (pp or 1) * (cp or 1) * (tp or 1)
     sizes.update(pp=pp or 1, cp=cp or 1, tp=tp or 1, dp=dp or world_size // inner)
     if dp == 0 and world_size % inner:
@@ -37,7 +38,8 @@ def resolve_sizes(world_size, dp=0, pp=0, cp=0, tp=0):
     product = sizes["dp"] * inner
     if product != world_size:
         shown = "*".join(str(sizes[d]) for d in DIMS)
-        raise ValueError(f"dp_size*pp_size*cp_size*tp_size = {shown} = {product} must equal the world size {world_size}")
+        raise ValueError(f"dp_size*pp_size*cp_size*tp_size = {shown} = {product} must equal the world size "
+                         f"{world_size}")
     return sizes
 
 

@@ -127,7 +127,8 @@ def check_pipeline(cfg, p, m, variant, min_stages=2):
     if p < min_stages:
         raise ValueError(f"parallel=pp needs at least 2 processes, got {p}; use parallel=single on one")
     if name not in schedules:
-        raise ValueError(f"pp_schedule={name!r} is not a {variant} pipeline schedule; choose from {', '.join(schedules)}")
+        raise ValueError(f"pp_schedule={name!r} is not a {variant} pipeline schedule; "
+                         f"choose from {', '.join(schedules)}")
     if cfg.dtype == "float16":
         raise ValueError("parallel=pp does not support dtype=float16 (no loss scaling across stages); "
                          "use float32 or bfloat16")
@@ -193,7 +194,8 @@ def build_stages(model_config, cfg, p, pp_rank):
     device: ({stage index: StageModule}, the layer bounds [(lo, hi)] of every stage)."""
     n_stages = p * cfg.pp_virtual_stages
     bounds = split_layers(model_config.n_layer, n_stages, cfg.pp_split, stage_costs(model_config))
-    stages = {s: StageModule(model_config, s, n_stages, *bounds[s]) for s in range(n_stages) if stage_rank(s, p) == pp_rank}
+    stages = {s: StageModule(model_config, s, n_stages, *bounds[s])
+              for s in range(n_stages) if stage_rank(s, p) == pp_rank}
     return stages, bounds
 
 

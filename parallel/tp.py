@@ -561,7 +561,8 @@ class CustomTP(TensorParallel):
         self.apply_ac(model)
         materialize(model, self.device, slice_init(model_config, tp_local_slice(self.comm), weights))
         self.full_shapes = full_shapes(model_config)
-        self.sp_params = [p for n, p in model.named_parameters() if self.sequence_parallel and is_sequence_parallel_param(n)]
+        self.sp_params = [p for n, p in model.named_parameters()
+                          if self.sequence_parallel and is_sequence_parallel_param(n)]
         return model
 
     def sync_gradients(self):
