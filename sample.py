@@ -1,6 +1,7 @@
 """
-Sample text from a trained model's checkpoint, as nanoGPT's sample.py: out_dir/ckpt.pt, or the sharded
-(DCP) directory out_dir/ckpt that fsdp, tp, pp and 3d write, converted in memory.
+Sample text from a trained model's checkpoint, as nanoGPT's sample.py: the newest complete checkpoint in
+out_dir/checkpoints (ckpt.pt, or the sharded DCP directory ckpt that fsdp, tp, pp and 3d write, converted in
+memory); out_dir may also be one step directory, or an out_dir of the layout before them (out_dir/ckpt.pt).
 
     python sample.py --out_dir=out-shakespeare-char-cpu --start="ROMEO:" --num_samples=3 --max_new_tokens=200
 
@@ -18,6 +19,7 @@ import torch
 from config import ConfigError, load_config
 from model import GPT, GPTConfig
 from parallel import load_checkpoint_file
+from parallel.checkpoint import resolve
 
 # -----------------------------------------------------------------------------
 out_dir = "out"
@@ -54,10 +56,7 @@ def load_tokenizer(train_config):
 def main(argv):
     cfg = load_config(DEFAULTS, argv)
     torch.manual_seed(cfg["seed"])
-    path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    if not os.path.exists(path) and os.path.isdir(os.path.join(cfg["out_dir"], "ckpt")):
-        path = os.path.join(cfg["out_dir"], "ckpt")
-    ckpt = load_checkpoint_file(path, cfg["device"])
+    ckpt = load_checkpoint_file(resolve(cfg["out_dir"]), cfg["device"])  # the newest complete checkpoint
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     model.eval().to(cfg["device"])

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pickle
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -26,9 +27,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from config import ConfigError, load_config
+from comm import describe_comm_error
+from config import ConfigError, check_train_config, load_config
 from model import GPTConfig, flops_per_token
 from parallel import build_strategy, init_distributed, teardown
+from parallel.checkpoint import Checkpointer, check_out_dir, load_extra
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on OpenWebText, as in nanoGPT
@@ -39,7 +42,11 @@ log_interval = 1
 eval_iters = 200
 eval_only = False  # if True, evaluate once and exit
 always_save_checkpoint = True  # if False, save only when the val loss improves
-init_from = "scratch"  # "scratch" or "resume" (from out_dir/ckpt.pt, or the directory out_dir/ckpt if sharded)
+init_from = "scratch"  # "scratch", "resume" (the newest complete checkpoint in out_dir), or "auto": resume if there
+# is one, else scratch (for torchrun --max-restarts: a restarted job continues from its last checkpoint)
+checkpoint_interval = 0  # also save every this many iterations, whatever eval does (0: only at eval, as nanoGPT)
+keep_checkpoints = 2  # keep the newest k complete checkpoints in out_dir/checkpoints (0: all)
+async_checkpoint = False  # copy the state to CPU memory and write it in the background while training goes on
 # wandb logging (WANDB_MODE=offline works without a network)
 wandb_log = False
 wandb_project = "nanoparallel"
@@ -96,8 +103,10 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 
 
 def main(argv):
-    cfg = SimpleNamespace(**load_config(DEFAULTS, argv))
+    cfg = SimpleNamespace(**check_train_config(load_config(DEFAULTS, argv)))  # every bad value: one line, before
+    check_out_dir(cfg.out_dir, cfg.init_from, saves=not cfg.eval_only)  # any process group can hang
     device = init_distributed(cfg.timeout_s)
+    preemption = Preemption()
     strategy = build_strategy(cfg, device)
     master = strategy.is_logger
     torch.manual_seed(cfg.seed + strategy.rank)  # dropout masks differ per rank; the init does not (init_seed)
@@ -130,21 +139,27 @@ def main(argv):
     # model, optimizer, and the state a checkpoint restores
     model_config = GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                              n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, block=cfg.block, init_seed=cfg.seed)
+    checkpoints = Checkpointer(cfg.out_dir, strategy, keep=cfg.keep_checkpoints, asynchronous=cfg.async_checkpoint)
+    resume_path = checkpoints.resume_path(cfg.init_from)  # None: from scratch
+    if resume_path is not None:  # a checkpoint of another model is refused before anything is built or loaded
+        saved = load_extra(resume_path)["model_args"]
+        diff = [f"{k} {saved.get(k)!r} (checkpoint) vs {v!r} (config)" for k, v in asdict(model_config).items()
+                if saved.get(k) != v]
+        if diff:
+            raise ValueError(f"checkpoint {resume_path} holds another model: {', '.join(diff)}")
     model = strategy.build_model(model_config)
     optimizer = strategy.configure_optimizer()
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
     iter_num, best_val_loss = 0, 1e9
-    ckpt_path = os.path.join(cfg.out_dir, strategy.checkpoint_name)
-    if cfg.init_from == "resume":
-        ckpt = strategy.load_checkpoint(ckpt_path, optimizer)
-        if ckpt["model_args"] != asdict(model_config):
-            diff = {k: (v, asdict(model_config)[k]) for k, v in ckpt["model_args"].items() if asdict(model_config).get(k) != v}
-            raise ValueError(f"checkpoint {ckpt_path} holds another model: (saved, configured) = {diff}")
+    if resume_path is not None:
+        t_load = time.time()
+        ckpt = strategy.load_checkpoint(resume_path, optimizer)
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"], strategy)
-    elif cfg.init_from != "scratch":
-        raise ValueError(f"init_from must be 'scratch' or 'resume', got {cfg.init_from!r}")
+        checkpoints.last_iter = iter_num
+        if master:
+            print(f"resuming from {resume_path} at iteration {iter_num} (loaded in {time.time() - t_load:.2f} s)")
 
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     flops_per_iter = flops_per_token(model_config) * tokens_per_iter
@@ -182,6 +197,15 @@ def main(argv):
         with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
 
+    def save_checkpoint(asynchronous=None, after_write=None):
+        """Save this iteration's checkpoint (every rank takes part); nothing if it exists already."""
+        step = checkpoints.save(iter_num, optimizer, {
+            "model_args": asdict(model_config), "iter_num": iter_num, "best_val_loss": best_val_loss,
+            "config": vars(cfg), "scaler": scaler.state_dict(), "rng": gather_rng_state(strategy)},
+            asynchronous=asynchronous, after_write=after_write)
+        if master and step is not None:
+            print(f"{'writing' if checkpoints.pending else 'saved'} checkpoint {step}")
+
     # training loop
     t0 = time.time()
     while True:
@@ -196,13 +220,19 @@ def main(argv):
                 log({"iter": iter_num, "train/loss_eval": losses["train"], "val/loss": losses["val"], "lr": lr})
             if iter_num > 0 and (losses["val"] < best_val_loss or cfg.always_save_checkpoint):
                 best_val_loss = min(best_val_loss, losses["val"])
-                strategy.save_checkpoint(ckpt_path, optimizer, {
-                    "model_args": asdict(model_config), "iter_num": iter_num, "best_val_loss": best_val_loss,
-                    "config": vars(cfg), "scaler": scaler.state_dict(), "rng": gather_rng_state(strategy)})
-                if master:
-                    print(f"saved checkpoint to {ckpt_path}")
+                save_checkpoint(after_write=lambda: fault_hook("save", iter_num, strategy.rank))
+            t0 = time.time()
+        if cfg.checkpoint_interval and iter_num % cfg.checkpoint_interval == 0 and 0 < iter_num and not cfg.eval_only:
+            save_checkpoint(after_write=lambda: fault_hook("save", iter_num, strategy.rank))
             t0 = time.time()
         if iter_num >= cfg.max_iters or cfg.eval_only:
+            break
+        fault_hook("step", iter_num, strategy.rank)
+        if preemption.agreed(strategy):  # a step boundary: every rank saves this iteration's checkpoint, exits 0
+            if master:
+                print(f"{preemption.agreed_name}: saving a checkpoint at iteration {iter_num} and exiting")
+            if iter_num > 0:
+                save_checkpoint(asynchronous=False)
             break
 
         # one optimizer step over gradient_accumulation_steps micro-batches, split over data-parallel ranks
@@ -229,6 +259,7 @@ def main(argv):
                      "tokens_per_s": tokens_per_iter / dt, "tflops_per_process": tflops, **strategy.stats.as_dict()})
         iter_num += 1
 
+    checkpoints.close()  # the save in flight, if any, is written (its error raised) before the job ends
     if run is not None:
         run.finish()
     strategy.close()
@@ -291,14 +322,68 @@ def set_rng_state(states, strategy):
         torch.cuda.set_rng_state(states[strategy.rank]["cuda"], strategy.device)
 
 
+# -----------------------------------------------------------------------------
+# preemption, and the tests' fault injection
+
+class Preemption:
+    """SIGTERM or SIGUSR1 (what Slurm sends before it kills a job; torchrun passes SIGTERM on to its workers) asks
+    for a checkpoint and a clean exit. The handler only records the signal; at each step boundary agreed()
+    all-reduces it (MAX over ranks: one 4-byte collective per step), so every rank stops at the same iteration and
+    they save together, whichever ranks received it: no rank saves alone."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received, self.agreed_name = 0, None
+        for s in self.SIGNALS:
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received = signum  # os.write, not print: a print interrupted by a handler that prints raises
+        os.write(2, f"rank {os.environ.get('RANK', 0)}: {signal.Signals(signum).name}: checkpoint at the next step "
+                    f"boundary, then exit\n".encode())
+
+    def agreed(self, strategy):
+        """Whether any rank received one of SIGNALS (the same answer on every rank); collective."""
+        flag = torch.tensor([self.received], dtype=torch.int32, device=strategy.device)
+        if strategy.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            self.agreed_name = signal.Signals(int(flag.item())).name
+        return bool(flag.item())
+
+
+FAULTS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM, "save-kill": signal.SIGKILL}
+
+
+def fault_hook(point, iter_num, rank):
+    """Test hook (tests/test_fault.py), inert unless NANOPARALLEL_FAULT="ACTION:RANK:ITER" is set: rank RANK signals
+    itself at iteration ITER of a job's first attempt only (torchrun's TORCHELASTIC_RESTART_COUNT 0), so a
+    restarted job runs clean. At the step boundary before step ITER (point "step"): kill (SIGKILL), stop (SIGSTOP),
+    term (SIGTERM); while saving the checkpoint of ITER, once this rank's part is written (point "save"): save-kill."""
+    spec = os.environ.get("NANOPARALLEL_FAULT")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    action, fault_rank, fault_iter = spec.split(":")
+    if (int(fault_rank), int(fault_iter), action == "save-kill") != (rank, iter_num, point == "save"):
+        return
+    print(f"fault: rank {rank} sends itself {FAULTS[action].name} at iteration {iter_num} ({point}) at "
+          f"t={time.time():.3f}", flush=True)
+    signal.raise_signal(FAULTS[action])
+
+
 if __name__ == "__main__":
     exit_code = 1
     try:
         exit_code = main(sys.argv[1:])
-    except (ConfigError, ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
+    except (ConfigError, ValueError, OSError) as e:  # bad input, a missing file, a full disk: one line
         print(f"error: {e}", file=sys.stderr)
-    except BaseException:
-        import traceback
-        traceback.print_exc()
+    except BaseException as e:
+        line = describe_comm_error(e)  # a collective that timed out or lost its peer: one line naming it
+        if line is not None:
+            print(f"error: rank {os.environ.get('RANK', 0)}: {line}", file=sys.stderr)
+        else:
+            import traceback
+            traceback.print_exc()
     finally:
         teardown(exit_code)
