@@ -227,11 +227,18 @@ def describe_comm_error(error):
 
     error: an exception raised on this rank (gloo raises RuntimeError, NCCL DistBackendError, a subclass). The
     collective is named from the traceback (the innermost torch.distributed function, e.g. all_reduce, recv,
-    barrier) with this project's function that called it; the timeout is init_distributed's timeout_s.
+    barrier) with this project's function that called it; the timeout is init_distributed's timeout_s. An error
+    raised from such a failure (torch.distributed.pipelining re-raises it as "failed to run forward") counts too.
     """
-    message = str(error).strip()
-    lower = message.lower()
-    if not isinstance(error, RuntimeError) or not any(w in lower for w in TIMEOUT_WORDS + PEER_GONE_WORDS):
+    seen = []
+    while error is not None and error not in seen:  # the error itself, or what it was raised from (pipelining wraps)
+        seen.append(error)
+        message = str(error).strip()
+        lower = message.lower()
+        if isinstance(error, RuntimeError) and any(w in lower for w in TIMEOUT_WORDS + PEER_GONE_WORDS):
+            break
+        error = error.__cause__ or error.__context__
+    else:
         return None
     frames = traceback.extract_tb(error.__traceback__)
     in_torch = [f for f in frames if f"{os.sep}torch{os.sep}distributed{os.sep}" in f.filename

@@ -227,13 +227,13 @@ def main(argv):
             t0 = time.time()
         if iter_num >= cfg.max_iters or cfg.eval_only:
             break
-        fault_hook("step", iter_num, strategy.rank)
         if preemption.agreed(strategy):  # a step boundary: every rank saves this iteration's checkpoint, exits 0
             if master:
                 print(f"{preemption.agreed_name}: saving a checkpoint at iteration {iter_num} and exiting")
             if iter_num > 0:
                 save_checkpoint(asynchronous=False)
             break
+        fault_hook("step", iter_num, strategy.rank)
 
         # one optimizer step over gradient_accumulation_steps micro-batches, split over data-parallel ranks
         batches = [get_batch("train", iter_num, k, strategy.grad_accum) for k in range(strategy.grad_accum)]
@@ -359,16 +359,17 @@ FAULTS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM
 def fault_hook(point, iter_num, rank):
     """Test hook (tests/test_fault.py), inert unless NANOPARALLEL_FAULT="ACTION:RANK:ITER" is set: rank RANK signals
     itself at iteration ITER of a job's first attempt only (torchrun's TORCHELASTIC_RESTART_COUNT 0), so a
-    restarted job runs clean. At the step boundary before step ITER (point "step"): kill (SIGKILL), stop (SIGSTOP),
-    term (SIGTERM); while saving the checkpoint of ITER, once this rank's part is written (point "save"): save-kill."""
+    restarted job runs clean. At the start of step ITER, after the step boundary's preemption check (point "step"):
+    kill (SIGKILL), stop (SIGSTOP), term (SIGTERM: the checkpoint is that of ITER + 1); while saving the checkpoint
+    of ITER, once this rank's part is written (point "save"): save-kill (SIGKILL)."""
     spec = os.environ.get("NANOPARALLEL_FAULT")
     if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
     action, fault_rank, fault_iter = spec.split(":")
     if (int(fault_rank), int(fault_iter), action == "save-kill") != (rank, iter_num, point == "save"):
         return
-    print(f"fault: rank {rank} sends itself {FAULTS[action].name} at iteration {iter_num} ({point}) at "
-          f"t={time.time():.3f}", flush=True)
+    print(f"fault: rank {rank} (pid {os.getpid()}) sends itself {FAULTS[action].name} at iteration {iter_num} "
+          f"({point})", flush=True)
     signal.raise_signal(FAULTS[action])
 
 
@@ -386,4 +387,6 @@ if __name__ == "__main__":
             import traceback
             traceback.print_exc()
     finally:
+        for sig in Preemption.SIGNALS:  # training is over: a signal now ends the process as usual
+            signal.signal(sig, signal.SIG_DFL)
         teardown(exit_code)

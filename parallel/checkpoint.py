@@ -497,6 +497,7 @@ def main(argv):
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     save_file(dst, ckpt)
     n = sum(t.numel() for k, t in ckpt["model"].items() if k != "lm_head.weight")
     print(f"wrote {dst} from {src}: {n:,} parameters, iter_num {ckpt.get('iter_num')}")
