@@ -310,7 +310,8 @@ def find_checkpoint(out_dir, warn=None):
     for it, path, done in steps:
         if not done and (newest is None or it > newest[0]) and warn is not None:
             fallback = f"using {newest[1]}" if newest else "no complete checkpoint before it"
-            warn(f"warning: checkpoint {path} is incomplete (no {COMPLETE} marker: its save was interrupted); {fallback}")
+            warn(f"warning: checkpoint {path} is incomplete (no {COMPLETE} marker: its save was interrupted); "
+                 f"{fallback}")
     if newest is not None:
         return checkpoint_in(newest[1])
     return checkpoint_in(out_dir) if not steps else None

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -257,7 +256,8 @@ def test_damaged_and_foreign_checkpoints_are_one_line(tmp_path, shakespeare_char
     code, out = train(0, [f"--data_dir={shakespeare_char_dir}", *COMMON, "--n_layer=3", "--n_embd=48",
                           f"--out_dir={other}", "--init_from=resume"], timeout_s=120)
     assert code != 0
-    assert "holds another model: n_layer 2 (checkpoint) vs 3 (config), n_embd 32 (checkpoint) vs 48 (config)" in out, out
+    differ = "holds another model: n_layer 2 (checkpoint) vs 3 (config), n_embd 32 (checkpoint) vs 48 (config)"
+    assert differ in out, out
     assert "Traceback" not in out and "state_dict" not in out, out
 
 
