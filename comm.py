@@ -195,7 +195,12 @@ def restart_safe_store(timeout):
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per attempt; the README's Slurm script does).
     """
     env = os.environ
-    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or env.get("GROUP_WORLD_SIZE", "1") != "1":
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if env.get("GROUP_WORLD_SIZE", "1") != "1":
+        if int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and env.get("RANK") == "0":
+            print("warning: torchrun --max-restarts on several nodes shares one TCPStore across restarts (pytorch "
+                  "issue 135712): set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun", file=sys.stderr)
         return None
     store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]), is_master=False,
                           timeout=timeout)

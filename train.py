@@ -198,13 +198,17 @@ def main(argv):
             f.write(json.dumps(metrics) + "\n")
 
     def save_checkpoint(asynchronous=None, after_write=None):
-        """Save this iteration's checkpoint (every rank takes part); nothing if it exists already."""
+        """Save this iteration's checkpoint (every rank takes part; nothing if it exists already) and log how long
+        it held up the loop (an async save: the copy to CPU memory)."""
+        t_save = time.time()
         step = checkpoints.save(iter_num, optimizer, {
             "model_args": asdict(model_config), "iter_num": iter_num, "best_val_loss": best_val_loss,
             "config": vars(cfg), "scaler": scaler.state_dict(), "rng": gather_rng_state(strategy)},
             asynchronous=asynchronous, after_write=after_write)
         if master and step is not None:
-            print(f"{'writing' if checkpoints.pending else 'saved'} checkpoint {step}")
+            background = checkpoints.pending is not None
+            print(f"{'writing' if background else 'saved'} checkpoint {step} ({time.time() - t_save:.3f} s in the loop)")
+            log({"iter": iter_num, "checkpoint_s": time.time() - t_save, "checkpoint_async": background})
 
     # training loop
     t0 = time.time()
