@@ -8,12 +8,13 @@ crashed job takes to come back under torchrun --max-restarts, measured on train.
 config/train_shakespeare_char.py with 4 layers, 256 wide (3.2M parameters: a 38 MB checkpoint with AdamW's
 moments), micro-batches of 2 x 64 tokens unless overridden (its own 6 x 384 model takes seconds per step on these
 CPUs), on character-level Shakespeare (data/shakespeare_char, or --data_dir).
-Stall per checkpoint = (loop time of a run that saves every --interval iterations - loop time of the same run that
-saves nothing) / checkpoints. Loop time = the logged step times (a background write slowing the steps shows
-there) + the time each save held the loop (metrics.jsonl's checkpoint_s). The three modes alternate --repeat
-times and the medians are printed, since the load of a shared VM varies. Restart: ddp on 2 processes with rank 1
-SIGKILLed (train.py's NANOPARALLEL_FAULT test hook) at --kill_iter: seconds from the kill to the restarted job's
-resume line and to its first step, and the checkpoint's load time.
+Stall per checkpoint = the time a save held the loop (metrics.jsonl's checkpoint_s; an async save: the copy to
+CPU memory) + what the --after steps following it took beyond the steps after those, in the same run (what a
+background write costs the steps it overlaps; a same-run baseline, since the load of a shared VM drifts between
+runs). Medians over every save of --repeat runs of each mode, run in turn; one thread per process (torchrun's
+default). Restart: ddp on 2 processes with rank 1 SIGKILLed (train.py's NANOPARALLEL_FAULT test hook) at
+--kill_iter: seconds from the kill to the restarted job's resume line and to its first step, and the checkpoint's
+load time.
 """
 
 import argparse
@@ -31,7 +32,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 STRATEGIES = {"single": (0, ["--parallel=single"]),
               "ddp": (2, ["--parallel=ddp", "--variant=pytorch", "--gradient_accumulation_steps=2"]),
               "fsdp": (2, ["--parallel=fsdp", "--variant=pytorch", "--gradient_accumulation_steps=2"])}
-MODES = {"none": ["--checkpoint_interval=0"], "sync": [], "async": ["--async_checkpoint=True"]}
+MODES = {"sync": [], "async": ["--async_checkpoint=True"]}
 
 
 def command(nproc, args, restarts=0):
@@ -47,20 +48,26 @@ def records(out_dir):
         return [json.loads(line) for line in f]
 
 
-def loop_time(out_dir, skip, iters):
-    """(seconds of the loop from iteration `skip` on: step times + the saves' blocking times, the number of saves,
-    their blocking times); the save after the last step (at max_iters, every mode has it) is not counted."""
-    recs = [r for r in records(out_dir) if skip <= r["iter"] < iters]
-    steps = sum(r["ms_per_iter"] for r in recs if "ms_per_iter" in r) / 1000
-    saves = [r["checkpoint_s"] for r in recs if "checkpoint_s" in r]
-    return steps + sum(saves), len(saves), saves
+def stalls(out_dir, interval, after, iters):
+    """[(time the save held the loop, time the `after` steps following it took beyond the same run's baseline)] per
+    save of a run, in seconds; the baseline being the median of the steps `after`..interval-1 after that save (the
+    same run, the same minutes of the VM's load). The save after the last step is not counted."""
+    recs = records(out_dir)
+    step = {r["iter"]: r["ms_per_iter"] / 1000 for r in recs if "ms_per_iter" in r}
+    out = []
+    for r in recs:
+        if "checkpoint_s" in r and r["iter"] + interval <= iters:
+            s = r["iter"]
+            base = statistics.median(step[s + j] for j in range(after, interval))
+            out.append((r["checkpoint_s"], sum(step[s + j] - base for j in range(after)), base))
+    return out
 
 
 def run(nproc, args, timeout_s):
     out_dir = tempfile.mkdtemp(prefix="bench-ckpt-")
     try:
         proc = subprocess.run(command(nproc, [*args, f"--out_dir={out_dir}"]), cwd=REPO, capture_output=True,
-                              text=True, timeout=timeout_s)
+                              text=True, timeout=timeout_s, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if proc.returncode:
             sys.exit(f"train.py failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
         sizes = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(out_dir, "checkpoints"))
@@ -72,31 +79,32 @@ def run(nproc, args, timeout_s):
 
 
 def stall(args, base):
-    print(f"{args.iters} iterations, a checkpoint every {args.interval} (from iteration {args.interval}), "
-          f"medians of {args.repeat} alternating runs; the first {args.skip} iterations (warm-up) not counted")
-    print("| strategy | checkpoint | sync: held the loop | sync: stall per checkpoint | async: held the loop | "
-          "async: stall per checkpoint | step (no checkpoint) |")
+    """Per strategy and mode: the median time a save held the loop, and the stall per checkpoint = that + what the
+    `after` steps following it took beyond the steps after them (a background write slowing the steps shows
+    there); medians over every save of the --repeat runs."""
+    print(f"{args.iters} iterations, a checkpoint every {args.interval} (from {args.interval}), {args.repeat} runs of "
+          f"each mode in turn; per save: its time in the loop + the excess of the {args.after} steps after it over "
+          f"steps {args.after}..{args.interval - 1} after it; medians over saves")
+    print("| strategy | checkpoint | step | sync: held the loop | sync: stall per checkpoint | async: held the loop | "
+          "async: stall per checkpoint |")
     print("|---|---|---|---|---|---|---|")
     for name in args.strategies.split(","):
         nproc, strategy_args = STRATEGIES[name]
-        times = {m: [] for m in MODES}
-        held = {m: [] for m in MODES}
+        found = {m: [] for m in MODES}
         for _ in range(args.repeat):
             for mode, mode_args in MODES.items():
                 out_dir, nbytes = run(nproc, [*base, *strategy_args, *mode_args], args.timeout_s)
-                total, n, saves = loop_time(out_dir, args.skip, args.iters)
+                found[mode] += stalls(out_dir, args.interval, args.after, args.iters)
                 shutil.rmtree(out_dir, ignore_errors=True)
-                times[mode].append(total)
-                held[mode] += saves
                 if mode == "sync":
-                    checkpoints, size = n, nbytes
-        med = {m: statistics.median(t) for m, t in times.items()}
-        steps = args.iters - args.skip
-        per_ckpt = {m: (med[m] - med["none"]) / checkpoints for m in ("sync", "async")}
-        kept = min(args.keep, checkpoints) if args.keep else checkpoints
-        print(f"| {name} | {size / kept / 1e6:.0f} MB | {1000 * statistics.median(held['sync']):.0f} ms | "
-              f"{1000 * per_ckpt['sync']:.0f} ms | {1000 * statistics.median(held['async']):.0f} ms | "
-              f"{1000 * per_ckpt['async']:.0f} ms | {1000 * med['none'] / steps:.0f} ms |", flush=True)
+                    size = nbytes / args.keep
+        cells = []
+        for mode in MODES:
+            held = statistics.median(h for h, _, _ in found[mode])
+            total = statistics.median(h + e for h, e, _ in found[mode])
+            cells += [f"{1000 * held:.0f} ms", f"{1000 * total:.0f} ms"]
+        step = statistics.median(b for m in MODES for _, _, b in found[m])
+        print(f"| {name} | {size / 1e6:.0f} MB | {1000 * step:.0f} ms | {' | '.join(cells)} |", flush=True)
 
 
 def restart(args, base):
@@ -131,9 +139,9 @@ def restart(args, base):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--strategies", default="single,ddp,fsdp")
-    ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--interval", type=int, default=5)
-    ap.add_argument("--skip", type=int, default=3, help="warm-up iterations left out of the loop time")
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--interval", type=int, default=10)
+    ap.add_argument("--after", type=int, default=4, help="steps after a save that may pay for it")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--keep", type=int, default=2)
     ap.add_argument("--kill_iter", type=int, default=12)
@@ -149,7 +157,8 @@ def main(argv=None):
     base = ["config/train_shakespeare_char.py", f"--data_dir={args.data_dir}", f"--max_iters={args.iters}",
             f"--checkpoint_interval={args.interval}", f"--eval_interval={10 * args.iters}", "--eval_iters=1",
             "--log_interval=1", "--compile=False", "--dtype=float32", f"--n_layer={args.n_layer}",
-            f"--n_embd={args.n_embd}", f"--n_head={args.n_head}", f"--batch_size={args.batch_size}", f"--block_size={args.block_size}",
+            f"--n_embd={args.n_embd}", f"--n_head={args.n_head}", f"--batch_size={args.batch_size}",
+            f"--block_size={args.block_size}",
             f"--keep_checkpoints={args.keep}", "--always_save_checkpoint=False"]
     if "stall" in args.parts:
         stall(args, base)
