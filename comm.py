@@ -161,8 +161,11 @@ def init_distributed(timeout_s=300):
 
     Backend: NCCL when CUDA is available (one GPU per local rank), gloo otherwise. Returns this rank's
     torch.device (cuda:LOCAL_RANK, cuda, or cpu). timeout_s bounds every collective, so a rank that dies
-    makes the others fail instead of hanging forever.
+    makes the others fail instead of hanging forever: every group, mesh dimensions' included
+    (set_default_group_timeout). Under a one-node torchrun the store is scoped to the attempt (restart_safe_store),
+    so a job restarted by --max-restarts starts cleanly.
     """
+    global _timeout_s
     cuda = torch.cuda.is_available()
     if "WORLD_SIZE" not in os.environ:
         return torch.device("cuda" if cuda else "cpu")
@@ -170,7 +173,6 @@ def init_distributed(timeout_s=300):
     if cuda:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    global _timeout_s
     store = restart_safe_store(timedelta(seconds=timeout_s))
     where = {} if store is None else {"store": store, "rank": int(os.environ["RANK"]),
                                       "world_size": int(os.environ["WORLD_SIZE"])}
