@@ -1,6 +1,7 @@
 # nanoparallel
 #   make train   set up .venv, prepare character-level Shakespeare, train a GPT with the custom DDP
-#                (2 CPU processes with gloo, or every GPU of this machine with NCCL), then sample from it
+#                (2 CPU processes with gloo, or every GPU of this machine with NCCL), then sample from it;
+#                run again, it continues from its last checkpoint (init_from=auto)
 #   make test    the whole test suite (pytest; distributed tests run under torchrun, 2 and 4 processes)
 #   make bench   tokens/s of single vs DDP pytorch vs DDP custom on the CPU recipe
 #   make gpu-check  on a machine with one GPU: the GPU test classes, every strategy's custom/triton/nccl variants,
@@ -36,7 +37,7 @@ data/shakespeare_char/train.bin: | $(VENV)/.installed
 	$(PY) data/shakespeare_char/prepare.py
 
 train: $(VENV)/.installed data/shakespeare_char/train.bin
-	$(TORCHRUN) $(TRAIN_ARGS)
+	$(TORCHRUN) $(TRAIN_ARGS) --init_from=auto
 	$(PY) sample.py --out_dir=$(OUT_DIR) --num_samples=1 --max_new_tokens=300
 
 test: $(VENV)/.installed

@@ -22,6 +22,7 @@ all-gather and reduce-scatter, 1 for broadcast and point-to-point.
 import gc
 import os
 import sys
+import traceback
 from collections import Counter
 from datetime import timedelta
 
@@ -160,8 +161,11 @@ def init_distributed(timeout_s=300):
 
     Backend: NCCL when CUDA is available (one GPU per local rank), gloo otherwise. Returns this rank's
     torch.device (cuda:LOCAL_RANK, cuda, or cpu). timeout_s bounds every collective, so a rank that dies
-    makes the others fail instead of hanging forever.
+    makes the others fail instead of hanging forever: every group, mesh dimensions' included
+    (set_default_group_timeout). Under a one-node torchrun the store is scoped to the attempt (restart_safe_store),
+    so a job restarted by --max-restarts starts cleanly.
     """
+    global _timeout_s
     cuda = torch.cuda.is_available()
     if "WORLD_SIZE" not in os.environ:
         return torch.device("cuda" if cuda else "cpu")
@@ -170,8 +174,94 @@ def init_distributed(timeout_s=300):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     if not dist.is_initialized():  # started already: a test running train.main several times in one process group
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+        store = restart_safe_store(timedelta(seconds=timeout_s))
+        where = {} if store is None else {"store": store, "rank": int(os.environ["RANK"]),
+                                          "world_size": int(os.environ["WORLD_SIZE"])}
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s), **where)
+    set_default_group_timeout(timedelta(seconds=timeout_s))
+    _timeout_s = timeout_s
     return device
+
+
+_timeout_s = None  # init_distributed's timeout, for describe_comm_error
+
+
+def restart_safe_store(timeout):
+    """The store for init_process_group under a one-node torchrun, scoped to this attempt; None (torch's env://
+    default) otherwise.
+
+    torchrun (2.13) hands every attempt of a job the same TCPStore (the agent's; TORCHELASTIC_USE_AGENT_STORE) with
+    no per-attempt prefix (pytorch issue 135712), so after a restart a rank could read a dead rank's address from the
+    previous attempt's keys and fail to connect: measured here, a restarted 2-rank gloo job failed in init this way.
+    One agent restarts all its workers together, so TORCHELASTIC_RESTART_COUNT names the attempt consistently and
+    the store is prefixed with it. Several nodes' agents count restarts separately: there, run torchrun with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per attempt; the README's Slurm script does).
+    """
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if env.get("GROUP_WORLD_SIZE", "1") != "1":
+        if int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and env.get("RANK") == "0":
+            print("warning: torchrun --max-restarts on several nodes shares one TCPStore across restarts (pytorch "
+                  "issue 135712): set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun", file=sys.stderr)
+        return None
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]), is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"nanoparallel/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def set_default_group_timeout(timeout):
+    """Make every process group created from now on (dist.new_group, a DeviceMesh's dimension groups, DCP's
+    background group) time out after `timeout` as the default group does.
+
+    torch 2.13's new_group(timeout=None), which init_device_mesh calls, takes c10d's module default (30 minutes
+    for gloo), not init_process_group's timeout: a rank stalled in a mesh dimension's collective hung the others
+    for 30 minutes. No public API changes that default, so this assigns the module globals that c10d's
+    `_get_default_timeout` reads (the one such access, isolated here; NCCL's only where this build has NCCL).
+    """
+    import torch.distributed.distributed_c10d as c10d
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), timedelta):
+        c10d.default_pg_nccl_timeout = timeout
+
+
+TIMEOUT_WORDS = ("timed out", "timeout")
+PEER_GONE_WORDS = ("connection closed", "connection reset", "broken pipe", "closed by peer", "communicator was aborted",
+                   "socket closed")
+
+
+def describe_comm_error(error):
+    """One line for a collective that failed because a peer stalled or died, or None for any other error.
+
+    error: an exception raised on this rank (gloo raises RuntimeError, NCCL DistBackendError, a subclass). The
+    collective is named from the traceback (the innermost torch.distributed function, e.g. all_reduce, recv,
+    barrier) with this project's function that called it; the timeout is init_distributed's timeout_s. An error
+    raised from such a failure (torch.distributed.pipelining re-raises it as "failed to run forward") counts too.
+    """
+    seen = []
+    while error is not None and error not in seen:  # the error itself, or what it was raised from (pipelining wraps)
+        seen.append(error)
+        message = str(error).strip()
+        lower = message.lower()
+        if isinstance(error, RuntimeError) and any(w in lower for w in TIMEOUT_WORDS + PEER_GONE_WORDS):
+            break
+        error = error.__cause__ or error.__context__
+    else:
+        return None
+    frames = traceback.extract_tb(error.__traceback__)
+    in_torch = [f for f in frames if f"{os.sep}torch{os.sep}distributed{os.sep}" in f.filename
+                and f.name not in ("wrapper", "inner", "_fn")]
+    ours = [f for f in frames if f"{os.sep}site-packages{os.sep}" not in f.filename]
+    if not in_torch:
+        return None
+    op = in_torch[-1].name
+    where = f" (called from {os.path.basename(ours[-1].filename)}:{ours[-1].name})" if ours else ""
+    detail = message.splitlines()[0]
+    detail = detail[detail.rfind("] ") + 2:] if detail.startswith("[") and "] " in detail else detail
+    if any(w in lower for w in TIMEOUT_WORDS):
+        return (f"collective {op}{where} timed out after timeout_s={_timeout_s} s ({detail}): another rank stalled "
+                f"(stopped, hung, or slower than timeout_s) or died")
+    return f"collective {op}{where} failed because another rank ended ({detail})"
 
 
 _TEARDOWN_HOOKS = []

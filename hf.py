@@ -39,9 +39,9 @@ from dataclasses import asdict
 
 import torch
 
+from config import PRETRAINED  # "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl": what init_from may name
 from model import GPTConfig
 
-PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}  # HF activation_function -> F.gelu's
 
 

@@ -1,6 +1,7 @@
 """
-Sample text from a trained model's checkpoint, as nanoGPT's sample.py: out_dir/ckpt.pt, or the sharded
-(DCP) directory out_dir/ckpt that fsdp, tp, pp and 3d write, converted in memory.
+Sample text from a trained model's checkpoint, as nanoGPT's sample.py: the newest complete checkpoint in
+out_dir/checkpoints (ckpt.pt, or the sharded DCP directory ckpt that fsdp, tp, pp and 3d write, converted in
+memory); out_dir may also be one step directory, or an out_dir of the layout before them (out_dir/ckpt.pt).
 
     python sample.py --out_dir=out-shakespeare-char-cpu --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --init_from=gpt2-xl --start="What is the answer to life, the universe, and everything?"
@@ -23,6 +24,7 @@ from config import ConfigError, load_config
 from hf import is_hf_source, load_pretrained
 from model import GPT, GPTConfig
 from parallel import load_checkpoint_file
+from parallel.checkpoint import resolve
 
 # -----------------------------------------------------------------------------
 init_from = "resume"  # "resume" (out_dir's checkpoint), or GPT-2 weights: gpt2(-medium, -large, -xl), an HF directory
@@ -64,10 +66,7 @@ def main(argv):
         model_config, state = load_pretrained(cfg["init_from"])
         train_config = {"dataset": "openwebtext"}  # GPT-2's BPE: no meta.pkl there, so tiktoken's "gpt2"
     elif cfg["init_from"] == "resume":
-        path = os.path.join(cfg["out_dir"], "ckpt.pt")
-        if not os.path.exists(path) and os.path.isdir(os.path.join(cfg["out_dir"], "ckpt")):
-            path = os.path.join(cfg["out_dir"], "ckpt")
-        ckpt = load_checkpoint_file(path, cfg["device"])
+        ckpt = load_checkpoint_file(resolve(cfg["out_dir"]), cfg["device"])  # the newest complete checkpoint
         model_config, state, train_config = GPTConfig(**ckpt["model_args"]), ckpt["model"], ckpt.get("config", {})
     else:
         raise ValueError(f"init_from must be 'resume', one of gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face "

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import pickle
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -26,10 +27,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from config import ConfigError, load_config
+from comm import describe_comm_error
+from config import ConfigError, check_train_config, load_config
 from hf import is_hf_source, load_pretrained
 from model import GPTConfig, flops_per_token
 from parallel import build_strategy, init_distributed, teardown
+from parallel.checkpoint import Checkpointer, check_out_dir, load_extra
 from profiling import TrainingProfiler, check_profiling_config, peak_memory_per_rank
 
 # -----------------------------------------------------------------------------
@@ -41,9 +44,14 @@ log_interval = 1
 eval_iters = 200
 eval_only = False  # if True, evaluate once and exit
 always_save_checkpoint = True  # if False, save only when the val loss improves
-init_from = "scratch"  # "scratch" or "resume" (from out_dir/ckpt.pt, or the directory out_dir/ckpt if sharded)
-# or GPT-2 weights (hf.py): "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" or a local Hugging Face model directory;
-# the model then takes their sizes and vocabulary (n_layer, n_head, n_embd, bias, vocab_size are not used)
+init_from = "scratch"  # "scratch", "resume" (the newest complete checkpoint in out_dir), or "auto": resume if there
+# is one, else scratch (for torchrun --max-restarts: a restarted job continues from its last checkpoint); or GPT-2
+# weights (hf.py): "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" or a local Hugging Face model directory, which the
+# model then takes its sizes and vocabulary from (n_layer, n_head, n_embd, bias, vocab_size are not used); a run
+# started from them resumes its own newest checkpoint when out_dir has one (torchtitan's initial_load_path)
+checkpoint_interval = 0  # also save every this many iterations, whatever eval does (0: only at eval, as nanoGPT)
+keep_checkpoints = 2  # keep the newest k complete checkpoints in out_dir/checkpoints (0: all)
+async_checkpoint = False  # copy the state to CPU memory and write it in the background while training goes on
 # wandb logging (WANDB_MODE=offline works without a network)
 wandb_log = False
 wandb_project = "nanoparallel"
@@ -109,9 +117,11 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 
 
 def main(argv):
-    cfg = SimpleNamespace(**load_config(DEFAULTS, argv))
+    cfg = SimpleNamespace(**check_train_config(load_config(DEFAULTS, argv)))  # every bad value: one line, before
+    check_out_dir(cfg.out_dir, cfg.init_from, saves=not cfg.eval_only)  # any process group can hang
     device = init_distributed(cfg.timeout_s)
     check_profiling_config(cfg, device)
+    preemption = Preemption()
     strategy = build_strategy(cfg, device)
     master = strategy.is_logger
     torch.manual_seed(cfg.seed + strategy.rank)  # dropout masks differ per rank; the init does not (init_seed)
@@ -150,26 +160,33 @@ def main(argv):
                              n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, block=cfg.block, init_seed=cfg.seed)
     if weights is not None:
         model_config = pretrained_config
-        if master:
-            print(f"initialising from {cfg.init_from}: n_layer={model_config.n_layer}, n_head={model_config.n_head}, "
-                  f"n_embd={model_config.n_embd}, vocab_size={model_config.vocab_size}, bias=True (GPT-2's)")
+    checkpoints = Checkpointer(cfg.out_dir, strategy, keep=cfg.keep_checkpoints, asynchronous=cfg.async_checkpoint)
+    # None: from scratch (or GPT-2's weights); a run started from GPT-2's weights resumes its own newest checkpoint
+    resume_path = checkpoints.resume_path("auto" if weights is not None else cfg.init_from)
+    if resume_path is not None:  # a checkpoint of another model is refused before anything is built or loaded
+        saved = load_extra(resume_path)["model_args"]
+        diff = [f"{k} {saved.get(k)!r} (checkpoint) vs {v!r} (config)" for k, v in asdict(model_config).items()
+                if saved.get(k) != v]
+        if diff:
+            raise ValueError(f"checkpoint {resume_path} holds another model: {', '.join(diff)}")
+        weights = None  # the checkpoint holds the weights
+    elif weights is not None and master:
+        print(f"initialising from {cfg.init_from}: n_layer={model_config.n_layer}, n_head={model_config.n_head}, "
+              f"n_embd={model_config.n_embd}, vocab_size={model_config.vocab_size}, bias=True (GPT-2's)")
     model = strategy.build_model(model_config, weights)
     del weights
     optimizer = strategy.configure_optimizer()
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
     iter_num, best_val_loss = 0, 1e9
-    ckpt_path = os.path.join(cfg.out_dir, strategy.checkpoint_name)
-    if cfg.init_from == "resume":
-        ckpt = strategy.load_checkpoint(ckpt_path, optimizer)
-        if ckpt["model_args"] != asdict(model_config):
-            diff = {k: (v, asdict(model_config)[k]) for k, v in ckpt["model_args"].items() if asdict(model_config).get(k) != v}
-            raise ValueError(f"checkpoint {ckpt_path} holds another model: (saved, configured) = {diff}")
+    if resume_path is not None:
+        t_load = time.time()
+        ckpt = strategy.load_checkpoint(resume_path, optimizer)
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"], strategy)
-    elif cfg.init_from != "scratch" and not is_hf_source(cfg.init_from):
-        raise ValueError(f"init_from must be 'scratch', 'resume', one of gpt2, gpt2-medium, gpt2-large, gpt2-xl or a "
-                         f"Hugging Face model directory, got {cfg.init_from!r}")
+        checkpoints.last_iter = iter_num
+        if master:
+            print(f"resuming from {resume_path} at iteration {iter_num} (loaded in {time.time() - t_load:.2f} s)")
 
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     flops_per_iter = flops_per_token(model_config) * tokens_per_iter
@@ -209,6 +226,19 @@ def main(argv):
         with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
 
+    def save_checkpoint(asynchronous=None, after_write=None):
+        """Save this iteration's checkpoint (every rank takes part; nothing if it exists already) and log how long
+        it held up the loop (an async save: the copy to CPU memory)."""
+        t_save = time.time()
+        step = checkpoints.save(iter_num, optimizer, {
+            "model_args": asdict(model_config), "iter_num": iter_num, "best_val_loss": best_val_loss,
+            "config": vars(cfg), "scaler": scaler.state_dict(), "rng": gather_rng_state(strategy)},
+            asynchronous=asynchronous, after_write=after_write)
+        if master and step is not None:
+            background = checkpoints.pending is not None
+            print(f"{'writing' if background else 'saved'} checkpoint {step} ({time.time() - t_save:.3f} s in the loop)")
+            log({"iter": iter_num, "checkpoint_s": time.time() - t_save, "checkpoint_async": background})
+
     # training loop
     t0 = t_start = time.time()
     profiler = TrainingProfiler(cfg, device, strategy.rank, iter_num)
@@ -224,14 +254,20 @@ def main(argv):
                 log({"iter": iter_num, "train/loss_eval": losses["train"], "val/loss": losses["val"], "lr": lr})
             if iter_num > 0 and (losses["val"] < best_val_loss or cfg.always_save_checkpoint):
                 best_val_loss = min(best_val_loss, losses["val"])
-                strategy.save_checkpoint(ckpt_path, optimizer, {
-                    "model_args": asdict(model_config), "iter_num": iter_num, "best_val_loss": best_val_loss,
-                    "config": vars(cfg), "scaler": scaler.state_dict(), "rng": gather_rng_state(strategy)})
-                if master:
-                    print(f"saved checkpoint to {ckpt_path}")
+                save_checkpoint(after_write=lambda: fault_hook("save", iter_num, strategy.rank))
+            t0 = time.time()
+        if cfg.checkpoint_interval and iter_num % cfg.checkpoint_interval == 0 and 0 < iter_num and not cfg.eval_only:
+            save_checkpoint(after_write=lambda: fault_hook("save", iter_num, strategy.rank))
             t0 = time.time()
         if iter_num >= cfg.max_iters or cfg.eval_only:
             break
+        if preemption.agreed(strategy):  # a step boundary: every rank saves this iteration's checkpoint, exits 0
+            if master:
+                print(f"{preemption.agreed_name}: saving a checkpoint at iteration {iter_num} and exiting")
+            if iter_num > 0:
+                save_checkpoint(asynchronous=False)
+            break
+        fault_hook("step", iter_num, strategy.rank)
 
         # one optimizer step over gradient_accumulation_steps micro-batches, split over data-parallel ranks
         batches = [get_batch("train", iter_num, k, strategy.grad_accum) for k in range(strategy.grad_accum)]
@@ -262,6 +298,7 @@ def main(argv):
         iter_num += 1
 
     profiler.close()
+    checkpoints.close()  # the save in flight, if any, is written (its error raised) before the job ends
     if run is not None:
         run.finish()
     strategy.close()
@@ -337,14 +374,71 @@ def set_rng_state(states, strategy):
         torch.cuda.set_rng_state(states[strategy.rank]["cuda"], strategy.device)
 
 
+# -----------------------------------------------------------------------------
+# preemption, and the tests' fault injection
+
+class Preemption:
+    """SIGTERM or SIGUSR1 (what Slurm sends before it kills a job; torchrun passes SIGTERM on to its workers) asks
+    for a checkpoint and a clean exit. The handler only records the signal; at each step boundary agreed()
+    all-reduces it (MAX over ranks: one 4-byte collective per step), so every rank stops at the same iteration and
+    they save together, whichever ranks received it: no rank saves alone."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received, self.agreed_name = 0, None
+        for s in self.SIGNALS:
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received = signum  # os.write, not print: a print interrupted by a handler that prints raises
+        os.write(2, f"rank {os.environ.get('RANK', 0)}: {signal.Signals(signum).name}: checkpoint at the next step "
+                    f"boundary, then exit\n".encode())
+
+    def agreed(self, strategy):
+        """Whether any rank received one of SIGNALS (the same answer on every rank); collective."""
+        flag = torch.tensor([self.received], dtype=torch.int32, device=strategy.device)
+        if strategy.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            self.agreed_name = signal.Signals(int(flag.item())).name
+        return bool(flag.item())
+
+
+FAULTS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM, "save-kill": signal.SIGKILL}
+
+
+def fault_hook(point, iter_num, rank):
+    """Test hook (tests/test_fault.py), inert unless NANOPARALLEL_FAULT="ACTION:RANK:ITER" is set: rank RANK signals
+    itself at iteration ITER of a job's first attempt only (torchrun's TORCHELASTIC_RESTART_COUNT 0), so a
+    restarted job runs clean. At the start of step ITER, after the step boundary's preemption check (point "step"):
+    kill (SIGKILL), stop (SIGSTOP), term (SIGTERM: the checkpoint is that of ITER + 1); while saving the checkpoint
+    of ITER, once this rank's part is written (point "save"): save-kill (SIGKILL)."""
+    spec = os.environ.get("NANOPARALLEL_FAULT")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    action, fault_rank, fault_iter = spec.split(":")
+    if (int(fault_rank), int(fault_iter), action == "save-kill") != (rank, iter_num, point == "save"):
+        return
+    print(f"fault: rank {rank} (pid {os.getpid()}) sends itself {FAULTS[action].name} at iteration {iter_num} "
+          f"({point})", flush=True)
+    signal.raise_signal(FAULTS[action])
+
+
 if __name__ == "__main__":
     exit_code = 1
     try:
         exit_code = main(sys.argv[1:])
-    except (ConfigError, ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
+    except (ConfigError, ValueError, OSError) as e:  # bad input, a missing file, a full disk: one line
         print(f"error: {e}", file=sys.stderr)
-    except BaseException:
-        import traceback
-        traceback.print_exc()
+    except BaseException as e:
+        line = describe_comm_error(e)  # a collective that timed out or lost its peer: one line naming it
+        if line is not None:
+            print(f"error: rank {os.environ.get('RANK', 0)}: {line}", file=sys.stderr)
+        else:
+            import traceback
+            traceback.print_exc()
     finally:
+        for sig in Preemption.SIGNALS:  # training is over: a signal now ends the process as usual
+            signal.signal(sig, signal.SIG_DFL)
         teardown(exit_code)

@@ -10,6 +10,7 @@ a ConfigError that names the key, so a typo never trains the wrong model silentl
 """
 
 import ast
+import math
 import os
 
 
@@ -63,4 +64,69 @@ def load_config(defaults, argv):
                 except (ValueError, SyntaxError):
                     value = text
             config[key] = _checked(key, value, defaults, arg)
+    return config
+
+
+# -----------------------------------------------------------------------------
+# ranges of train.py's keys, checked before any process group starts
+
+AT_LEAST_ONE = ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps",
+                "eval_interval", "log_interval", "eval_iters", "pp_virtual_stages", "timeout_s")
+NOT_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "eval_batch_size", "dp_size", "pp_size", "tp_size",
+                "checkpoint_interval", "keep_checkpoints", "seed", "learning_rate", "min_lr", "weight_decay",
+                "grad_clip")
+POSITIVE = ("bucket_cap_mb",)
+PROBABILITIES = ("dropout", "beta1", "beta2")  # in [0, 1)
+PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # GPT-2 checkpoints init_from may name (hf.py loads)
+CHOICES = {
+    # the one list of init_from's values (train.py reads it); a Hugging Face model directory is accepted too
+    "init_from": ("scratch", "resume", "auto", *PRETRAINED),
+    "block": ("gpt2", "llama"),
+    "dtype": ("float32", "bfloat16", "float16"),
+    "dp_type": ("fsdp", "ddp"),
+    "reshard_after_forward": ("default", "always", "never"),
+}
+
+
+def check_train_config(config):
+    """Check the range of every key of train.py's config dict (after load_config); return it unchanged.
+
+    Sizes and counts that something divides by or loops over must be >= 1, iteration counts, learning rates,
+    sizes where 0 means "derive it" and the seed >= 0, probabilities (dropout, Adam's betas) in [0, 1), choices
+    one of their values, floats finite; and n_embd divisible by n_head, lr_decay_iters > warmup_iters when
+    decay_lr (the cosine's length), out_dir not an existing file. Keys absent from `config` are skipped.
+    Raises ConfigError (one line naming the key, its value and the allowed range) on the first violation.
+    """
+    def bad(key, want):
+        raise ConfigError(f"{key} must be {want}, got {config[key]!r}")
+
+    for key, value in config.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            bad(key, "a finite number")
+    for key in AT_LEAST_ONE:
+        if key in config and config[key] < 1:
+            bad(key, ">= 1")
+    for key in NOT_NEGATIVE:
+        if key in config and config[key] < 0:
+            bad(key, ">= 0")
+    for key in POSITIVE:
+        if key in config and config[key] <= 0:
+            bad(key, "> 0")
+    for key in PROBABILITIES:
+        if key in config and not 0 <= config[key] < 1:
+            bad(key, "in [0, 1)")
+    for key, allowed in CHOICES.items():
+        if key in config and config[key] not in allowed:
+            if key == "init_from" and os.path.isfile(os.path.join(config[key], "config.json")):
+                continue  # a Hugging Face model directory
+            bad(key, "one of " + ", ".join(allowed) + (" or a Hugging Face model directory" if key == "init_from"
+                                                         else ""))
+    if {"n_embd", "n_head"} <= config.keys() and config["n_embd"] % config["n_head"]:
+        raise ConfigError(f"n_embd={config['n_embd']} must be divisible by n_head={config['n_head']}")
+    if config.get("decay_lr") and config.get("lr_decay_iters", 1) <= config.get("warmup_iters", 0):
+        raise ConfigError(f"lr_decay_iters={config['lr_decay_iters']} must be greater than warmup_iters="
+                          f"{config['warmup_iters']} when decay_lr (or set decay_lr=False)")
+    out_dir = config.get("out_dir")
+    if out_dir and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"out_dir {out_dir!r} exists and is not a directory")
     return config

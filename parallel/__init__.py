@@ -26,6 +26,7 @@ optimizer state behind checkpoints (parallel/checkpoint.py).
 import contextlib
 import functools
 import importlib
+import os
 from pathlib import Path
 
 import torch
@@ -532,24 +533,36 @@ class Strategy:
             local = self.pipeline.gather_stages(local)
         return {name: local[name] for name in full_shapes(self.model.config)}  # in the GPT's state_dict order
 
-    def save_checkpoint(self, path, optimizer, extra):
-        """Write {"model", "optimizer", **extra} to `path`, atomically (a temporary, then a rename); every rank returns
-        once it is on disk. A replicated model is one file that rank 0 writes; a sharded strategy (checkpoint_name
-        "ckpt") a DCP directory in which every rank writes its part (parallel/checkpoint.py)."""
+    def save_checkpoint(self, path, optimizer, extra, asynchronous=False, process_group=None):
+        """Write {"model", "optimizer", **extra} to `path`; collective. A replicated model is one file that rank 0
+        writes atomically (a temporary, then a rename); a sharded strategy (checkpoint_name "ckpt") a DCP directory
+        in which every rank writes its part (parallel/checkpoint.py). Synchronous: every rank returns once it is on
+        disk. asynchronous: the state is copied to CPU memory now and written in the background (sharded: DCP's
+        collectives on `process_group`, a gloo group of every rank); returns a concurrent.futures.Future done once
+        this rank's writes are (a sharded save's: every rank's), or None where this rank writes nothing.
+        train.py saves through parallel.checkpoint.Checkpointer, which marks a checkpoint complete."""
         if self.sharded:
-            checkpoint.save(path, self.state_dict(optimizer), extra, self.rank)
-        else:
-            if self.rank == 0:
-                checkpoint.save_file(path, {"model": self.model.state_dict(), "optimizer": optimizer.state_dict(),
-                                            **extra})
-            if dist.is_initialized():
-                dist.barrier()
+            return checkpoint.save(path, self.state_dict(optimizer), extra, self.rank, asynchronous, process_group)
+        future = None
+        if self.rank == 0:
+            ckpt = {"model": self.model.state_dict(), "optimizer": optimizer.state_dict(), **extra}
+            if asynchronous:
+                future = checkpoint.save_file_async(path, ckpt)
+            else:
+                checkpoint.save_file(path, ckpt)
+        if dist.is_initialized() and not asynchronous:
+            dist.barrier()
+        return future
 
     def load_checkpoint(self, path, optimizer):
         """Load what save_checkpoint wrote into the model and optimizer; return the whole dict (for a sharded
-        checkpoint, the extra values). A sharded checkpoint loads on any world size and any sharded strategy.
-        Raises FileNotFoundError or ValueError naming the file if it is missing or damaged."""
+        checkpoint, the extra values). A sharded checkpoint loads on any world size and any strategy (a replicated
+        one through its conversion to one file); a single file only into a replicated strategy. Raises
+        FileNotFoundError or ValueError naming the file if it is missing, damaged, or of the wrong kind."""
         if self.sharded:
+            if os.path.isfile(path):
+                raise ValueError(f"checkpoint {path} is a single file (a replicated strategy's); parallel="
+                                 f"{self.strategy!r} resumes from sharded (DCP) checkpoints only")
             state = self.state_dict(optimizer)
             extra = checkpoint.load(path, state)
             self.load_state_dict(state, optimizer)

@@ -208,12 +208,15 @@ def test_checkpoint_saved_on_4_ranks_loads_on_2_and_single(tmp_path, shakespeare
     evals = [*common, "--init_from=resume", "--eval_only=True"]
     code, log = train(2, [*evals, "--parallel=fsdp", f"--variant={loader}", "--batch_size=4"])
     assert code == 0, log[-5000:]
-    code, log = run_command([sys.executable, "-m", "parallel.checkpoint", f"{out}/ckpt", f"{out}/ckpt.pt"], 120)
+    single = str(tmp_path / "single")  # the converted file alone in an out_dir: out_dir/ckpt.pt
+    code, log = run_command([sys.executable, "-m", "parallel.checkpoint", out, f"{single}/ckpt.pt"], 120)
     assert code == 0, log
-    code, log = train(0, [*evals, "--parallel=single", "--batch_size=8"])
+    code, log = train(0, [*evals, "--parallel=single", "--batch_size=8", f"--out_dir={single}"])
     assert code == 0, log[-5000:]
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        vals = [m["val/loss"] for m in map(json.loads, f) if m.get("iter") == 5 and "val/loss" in m]
+    vals = []
+    for d in (out, single):
+        with open(os.path.join(d, "metrics.jsonl")) as f:
+            vals += [m["val/loss"] for m in map(json.loads, f) if m.get("iter") == 5 and "val/loss" in m]
     assert len(vals) == 3, vals
     assert max(vals) - min(vals) < 1e-5, vals
 

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from model import GPT
 from parallel import build_strategy, load_checkpoint_file
+from parallel.checkpoint import find_checkpoint
 from parallel.pp import balanced_split, schedule_order, split_layers, stage_costs
 from sim.pp_timeline import bubble_fraction, formula_bubble, in_flight_bound, simulate
 from tests.distributed import DistributedTestCase, run_command, torchrun_launcher
@@ -118,7 +119,7 @@ def test_train_py_equals_single(tmp_path, shakespeare_char_dir, args):
     assert sorted(a) == sorted(b) == list(range(10))
     assert max(abs(a[i] - b[i]) for i in a) < 1e-5
     assert abs(metrics(single, "val/loss")[10] - metrics(pp, "val/loss")[10]) < 1e-5
-    assert os.path.isdir(os.path.join(pp, "ckpt"))
+    assert os.path.isdir(find_checkpoint(pp)) and find_checkpoint(pp).endswith("ckpt")  # a DCP directory
     code, out = run_command([sys.executable, "sample.py", f"--out_dir={pp}", "--num_samples=1", "--max_new_tokens=10",
                              "--start=ROMEO:"], 120)
     assert code == 0 and out.startswith("ROMEO:"), out

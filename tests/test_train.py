@@ -80,15 +80,25 @@ def test_ddp_on_shakespeare_loss_falls_and_logs_to_wandb_offline(tmp_path, shake
     (0, ["--init_from=resume", "--out_dir=CORRUPT"], "is corrupt or unreadable"),
     (2, ["--parallel=single"], "parallel='single' runs on one process, but WORLD_SIZE=2"),
     (2, ["--parallel=ddp", "--gradient_accumulation_steps=3"], "must be divisible by the data-parallel size 2"),
+    (0, ["--batch_size=0"], "batch_size must be >= 1, got 0"),
+    (0, ["--eval_batch_size=-1"], "eval_batch_size must be >= 0, got -1"),
+    (0, ["--out_dir=AFILE"], "exists and is not a directory"),
+    (0, ["--init_from=resume"], "init_from='resume': no complete checkpoint in out_dir"),
+    (2, ["--parallel=ddp", "--dropout=1.5"], "dropout must be in [0, 1), got 1.5"),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, shakespeare_char_dir, nproc, args, message):
+    """Each bad input: a non-zero exit and one line naming it, no traceback (torchrun's own aside); the range checks
+    run before any process group starts (tests/test_fault.py checks every key's range in process)."""
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "ckpt.pt").write_bytes(b"not a checkpoint")
     malformed = tmp_path / "malformed"
     malformed.mkdir()
     (malformed / "train.bin").write_bytes(b"abc")
-    args = [a.replace("CORRUPT", str(corrupt)).replace("MALFORMED", str(malformed)) for a in args]
+    (tmp_path / "afile").write_text("not a directory")
+    places = {"CORRUPT": corrupt, "MALFORMED": malformed, "AFILE": tmp_path / "afile"}
+    for word, path in places.items():
+        args = [a.replace(word, str(path)) for a in args]
     if not any(a.startswith("--data_dir") for a in args):
         args.append(f"--data_dir={shakespeare_char_dir}")
     code, out = train(nproc, [*TINY, "--max_iters=1", f"--out_dir={tmp_path / 'out'}", *args], timeout_s=120)
