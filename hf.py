@@ -10,9 +10,9 @@ cache, downloaded into it when the network allows; HF_HUB_OFFLINE=1 never tries)
 directory (config.json + weights, as `save_pretrained` writes). `GPT2LMHeadModel.from_pretrained` reads the weights;
 `from_hf` maps them onto model.py's names; train.py hands the result to the strategy, whose slice_init shards them
 exactly as it shards a fresh init (parallel/__init__.py), for every strategy and variant.
-Out: `python hf.py CHECKPOINT OUT_DIR` writes any of our checkpoints (out_dir, ckpt.pt, or a sharded DCP directory,
-read by parallel.load_checkpoint_file) as a Hugging Face directory (model.safetensors, config.json) that
-`GPT2LMHeadModel.from_pretrained(OUT_DIR)` loads.
+Out: `python hf.py CHECKPOINT OUT_DIR` writes any of our checkpoints (an out_dir, a step directory, ckpt.pt, or a
+sharded DCP directory, read by parallel.load_checkpoint_file) as a Hugging Face directory (model.safetensors,
+config.json) that `GPT2LMHeadModel.from_pretrained(OUT_DIR)` loads.
 
 The mapping (GPT-2's Conv1D stores its weight as (in, out), y = x W + b; nn.Linear as (out, in), y = x Wᵀ + b):
     transformer.wte / wpe / ln_1 / ln_2 / ln_f          the same names, the same tensors
@@ -189,16 +189,12 @@ def save_hf(state, config, out_dir):
 
 
 def export_checkpoint(checkpoint, out_dir):
-    """Convert one of our checkpoints to a Hugging Face directory: `checkpoint` is an out_dir (its ckpt.pt, else its
-    sharded ckpt/), a ckpt.pt file, or a DCP directory (parallel.load_checkpoint_file gathers it in memory). Returns
-    the GPTConfig. Raises FileNotFoundError or ValueError (one line) for a missing or unusable checkpoint."""
-    from parallel import load_checkpoint_file
-    path = checkpoint
-    if os.path.isdir(checkpoint) and not os.path.exists(os.path.join(checkpoint, ".metadata")):
-        for name in ("ckpt.pt", "ckpt"):
-            if os.path.exists(os.path.join(checkpoint, name)):
-                path = os.path.join(checkpoint, name)
-                break
+    """Convert one of our checkpoints to a Hugging Face directory: `checkpoint` is an out_dir (its newest complete
+    checkpoint), a step directory, a ckpt.pt file, or a DCP directory (parallel.load_checkpoint_file gathers it in
+    memory). Returns the GPTConfig. Raises FileNotFoundError or ValueError (one line) for a missing or unusable
+    checkpoint."""
+    from parallel.checkpoint import load_checkpoint_file, resolve
+    path = resolve(checkpoint)
     ckpt = load_checkpoint_file(path, "cpu")
     config = GPTConfig(**ckpt["model_args"])
     state = dict(ckpt["model"])
@@ -210,7 +206,8 @@ def export_checkpoint(checkpoint, out_dir):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Write one of our checkpoints as a Hugging Face GPT-2 directory "
                                                  "(model.safetensors + config.json) that transformers loads.")
-    parser.add_argument("checkpoint", help="an out_dir, its ckpt.pt, or a sharded checkpoint directory (out_dir/ckpt)")
+    parser.add_argument("checkpoint", help="an out_dir (its newest complete checkpoint), a step directory, a ckpt.pt, "
+                                           "or a sharded DCP directory")
     parser.add_argument("out_dir", help="the Hugging Face directory to write")
     args = parser.parse_args(argv)
     try:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import hf
 import train
 from model import GPT, GPTConfig
-from parallel import load_checkpoint_file
+from parallel.checkpoint import load_checkpoint_file, resolve
 from tests.distributed import REPO, DistributedTestCase, torchrun_launcher
 
 VOCAB, POSITIONS, BLOCK = 97, 32, 16
@@ -114,8 +114,7 @@ def check_run(testcase, model_dir, data_dir, out_dir, name, dp_rows):
     """The checks of the module docstring on the run train.py just wrote to out_dir."""
     x = torch.randint(0, VOCAB, (3, BLOCK), generator=torch.Generator().manual_seed(1))
     ref = hf_logits(model_dir, x)
-    path = os.path.join(out_dir, "ckpt.pt")
-    path = path if os.path.exists(path) else os.path.join(out_dir, "ckpt")
+    path = resolve(out_dir)  # the newest complete checkpoint: step_<iter>/ckpt.pt, or its DCP directory ckpt
     testcase.assertLess((our_logits(path, x) - ref).abs().max().item(), TOLERANCE, f"{name}: loaded")
     exported = hf.export_checkpoint(path, os.path.join(out_dir, "hf"))
     testcase.assertEqual((exported.vocab_size, exported.block_size), (VOCAB, BLOCK))
@@ -158,7 +157,7 @@ def test_single_train_py_loads_and_exports(model_and_data, tmp_path):
     assert train.main(train_args(model_dir, data_dir, out, gradient_accumulation_steps=1)) == 0
     x = torch.randint(0, VOCAB, (3, BLOCK), generator=torch.Generator().manual_seed(1))
     ref = hf_logits(model_dir, x)
-    assert (our_logits(os.path.join(out, "ckpt.pt"), x) - ref).abs().max().item() < TOLERANCE
+    assert (our_logits(resolve(out), x) - ref).abs().max().item() < TOLERANCE
     hf.main([out, str(tmp_path / "exported")])  # the export command, `python hf.py OUT_DIR HF_DIR`
     assert (hf_logits(str(tmp_path / "exported"), x) - ref).abs().max().item() < TOLERANCE
     with open(os.path.join(out, "metrics.jsonl")) as f:
