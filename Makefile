@@ -41,7 +41,7 @@ train: $(VENV)/.installed data/shakespeare_char/train.bin
 	$(PY) sample.py --out_dir=$(OUT_DIR) --num_samples=1 --max_new_tokens=300
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -ra tests
+	$(PY) -m pytest -ra --durations=15 tests
 
 bench: $(VENV)/.installed data/shakespeare_char/train.bin
 	$(PY) bench.py
