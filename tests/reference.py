@@ -43,10 +43,11 @@ def rank_batches(step_batches, dp_rank, dp_size):
     return step_batches[dp_rank::dp_size]
 
 
-def train_single(model_config, batches, cfg):
+def train_single(model_config, batches, cfg, grads=None):
     """Train GPT(model_config) on one device over `batches` (one list of micro-batches per step): each step
     averages the micro-batch losses, backward, clips at cfg.grad_clip, takes an AdamW step.
-    Returns (per-step losses as a list of floats, the trained model)."""
+    Returns (per-step losses as a list of floats, the trained model); `grads`, a list, gets each step's clipped
+    gradients {name: tensor}."""
     model = GPT(model_config)
     opt = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), "cpu")
     losses = []
@@ -57,15 +58,18 @@ def train_single(model_config, batches, cfg):
             (loss / len(step)).backward()
             total += loss.item() / len(step)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if grads is not None:
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(total)
     return losses, model
 
 
-def train_strategy(strategy, model_config, batches):
+def train_strategy(strategy, model_config, batches, grads=None):
     """Build strategy's model, train over this rank's share of `batches` (as train.py does, without lr schedule).
-    Returns (per-step logged losses, the strategy's bare model)."""
+    Returns (per-step logged losses, the strategy's bare model); `grads`, a list, gets each step's clipped local
+    gradients {name: tensor} (strategy.named_parameters())."""
     model = strategy.build_model(model_config)
     opt = strategy.configure_optimizer()
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -73,6 +77,8 @@ def train_strategy(strategy, model_config, batches):
     for step in batches:
         loss = strategy.forward_backward(rank_batches(step, strategy.dp_rank, strategy.dp_size), scaler)
         strategy.clip_grad_norm_(strategy.cfg.grad_clip)
+        if grads is not None:
+            grads.append({n: p.grad.clone() for n, p in strategy.named_parameters()})
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
