@@ -16,7 +16,9 @@ With async_op=True a call returns a handle whose .wait() blocks until the result
 Byte counting follows nccl-tests (doc/PERFORMANCE.md): for a collective over N ranks on S bytes, the payload is S
 (for all_gather the gathered output, for reduce_scatter the unreduced input) and the bus bytes, what one rank
 sends over its link in a ring algorithm, are S * factor with factor 2(N-1)/N for all-reduce, (N-1)/N for
-all-gather and reduce-scatter, 1 for broadcast and point-to-point.
+all-gather and reduce-scatter, 1 for broadcast and point-to-point. For all-to-all the payload is this rank's input
+and the bus bytes are what it sends to the other ranks (its own chunk stays): S(N-1)/N for equal chunks, as
+nccl-tests' alltoall counts, and the exact sum of the other ranks' chunks for uneven ones.
 """
 
 import gc
@@ -38,6 +40,7 @@ BUS_FACTOR = {
     "all_reduce": lambda n: 2 * (n - 1) / n,
     "all_gather": lambda n: (n - 1) / n,
     "reduce_scatter": lambda n: (n - 1) / n,
+    "all_to_all": lambda n: (n - 1) / n,
     "broadcast": lambda n: 1.0,
     "send": lambda n: 1.0,
     "recv": lambda n: 1.0,
@@ -54,11 +57,12 @@ class CommStats:
     def reset(self):
         self.calls, self.payload, self.bus = Counter(), Counter(), Counter()
 
-    def record(self, op, nbytes, group_size):
-        """Count one `op` on a payload of `nbytes` bytes over `group_size` ranks."""
+    def record(self, op, nbytes, group_size, bus=None):
+        """Count one `op` on a payload of `nbytes` bytes over `group_size` ranks; `bus`: the bytes this rank sends,
+        where BUS_FACTOR's ring formula does not say (an uneven all-to-all)."""
         self.calls[op] += 1
         self.payload[op] += nbytes
-        self.bus[op] += nbytes * BUS_FACTOR[op](group_size)
+        self.bus[op] += nbytes * BUS_FACTOR[op](group_size) if bus is None else bus
 
     def as_dict(self):
         """Flat dict for logging: {"comm/all_reduce_calls": ..., "comm/all_reduce_payload_bytes": ..., ...}."""
@@ -77,8 +81,12 @@ class Collectives:
     - all_reduce(t, op): t <- op over ranks of t; op in {"sum", "avg", "max"}.
     - all_gather(output, input): output (N*n, ...) <- concatenation along dim 0 of every rank's input (n, ...).
     - reduce_scatter(output, input, op): output (n, ...) <- this rank's slice of op over ranks of input (N*n, ...).
+    - all_to_all(output, input, output_split_sizes, input_split_sizes): input's rows are split into N chunks along
+      dim 0 (input_split_sizes rows each, or equal chunks when None) and chunk j is sent to rank j; output receives
+      the chunks every rank sent to this one, in rank order (output_split_sizes rows from each, or equal chunks).
     - broadcast(t, src): t <- src's t.   send(t, dst) / recv(t, src): point-to-point.   barrier().
-    Mirrors torch.distributed's all_reduce, all_gather_into_tensor, reduce_scatter_tensor, broadcast, send, recv.
+    Mirrors torch.distributed's all_reduce, all_gather_into_tensor, reduce_scatter_tensor, all_to_all_single,
+    broadcast, send, recv.
     """
 
     def __init__(self, group=None, stats=None):
@@ -105,6 +113,21 @@ class Collectives:
             raise ValueError(f"reduce_scatter: input has {input.numel()} elements, expected {self.world_size} x {output.numel()}")
         self._count("reduce_scatter", input)
         return self._reduce_scatter(output, input, op, async_op)
+
+    def all_to_all(self, output, input, output_split_sizes=None, input_split_sizes=None, async_op=False):
+        n = self.world_size
+        for name, t, splits in (("input", input, input_split_sizes), ("output", output, output_split_sizes)):
+            rows = t.shape[0] if t.dim() else 0
+            if splits is None and rows % n:
+                raise ValueError(f"all_to_all: {name} has {rows} rows, not divisible into {n} equal chunks")
+            if splits is not None and (len(splits) != n or sum(splits) != rows or min(splits) < 0):
+                raise ValueError(f"all_to_all: {name}_split_sizes {list(splits)} must be {n} sizes >= 0 summing to "
+                                 f"its {rows} rows")
+        row_bytes = input[0].numel() * input.element_size() if input.shape[0] else 0
+        mine = input_split_sizes[self.rank] if input_split_sizes is not None else input.shape[0] // n
+        self.stats.record("all_to_all", input.numel() * input.element_size(), n,
+                          bus=(input.shape[0] - mine) * row_bytes)
+        return self._all_to_all(output, input, output_split_sizes, input_split_sizes, async_op)
 
     def broadcast(self, tensor, src, async_op=False):
         self._count("broadcast", tensor)
@@ -135,6 +158,10 @@ class TorchCollectives(Collectives):
 
     def _reduce_scatter(self, output, input, op, async_op):
         return reduce_scatter_single(output, input, self.OPS[op], group=self.group, async_op=async_op)
+
+    def _all_to_all(self, output, input, output_split_sizes, input_split_sizes, async_op):
+        return dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=self.group,
+                                      async_op=async_op)
 
     def _broadcast(self, tensor, src, async_op):
         return dist.broadcast(tensor, group=self.group, group_src=src, async_op=async_op)
