@@ -42,8 +42,11 @@ def inputs(rows, row_shape, dtype, seed):
     out = []
     for row in rows:
         shape = (sum(row), *row_shape)
-        x = torch.randint(-2**40, 2**40, shape, generator=g) if dtype == torch.int64 else torch.randn(shape, generator=g)
-        out.append(x.to(dtype).to(DEVICE))
+        if dtype == torch.int64:
+            x = torch.randint(-2**40, 2**40, shape, generator=g)
+        else:
+            x = torch.randn(shape, generator=g).to(dtype)
+        out.append(x.to(DEVICE))
     return out
 
 
@@ -105,7 +108,8 @@ class TestAllToAll(DistributedTestCase):
         slots, up to 10 rounds: equal, uneven, 2-D rows of bf16, and one large chunk between two ranks while the
         others' would fit in one round (every rank takes the largest number of rounds); torch the same cases."""
         for name in self.backends:
-            for kind, dtype, row_shape, scale in (("equal", torch.float32, (3,), 10), ("uneven", torch.float32, (3,), 10),
+            for kind, dtype, row_shape, scale in (("equal", torch.float32, (3,), 10),
+                                                  ("uneven", torch.float32, (3,), 10),
                                                   ("uneven", torch.bfloat16, (2, 5), 10),
                                                   ("lopsided", torch.float32, (3,), 1)):
                 with self.subTest(backend=name, kind=kind, dtype=dtype):

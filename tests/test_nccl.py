@@ -9,7 +9,8 @@ wheel's nccl.h, the version, every error string, unique ids, and ncclCommInitRan
 NCCLError with NCCL's own message instead of crashing; and the nccl variant failing at once, in one line, without a
 GPU. Without the library those tests skip and say so.
 On a GPU (2 ranks on GPU 0, a different NCCL_HOSTID per rank, gloo for torch's own group): every collective (all-to-all
-with equal and uneven chunks too) against exact references, and each strategy's nccl variant equal to its custom variant (on CPU) within 1e-5.
+with equal and uneven chunks too) against exact references, and each strategy's nccl variant equal to its custom
+variant (on CPU) within 1e-5.
 
     pytest tests/test_nccl.py
     torchrun --standalone --nproc_per_node=2 -m unittest tests/test_nccl.py     (the GPU part alone)
@@ -54,15 +55,17 @@ int ncclAllReduce(const void *s, void *r, size_t n, int t, int op, ncclComm_t c,
 int ncclAllGather(const void *s, void *r, size_t n, int t, ncclComm_t c, void *st) { return 0; }
 int ncclReduceScatter(const void *s, void *r, size_t n, int t, int op, ncclComm_t c, void *st) { return 0; }
 int ncclBroadcast(const void *s, void *r, size_t n, int t, int root, ncclComm_t c, void *st) { return 0; }
-static long long calls[64][5]; static int ncalls = 0;  /* the p2p and group calls: kind, buffer, count, type, peer */
+static long long calls[64][5]; static int ncalls = 0;  /* p2p and group calls: kind, buffer, count, type, peer */
 static int record(long long kind, const void *b, size_t n, int t, int peer) {
-  if (ncalls < 64) { long long *c = calls[ncalls++]; c[0] = kind; c[1] = (long long)b; c[2] = n; c[3] = t; c[4] = peer; }
+  if (ncalls < 64) {
+    long long *c = calls[ncalls++]; c[0] = kind; c[1] = (long long)b; c[2] = n; c[3] = t; c[4] = peer; }
   return 0; }
 int ncclSend(const void *b, size_t n, int t, int peer, ncclComm_t c, void *st) { return record(1, b, n, t, peer); }
 int ncclRecv(void *b, size_t n, int t, int peer, ncclComm_t c, void *st) { return record(2, b, n, t, peer); }
 int ncclGroupStart(void) { return record(3, 0, 0, 0, 0); }
 int ncclGroupEnd(void) { return record(4, 0, 0, 0, 0); }
-int stubCalls(long long *out) { for (int i = 0; i < ncalls; i++) for (int k = 0; k < 5; k++) out[5 * i + k] = calls[i][k];
+int stubCalls(long long *out) {
+  for (int i = 0; i < ncalls; i++) for (int k = 0; k < 5; k++) out[5 * i + k] = calls[i][k];
   int n = ncalls; ncalls = 0; return n; }
 """
 
