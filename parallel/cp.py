@@ -130,6 +130,7 @@ import contextlib
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from model import CausalSelfAttention
@@ -454,7 +455,7 @@ class TorchAllToAll(torch.autograd.Function):
         and a gradient may arrive as a permuted view, which empty_like would copy the strides of)."""
         x = x.contiguous()
         out = torch.empty_like(x)
-        torch.distributed.all_to_all_single(out, x, group=group)
+        dist.all_to_all_single(out, x, group=group)
         return out
 
 
@@ -507,7 +508,7 @@ class UlyssesAttentionCore(nn.Module):
     def __init__(self, inner, comm=None, group=None):
         super().__init__()
         self.inner, self.comm, self.group = inner, comm, group
-        self.cp = comm.world_size if comm is not None else torch.distributed.get_world_size(group)
+        self.cp = comm.world_size if comm is not None else dist.get_world_size(group)
         self._layout = {}
 
     def layout(self, seq_len, device):
@@ -733,7 +734,6 @@ def main():
     long block. Run under torchrun, e.g.
         torchrun --standalone --nproc_per_node=4 -m parallel.cp --block_size 1024
     (cp=2 runs as two groups of 2 ranks, cp=4 as the world; each rank measures its own share)."""
-    import torch.distributed as dist
     from comm import TorchCollectives, init_distributed, teardown
     from model import GPT, GPTConfig
     parser = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])

@@ -273,15 +273,17 @@ class TestUlyssesStrategy(DistributedTestCase):
     def test_training_equals_single(self):
         """3 AdamW steps of 2 micro-batches (clipping active), every step's loss, clipped gradients and update checked
         against the single model (train_checked), pytorch and custom, GPT-2 and Llama blocks with 4 heads; triton 2
-        steps on the Llama block (with model.py's grouped-query attention: 2 key/value heads at cp=2, 4 at cp=4).
-        The loss falls."""
-        cases = [(v, block, 3, {}) for v in ("pytorch", "custom") for block in ("gpt2", "llama")]
-        cases.append(("triton", "llama", 2, {}))
+        steps on the Llama block at 2 processes (at 4 the interpreter takes 16 s; tests/test_all_to_all.py runs its
+        all-to-all at 4); once model.py has grouped-query attention, custom with 8 query heads and cp key/value
+        heads. The loss falls."""
+        cases = [(v, block, 3, dict(n_head=4)) for v in ("pytorch", "custom") for block in ("gpt2", "llama")]
+        if self.world_size == 2:
+            cases.append(("triton", "llama", 2, dict(n_head=4)))
         if GQA:
-            cases.append(("custom", "llama", 3, {"n_kv_head": self.world_size}))
-        for variant, block, steps, gqa in cases:
-            with self.subTest(variant=variant, block=block, **gqa):
-                model_config = tiny_config(block=block, n_head=4, **gqa)
+            cases.append(("custom", "llama", 3, dict(n_head=8, n_kv_head=self.world_size)))
+        for variant, block, steps, heads in cases:
+            with self.subTest(variant=variant, block=block, **heads):
+                model_config = tiny_config(block=block, **heads)
                 batches = global_batches(steps, 2, 2, model_config, seed=steps)
                 checked = train_checked(self.strategy(variant), model_config, batches)
                 self.assertLess(checked.losses[-1], checked.losses[0])
