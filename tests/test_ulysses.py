@@ -10,7 +10,6 @@ simulator's Ulysses cost (sim/cost.py) against its formulas.
 """
 
 import dataclasses
-import math
 
 import pytest
 import torch
