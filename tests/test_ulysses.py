@@ -75,8 +75,9 @@ def test_check_cp_config_ulysses_errors():
     check_cp_config(tiny_config(n_head=4), 4, "ulysses")
     check_cp_config(tiny_config(n_head=2), 4, "ring")
     check_cp_config(tiny_config(n_head=4), 2, "ulysses", tp=2)
-    for config, cp, tp, message in ((tiny_config(n_head=2), 4, 1, "n_head=2 is not divisible by cp_size=4"),
-                                    (tiny_config(n_head=4), 4, 2, "n_head=4 is not divisible by tp_size=2 x cp_size=4 = 8")):
+    for config, cp, tp, message in (
+            (tiny_config(n_head=2), 4, 1, "n_head=2 is not divisible by cp_size=4"),
+            (tiny_config(n_head=4), 4, 2, "n_head=4 is not divisible by tp_size=2 x cp_size=4 = 8")):
         with pytest.raises(ValueError, match=message) as e:
             check_cp_config(config, cp, "ulysses", tp)
         assert "\n" not in str(e.value) and "cp_type='ring'" in str(e.value)
