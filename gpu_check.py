@@ -49,7 +49,7 @@ import unittest
 REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO)
 
-STRATEGY_NAMES = ("ddp", "fsdp", "tp", "pp", "cp", "3d")
+STRATEGY_NAMES = ("ddp", "fsdp", "tp", "pp", "cp", "ulysses", "3d")  # tests/test_triton_comm.py's STRATEGIES
 VARIANTS = ("custom", "triton", "nccl")
 BACKENDS = ("torch", "nccl", "triton")  # all-reduce bandwidth: torch's NCCL, our nccl binding, our triton kernels
 PHASES = ("env", "tests", "strategies", "bandwidth", "train", "gpt2")
@@ -253,7 +253,7 @@ def worker_strategies(args):
     record = dict(kind="strategy", strategy=args.strategy, variant=args.variant, world_size=N, steps=args.steps,
                   device=str(device))
     try:
-        cfg = dict(parallel=args.strategy, **STRATEGIES[args.strategy](N))
+        cfg = {"parallel": args.strategy, **STRATEGIES[args.strategy](N)}
         model_config = tiny_config(n_head=4, n_layer=cfg["n_layer"])
         batches = global_batches(args.steps, cfg["gradient_accumulation_steps"], 2, model_config)
         strategy = build_strategy(train_config(variant=args.variant, **cfg), device)

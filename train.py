@@ -97,6 +97,7 @@ dp_size = 0  # 3d: data-parallel size (0: world_size / (pp_size * tp_size))
 pp_size = 0  # 3d: pipeline-parallel size (0: the whole world for pp, 1 for 3d)
 tp_size = 0  # 3d: tensor-parallel size (0: the whole world for tp, 1 for 3d)
 cp_size = 0  # 3d: context-parallel size (0: the whole world for cp, 1 for 3d); block_size divisible by 2 * cp_size
+cp_type = "ring"  # cp, 3d: "ring" (ring attention, any head count) or "ulysses" (all-to-all; heads divisible by tp*cp)
 dp_type = "fsdp"  # 3d: data parallelism over the dp dimension: "fsdp" (ZeRO-3) or "ddp"
 timeout_s = 300  # a collective that waits longer than this fails instead of hanging
 # system

@@ -7,7 +7,8 @@ Global batch layout (the same as train.py's get_batch): a step has `micro_steps`
 data-parallel ranks together; micro-batch k of data-parallel rank r is global micro-batch k * dp_size + r.
 """
 
-import math
+import json
+import os
 from collections import namedtuple
 from types import SimpleNamespace
 
@@ -245,4 +246,16 @@ def train_checked(strategy, model_config, batches, reference=None):
     optimizer = strategy.configure_optimizer()
     reference.assert_initial(full_parameters(strategy))
     losses = [checked_step(strategy, optimizer, reference, step) for step in batches]
+    log_margins(strategy, reference.margins)
     return Checked(losses, full_parameters(strategy), reference.margins, optimizer)
+
+
+def log_margins(strategy, margins):
+    """Append this check's margins to $NANOPARALLEL_MARGINS (a JSON-lines file), from rank 0, when it is set: how the
+    machine-independence of the rule is measured (README: the largest margins under other summation orders)."""
+    path = os.environ.get("NANOPARALLEL_MARGINS")
+    if path and strategy.rank == 0:
+        record = {"strategy": strategy.strategy, "variant": strategy.variant, "world_size": strategy.world_size,
+                  "threads": torch.get_num_threads(), "isa": torch.backends.cpu.get_cpu_capability(), **margins}
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
