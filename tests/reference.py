@@ -246,16 +246,19 @@ def train_checked(strategy, model_config, batches, reference=None):
     optimizer = strategy.configure_optimizer()
     reference.assert_initial(full_parameters(strategy))
     losses = [checked_step(strategy, optimizer, reference, step) for step in batches]
-    log_margins(strategy, reference.margins)
+    log_margins(strategy, reference)
     return Checked(losses, full_parameters(strategy), reference.margins, optimizer)
 
 
-def log_margins(strategy, margins):
-    """Append this check's margins to $NANOPARALLEL_MARGINS (a JSON-lines file), from rank 0, when it is set: how the
-    machine-independence of the rule is measured (README: the largest margins under other summation orders)."""
+def log_margins(strategy, reference):
+    """Append this check's margins and tolerances to $NANOPARALLEL_MARGINS (a JSON-lines file), from rank 0, when it
+    is set: how the machine-independence of the rule is measured (the largest margins under other summation orders:
+    threads, ATEN_CPU_CAPABILITY)."""
     path = os.environ.get("NANOPARALLEL_MARGINS")
     if path and strategy.rank == 0:
         record = {"strategy": strategy.strategy, "variant": strategy.variant, "world_size": strategy.world_size,
-                  "threads": torch.get_num_threads(), "isa": torch.backends.cpu.get_cpu_capability(), **margins}
+                  "dtype": strategy.cfg.dtype, "threads": torch.get_num_threads(),
+                  "isa": torch.backends.cpu.get_cpu_capability(), "loss_tol": reference.loss_tol,
+                  "grad_tol": reference.grad_tol, **reference.margins}
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
