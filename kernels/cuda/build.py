@@ -37,7 +37,7 @@ NVCC_ENV = "NANOPARALLEL_NVCC"
 ARCHS = (80, 90)             # A100, H100/H200
 LIBRARY = "libnanoccl.so"
 FLAGS = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden", "--cudart", "static",
-         "-Xlinker", "-Bsymbolic", "-lpthread"]
+         "-Xlinker", "-Bsymbolic", "-lpthread", "--threads", "0"]   # --threads 0: the architectures in parallel
 
 
 class NvccNotFound(RuntimeError):

@@ -296,7 +296,8 @@ static u64 host_hash() {
 
 static void release(ncclComm* c) {
   if (!c->emulated && !c->test_only) {
-    if (c->device >= 0) cudaSetDevice(c->device);
+    DeviceGuard guard;
+    if (c->device >= 0) guard.enter(c->device);
     for (int p = 0; p < (int)c->opened.size(); p++)
       if (c->opened[p]) cudaIpcCloseMemHandle(c->bases[p]);
     if (c->dev_bases) cudaFree(c->dev_bases);

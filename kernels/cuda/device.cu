@@ -69,19 +69,21 @@ struct BF16 {
 
 #include "algorithms.h"
 
+// kThreads threads, one block per SM at least: ptxas may use up to 128 registers (with the default bound it aims at
+// two blocks per SM, caps at 64 and spills).
 template <class T, int OP>
-__global__ void __launch_bounds__(kThreads) reduce_kernel(CollArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) reduce_kernel(CollArgs a) {
   Block b;
   reduce_body<T, OP>(b, a, blockIdx.x);
 }
 
 template <class U>
-__global__ void __launch_bounds__(kThreads) copy_kernel(CollArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) copy_kernel(CollArgs a) {
   Block b;
   copy_body<U>(b, a, blockIdx.x);
 }
 
-__global__ void __launch_bounds__(kThreads) p2p_kernel(P2PArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) p2p_kernel(P2PArgs a) {
   Block b;
   p2p(b, a, blockIdx.x);
 }
