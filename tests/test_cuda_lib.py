@@ -597,8 +597,8 @@ def test_emulated_point_to_point(emulated, nranks):
     """(1) outside a group: every rank sends to the next, then receives from the previous (messages that fit in the
     FIFO complete before their receive starts, as NCCL's small sends do); (2) a grouped all-to-all, self included,
     two messages to every peer, several wider than the FIFO, one of zero bytes, in a different order of sends and
-    receives on every rank: the lanes progress together, every message arrives in order; (3) bf16 through the same
-    connections afterwards."""
+    receives on every rank: the lanes progress together, every message arrives in order (the messages to itself as
+    local copies); (3) bf16 through the same connections afterwards; (4) messages to itself through its FIFO."""
     ranks, N = emulated(nranks), nranks
     got = [None] * N
 
@@ -644,6 +644,26 @@ def test_emulated_point_to_point(emulated, nranks):
         ranks.lib.call("ncclGroupEnd")
     ranks.run(exchange)
     assert all(torch.equal(back[r], bf[(r + 1) % N]) for r in range(N))
+
+    def to_itself(r):
+        """A send to itself outside a group (into its FIFO), then a group with another send to itself and two
+        receives: the first receive gets the older message (no pairing while the FIFO holds one). Then a group whose
+        send to itself and receive differ in size: ncclInvalidUsage at ncclGroupEnd, nothing launched."""
+        first, second = torch.arange(5.0) + r, torch.arange(7.0) + 10 * r
+        ranks.call("ncclSend", first, 5, 7, r, ranks.comms[r], None)
+        a, b = torch.zeros(5), torch.zeros(7)
+        ranks.lib.call("ncclGroupStart")
+        ranks.call("ncclSend", second, 7, 7, r, ranks.comms[r], None)
+        ranks.call("ncclRecv", a, 5, 7, r, ranks.comms[r], None)
+        ranks.call("ncclRecv", b, 7, 7, r, ranks.comms[r], None)
+        ranks.lib.call("ncclGroupEnd")
+        assert torch.equal(a, first) and torch.equal(b, second)
+        ranks.lib.call("ncclGroupStart")
+        ranks.call("ncclSend", first, 4, 7, r, ranks.comms[r], None)
+        ranks.call("ncclRecv", a, 3, 7, r, ranks.comms[r], None)
+        with pytest.raises(nccl.NCCLError, match="send of 16 bytes to itself meets its receive of 12 bytes"):
+            ranks.lib.call("ncclGroupEnd")
+    ranks.run(to_itself)
 
 
 def expect_errors(ranks, fns):

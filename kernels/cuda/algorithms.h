@@ -399,7 +399,8 @@ FN void one_shot_all_reduce(Block& b, const CollArgs& a, int blk) {
 // ceil(B / slot_bytes) slots; a send waits only for free slots, so a send whose message fits in the FIFO completes
 // before its receive starts. Block `lane` runs, in order, the group's operations with one (peer, direction); the
 // lanes of a group run at the same time, so the sends and receives of a group (an all-to-all: one of each with every
-// peer, this rank included) progress together and cannot deadlock.
+// peer) progress together and cannot deadlock. A send to this rank itself and its receive in the same group are one
+// local copy (as in NCCL; the host pairs them), so no block waits for another block of its own kernel.
 template <class U>
 FN bool p2p_step(Block& b, const DevComm& c, Conn& k, bool is_send, u64 desc, int lane, char* buf, u64 bytes) {
   U* p = (U*)buf;
@@ -408,21 +409,37 @@ FN bool p2p_step(Block& b, const DevComm& c, Conn& k, bool is_send, u64 desc, in
                  : copy_step<U>(b, c, &k, nullptr, desc, lane, nullptr, p, n);
 }
 
+template <class U>
+FN void local_copy(Block& b, char* dst, const char* src, u64 bytes) {
+  for (u64 i = b.tid; i < bytes / sizeof(U); i += b.nthreads) ((U*)dst)[i] = ((const U*)src)[i];
+  b.sync();
+}
+
 FN void p2p(Block& b, const P2PArgs& a, int lane) {
   const DevComm& c = a.c;
   for (int i = 0; i < a.nops; i++) {
     const P2POp& op = a.ops[i];
     if (op.lane != lane) continue;
-    Conn k = op.is_send ? p2p_send(c, op.peer, op.step) : p2p_recv(c, op.peer, op.step);
+    if (op.kind == kCopyOp) {
+      switch (op.elemsize) {
+        case 1: local_copy<unsigned char>(b, op.buf, op.src, op.bytes); break;
+        case 2: local_copy<unsigned short>(b, op.buf, op.src, op.bytes); break;
+        case 4: local_copy<unsigned int>(b, op.buf, op.src, op.bytes); break;
+        default: local_copy<u64>(b, op.buf, op.src, op.bytes); break;
+      }
+      continue;
+    }
+    const bool is_send = op.kind == kSendOp;
+    Conn k = is_send ? p2p_send(c, op.peer, op.step) : p2p_recv(c, op.peer, op.step);
     const u64 desc = make_desc(kP2P, 0, 0, 0, op.bytes);
     for (u64 off = 0; off < op.bytes; off += c.slot_bytes) {
       const u64 n = min_u64(op.bytes - off, c.slot_bytes);
       bool ok;
       switch (op.elemsize) {   // copy in units of the element (buffers are aligned to their element size)
-        case 1: ok = p2p_step<unsigned char>(b, c, k, op.is_send, desc, lane, op.buf + off, n); break;
-        case 2: ok = p2p_step<unsigned short>(b, c, k, op.is_send, desc, lane, op.buf + off, n); break;
-        case 4: ok = p2p_step<unsigned int>(b, c, k, op.is_send, desc, lane, op.buf + off, n); break;
-        default: ok = p2p_step<u64>(b, c, k, op.is_send, desc, lane, op.buf + off, n); break;
+        case 1: ok = p2p_step<unsigned char>(b, c, k, is_send, desc, lane, op.buf + off, n); break;
+        case 2: ok = p2p_step<unsigned short>(b, c, k, is_send, desc, lane, op.buf + off, n); break;
+        case 4: ok = p2p_step<unsigned int>(b, c, k, is_send, desc, lane, op.buf + off, n); break;
+        default: ok = p2p_step<u64>(b, c, k, is_send, desc, lane, op.buf + off, n); break;
       }
       if (!ok) return;
     }

@@ -138,6 +138,7 @@ def build(out_dir, archs=None, nvcc=None, timeout_s=900):
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
         raise nvcc_missing()
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     out = Path(out_dir) / LIBRARY
     cmd = command(nvcc, out, archs)
     start = time.time()

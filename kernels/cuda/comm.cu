@@ -26,6 +26,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -55,6 +56,7 @@ struct ncclComm {
   ErrorRecord* err_dev;           // its device address
   std::vector<u64> ring_send, ring_recv;   // per channel: the next sequence number of its ring connections
   std::vector<u64> p2p_send, p2p_recv;     // per peer: the next sequence number of its point-to-point connections
+  u64 self_sent, self_received;            // messages this rank sent to itself and received from itself
   u64 oneshot_calls;
   std::string async_message;      // the error record as text, once read
 };
@@ -402,7 +404,7 @@ static ncclComm* new_comm(int nranks, int rank) {
   c->region = nullptr;
   c->dev_bases = nullptr;
   c->err = c->err_dev = nullptr;
-  c->oneshot_calls = 0;
+  c->oneshot_calls = c->self_sent = c->self_received = 0;
   return c;
 }
 
@@ -650,7 +652,70 @@ static thread_local int group_depth = 0;                   // NCCL's group state
 static thread_local std::vector<PendingP2P> pending;
 
 // Launch the pending sends and receives: one kernel per (communicator, stream), in the order they first appear,
-// with one block (lane) per (peer, direction); each operation's slots are numbered on its connection.
+// with one block (lane) per (peer, direction); each operation's slots are numbered on its connection. As in NCCL, a
+// send to this rank itself and a receive from itself in one group are one copy (a lane of its own, no FIFO): the
+// i-th such send goes to the i-th such receive, unless a message sent to itself earlier is still in its FIFO (then
+// they all go through the FIFO, in order).
+static ncclResult_t launch_ops(ncclComm* c, cudaStream_t stream, const std::vector<PendingP2P>& group) {
+  if (group.size() > (size_t)kMaxP2POps)
+    return set_error(ncclInvalidUsage, "ncclGroupEnd: %zu sends and receives on one communicator and stream in one "
+                     "group; libnanoccl launches at most %d together", group.size(), kMaxP2POps);
+  std::vector<size_t> self_sends, self_recvs;
+  for (size_t j = 0; j < group.size(); j++)
+    if (group[j].peer == c->rank) (group[j].is_send ? self_sends : self_recvs).push_back(j);
+  const size_t pairs = c->self_sent == c->self_received ? std::min(self_sends.size(), self_recvs.size()) : 0;
+  std::vector<long> source(group.size(), -1);   // a paired receive: the index of its send
+  for (size_t k = 0; k < pairs; k++) {
+    const PendingP2P &s = group[self_sends[k]], &r = group[self_recvs[k]];
+    if (s.bytes != r.bytes)
+      return set_error(ncclInvalidUsage, "ncclGroupEnd: rank %d's send of %llu bytes to itself meets its receive of "
+                       "%llu bytes", c->rank, (unsigned long long)s.bytes, (unsigned long long)r.bytes);
+    source[self_recvs[k]] = (long)self_sends[k];
+    source[self_sends[k]] = -2;   // done by the receive's copy
+  }
+  c->self_sent += self_sends.size();
+  c->self_received += self_recvs.size();
+  P2PArgs a;
+  memset(&a, 0, sizeof a);
+  a.c = view(c);
+  std::vector<int> lanes;   // 3 * peer + kind of each lane
+  bool moves = false;
+  for (size_t j = 0; j < group.size(); j++) {
+    const PendingP2P& p = group[j];
+    if (source[j] == -2) continue;
+    P2POp& op = a.ops[a.nops++];
+    op.buf = p.buf;
+    op.bytes = p.bytes;
+    op.peer = p.peer;
+    op.elemsize = p.elemsize;
+    if (source[j] >= 0) {
+      op.kind = kCopyOp;
+      op.src = group[source[j]].buf;
+      op.elemsize = std::min(p.elemsize, group[source[j]].elemsize);
+    } else {
+      op.kind = p.is_send ? kSendOp : kRecvOp;
+      u64& step = p.is_send ? c->p2p_send[p.peer] : c->p2p_recv[p.peer];
+      op.step = step;
+      step += ceil_div(p.bytes, c->cfg.slot_bytes);
+    }
+    int key = 3 * p.peer + op.kind, lane = 0;
+    while (lane < (int)lanes.size() && lanes[lane] != key) lane++;
+    if (lane == (int)lanes.size()) lanes.push_back(key);
+    op.lane = lane;
+    moves |= p.bytes > 0;
+  }
+  if (!moves) return ncclSuccess;
+  if (c->emulated) {
+    emu::launch_p2p(a, (int)lanes.size());
+    return async_error(c);
+  }
+  DeviceGuard guard;
+  NCCL_TRY(guard.enter(c->device));
+  cudaError_t e = (cudaError_t)dev::launch_p2p(a, (int)lanes.size(), stream);
+  if (e != cudaSuccess) return cuda_error(e, "ncclGroupEnd (sends and receives)");
+  return ncclSuccess;
+}
+
 static ncclResult_t launch_pending() {
   std::vector<PendingP2P> ops;
   ops.swap(pending);
@@ -658,54 +723,13 @@ static ncclResult_t launch_pending() {
   std::vector<bool> done(ops.size(), false);
   for (size_t i = 0; i < ops.size(); i++) {
     if (done[i]) continue;
-    ncclComm* c = ops[i].comm;
-    cudaStream_t stream = ops[i].stream;
-    std::vector<size_t> mine;
+    std::vector<PendingP2P> group;
     for (size_t j = i; j < ops.size(); j++)
-      if (!done[j] && ops[j].comm == c && ops[j].stream == stream) {
-        mine.push_back(j);
+      if (!done[j] && ops[j].comm == ops[i].comm && ops[j].stream == ops[i].stream) {
+        group.push_back(ops[j]);
         done[j] = true;
       }
-    if (mine.size() > (size_t)kMaxP2POps) {
-      result = set_error(ncclInvalidUsage, "ncclGroupEnd: %zu sends and receives on one communicator and stream in "
-                         "one group; libnanoccl launches at most %d together", mine.size(), kMaxP2POps);
-      continue;
-    }
-    P2PArgs a;
-    memset(&a, 0, sizeof a);
-    a.c = view(c);
-    std::vector<int> lanes;   // peer * 2 + is_send of each lane
-    bool moves = false;
-    for (size_t j : mine) {
-      const PendingP2P& p = ops[j];
-      P2POp& op = a.ops[a.nops++];
-      op.buf = p.buf;
-      op.bytes = p.bytes;
-      op.peer = p.peer;
-      op.is_send = p.is_send;
-      op.elemsize = p.elemsize;
-      int key = p.peer * 2 + p.is_send, lane = 0;
-      while (lane < (int)lanes.size() && lanes[lane] != key) lane++;
-      if (lane == (int)lanes.size()) lanes.push_back(key);
-      op.lane = lane;
-      u64& step = p.is_send ? c->p2p_send[p.peer] : c->p2p_recv[p.peer];
-      op.step = step;
-      step += ceil_div(p.bytes, c->cfg.slot_bytes);
-      moves |= p.bytes > 0;
-    }
-    if (!moves) continue;
-    if (c->emulated) {
-      emu::launch_p2p(a, (int)lanes.size());
-      ncclResult_t r = async_error(c);
-      if (r != ncclSuccess) result = r;
-      continue;
-    }
-    DeviceGuard guard;
-    ncclResult_t r = guard.enter(c->device);
-    if (r == ncclSuccess) {
-      cudaError_t e = (cudaError_t)dev::launch_p2p(a, (int)lanes.size(), stream);
-      if (e != cudaSuccess) r = cuda_error(e, "ncclGroupEnd (sends and receives)");
-    }
+    ncclResult_t r = launch_ops(ops[i].comm, ops[i].stream, group);
     if (r != ncclSuccess) result = r;
   }
   return result;

@@ -135,12 +135,14 @@ struct CollArgs {
   u64 send_step[kMaxChannels], recv_step[kMaxChannels];   // ring: each channel's connections' first sequence number
 };
 
-// One send or receive of a group; ops of one lane (a block) run in order, lanes run concurrently.
+// One send, receive or local copy of a group; ops of one lane (a block) run in order, lanes run concurrently.
+enum { kRecvOp = 0, kSendOp = 1, kCopyOp = 2 };
 struct P2POp {
-  char* buf;
+  char* buf;              // what is sent, or where it is received (or copied to)
+  const char* src;        // kCopyOp: what is copied (a send to this rank itself, paired with its receive)
   u64 bytes;
   u64 step;               // the connection's sequence number of this message's first slot
-  int peer, is_send, lane, elemsize;
+  int peer, kind, lane, elemsize;
 };
 struct P2PArgs {
   DevComm c;
