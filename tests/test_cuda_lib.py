@@ -717,11 +717,24 @@ def test_emulated_missing_rank_is_a_timeout_on_every_rank(emulated):
         ranks.lib.call("ncclCommDestroy", comm)
 
 
+def test_emulated_abort_stops_the_other_ranks(emulated):
+    """ncclCommAbort on rank 0 releases its communicator at once; rank 1's next call (a ring all-reduce, whose first
+    step waits for nothing) stops before touching rank 0's memory, with ncclRemoteError naming rank 0."""
+    ranks = emulated(2)
+    x = torch.ones(1000)
+    ranks.lib.call("ncclCommAbort", ranks.comms[0])
+    with pytest.raises(nccl.NCCLError, match=r"ncclRemoteError.*rank 1 stopped ncclAllReduce\(count=1000, ncclFloat32, "
+                                             r"ncclSum\) because rank 0 failed or called ncclCommAbort"):
+        ranks.call("ncclAllReduce", x, x, 1000, 7, 0, ranks.comms[1], None)
+    ranks.failed = True
+    ranks.lib.call("ncclCommDestroy", ranks.comms[1])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # on a GPU, under torchrun with 2 ranks sharing GPU 0
 
 SMALL = dict(NANOCCL_NCHANNELS="2", NANOCCL_SLOTS="2", NANOCCL_SLOT_BYTES="4096", NANOCCL_ONESHOT_BYTES="1024")
-DEFAULT = dict(NANOCCL_NCHANNELS="4", NANOCCL_SLOTS="4", NANOCCL_SLOT_BYTES=str(256 << 10),
+DEFAULT = dict(NANOCCL_NCHANNELS="4", NANOCCL_SLOTS="8", NANOCCL_SLOT_BYTES=str(256 << 10),
                NANOCCL_ONESHOT_BYTES=str(256 << 10))
 
 
@@ -751,7 +764,7 @@ class TestCudaLibOnGPU(DistributedTestCase):
             atexit.register(_exit_through_teardown)
         super().setUpClass()
         cls.device = torch.device("cuda", 0)
-        with environment(**DEFAULT):   # 4 channels, 4 slots of 256 KiB, one-shot up to 256 KiB (the defaults)
+        with environment(**DEFAULT):   # 4 channels, 8 slots of 256 KiB, one-shot up to 256 KiB (the defaults)
             cls.comm = nccl.CudaCollectives(device=cls.device)
         with environment(**SMALL):     # 2 channels, 2 slots of 4 KiB, one-shot up to 1 KiB: many chunks
             cls.small = nccl.CudaCollectives(device=cls.device)

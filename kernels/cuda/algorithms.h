@@ -154,7 +154,12 @@ FN Conn p2p_recv(const DevComm& c, int peer, u64 step) {
 FN bool step_begin(Block& b, const DevComm& c, const Conn* recv, const Conn* send, u64 desc, int ch) {
   bool bad = false;
   if (b.tid == 0) {
-    if (recv) {
+    u64 failed = load_relaxed(flag(c, c.rank, c.L.abort));   // even a step that waits for nothing: after an
+    if (failed) {                                              // ncclCommAbort a peer's region may be gone
+      fail(c, kErrRemote, kAborted, (int)failed - 1, ch, recv ? recv->step : send->step, desc, 0);
+      bad = true;
+    }
+    if (!bad && recv) {
       bad = !wait_geq(c, recv->tail, recv->step + 1, kWaitData, recv->peer, ch, desc);
       if (!bad) {
         u64 got = load_relaxed(recv->desc + recv->step % c.slots);

@@ -138,8 +138,8 @@ static std::string describe_error(const ncclComm* c) {
                c->rank, call.c_str(), describe_call(e.peer_desc).c_str(), e.peer);
       break;
     case kAborted:
-      snprintf(text, sizeof text, "rank %d stopped %s because rank %d failed (its error says why)", c->rank,
-               call.c_str(), e.peer);
+      snprintf(text, sizeof text, "rank %d stopped %s because rank %d failed or called ncclCommAbort (its error "
+               "says why)", c->rank, call.c_str(), e.peer);
       break;
     default: {
       static const char* waits[] = {"", "for data from", "for a free slot at", "for the staged input of",
@@ -218,7 +218,7 @@ static ncclResult_t read_bootstrap_timeout(double* seconds) {
 }
 
 static ncclResult_t read_config(Config* c) {
-  u64 channels = 4, slots = 4, slot_bytes = 256 << 10, oneshot_bytes = 256 << 10;
+  u64 channels = 4, slots = 8, slot_bytes = 256 << 10, oneshot_bytes = 256 << 10;
   double timeout_s;
   NCCL_TRY(read_u64("NANOCCL_NCHANNELS", 1, kMaxChannels, 1, &channels));
   NCCL_TRY(read_u64("NANOCCL_SLOTS", 2, 64, 1, &slots));   // a ring step needs 2: see step_begin
@@ -460,7 +460,7 @@ NANOCCL_API ncclResult_t nanocclTestCommCreate(int nranks, int rank, ncclComm_t*
   ncclComm* c = new_comm(nranks, rank);
   c->test_only = true;
   c->err = c->err_dev = (ErrorRecord*)calloc(1, sizeof(ErrorRecord));
-  if (read_config(&c->cfg) != ncclSuccess) c->cfg = Config{4, 4, 256 << 10, 256 << 10, 300000000000ull};
+  if (read_config(&c->cfg) != ncclSuccess) c->cfg = Config{4, 8, 256 << 10, 256 << 10, 300000000000ull};
   *comm = c;
   return ncclSuccess;
 }

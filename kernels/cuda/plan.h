@@ -59,7 +59,7 @@ NANOCCL_HD inline u64 make_desc(int kind, int dtype, int op, int root, u64 count
 // The configuration every rank must share (NANOCCL_* environment variables, read at ncclCommInitRank).
 struct Config {
   int nchannels;        // blocks per collective, each with its own ring connections   (NANOCCL_NCHANNELS, 4)
-  int slots;            // slots per connection FIFO, >= 2 (NCCL_STEPS is 8)           (NANOCCL_SLOTS, 4)
+  int slots;            // slots per connection FIFO, >= 2 (as NCCL_STEPS)             (NANOCCL_SLOTS, 8)
   u64 slot_bytes;       // bytes per slot, a multiple of 16                            (NANOCCL_SLOT_BYTES, 256 KiB)
   u64 oneshot_bytes;    // all-reduces up to this size take the one-shot path          (NANOCCL_ONESHOT_BYTES, 256 KiB)
   u64 timeout_ns;       // a wait longer than this is an error                         (NANOCCL_TIMEOUT_S, 300)
