@@ -158,7 +158,7 @@ class Pytorch3D(Parallel3D):
 # ----------------------------------------------------------------------------------------------------------
 # custom variant: parallel/tp.py's layers, parallel/ddp.py's or parallel/fsdp.py's wrapper, parallel/pp.py's schedules
 
-@register("3d", "custom", "triton", "nccl")
+@register("3d", "custom", "triton", "nccl", "cuda")
 class Custom3D(Parallel3D):
     """The composition of the module docstring written out, over this variant's Collectives. With FSDP the tied
     embedding and head are units of their own on the first and last stage, so the two copies have the same flat

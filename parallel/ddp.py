@@ -164,7 +164,7 @@ class DataParallel(nn.Module):
         self.next_bucket = 0
 
 
-@register("ddp", "custom", "triton", "nccl")
+@register("ddp", "custom", "triton", "nccl", "cuda")
 class CustomDDP(Strategy):
     """Our DataParallel around the GPT, over the Collectives of this variant (comm.py, kernels/)."""
 

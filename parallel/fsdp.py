@@ -518,7 +518,7 @@ def load_flat_state(fsdp, state, optimizer, full_tensor):
             optimizer.state[p] = {"step": step.clone(), **{k: v[lo:hi].clone() for k, v in moments.items()}}
 
 
-@register("fsdp", "custom", "triton", "nccl")
+@register("fsdp", "custom", "triton", "nccl", "cuda")
 class CustomFSDP(FullySharded):
     """FullyShardedDataParallel (ZeRO-3 with flat parameters) around a meta-device GPT: units are the blocks and
     the root (embeddings, final norm, tied head). Mixed precision: fp32 shards, bf16/fp16 gathered parameters and
