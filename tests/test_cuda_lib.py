@@ -35,7 +35,6 @@ from ctypes import POINTER, byref, c_double, c_int, c_size_t, c_ulonglong, c_voi
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from kernels import nccl
 from kernels.cuda import build
