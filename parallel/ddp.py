@@ -120,8 +120,9 @@ class PytorchZero1(PytorchDDP):
     each rank's AdamW updates and keeps the moments of its own parameters only: about 8Ψ/N bytes, not exactly (no
     parameter is split). After its step each rank broadcasts its updated parameters to the others. So compared with
     the paper's P_os (the custom variant): the gradients are all-reduced by DDP (2·(N-1)/N·Ψ·4 bytes), of which each
-    rank then uses 1/N, and the parameters travel by N broadcasts (Ψ·4 bytes in all, each rank sending its part); its
-    collectives are not counted in stats (only DDP's all-reduce is). Checkpoints are one file, as DDP's: the
+    rank then uses 1/N, and each rank broadcasts its own updated parameters (N broadcasts of Ψ·4 bytes in all: about
+    Ψ·4 bus bytes per rank by nccl-tests' count, against the all-gather's (N-1)/N·Ψ·4); these broadcasts are not
+    counted in stats (only DDP's all-reduce is). Checkpoints are one file, as DDP's: the
     optimizer state is first gathered on rank 0 (consolidate_state_dict, collective), whose optimizer.state_dict() is
     then the single-device AdamW's, loadable by single, ddp and ZeRO-1 at any world size."""
 

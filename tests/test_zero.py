@@ -163,7 +163,7 @@ class TestZero(DistributedTestCase):
         sharding of the same state; ddp converting it to one file): each continues with one step checked against
         the single model started from that checkpoint's parameters and AdamW state (the file `python -m
         parallel.checkpoint` writes). pytorch ZeRO-1's checkpoint (one file, its optimizer state consolidated on
-        rank 0) loads into custom DDP likewise."""
+        rank 0) loads into custom DDP and into pytorch ZeRO-1 (each rank keeping its parameters' state) likewise."""
         model_config = tiny_config(n_layer=2)
         N = self.world_size
         batches = global_batches(2, 2 * N, 2, model_config)
@@ -173,7 +173,7 @@ class TestZero(DistributedTestCase):
                                    ("3d", "custom", dict(dp_size=N // 2, tp_size=2, dp_type="ddp", zero_stage=1))],
                    ("custom", 2): [("ddp", "custom", dict(zero_stage=1)), ("fsdp", "custom", {}),
                                    ("ddp", "custom", {})],
-                   ("pytorch", 1): [("ddp", "custom", {})]}
+                   ("pytorch", 1): [("ddp", "custom", {}), ("ddp", "pytorch", dict(zero_stage=1))]}
         try:
             for (saver, stage), targets in loaders.items():
                 strategy = self.zero(saver, stage)
