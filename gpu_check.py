@@ -18,7 +18,7 @@ does (comm.init_distributed: torch's NCCL for CUDA tensors, the ranks sharing th
               fallback, or missing, and then what is skipped because of it, with the reason
   tests       the GPU test classes: TestTritonCollectives (tests/test_triton_comm.py: triton on CUDA symmetric
               memory, with its strategies), TestNCCLOnGPU (tests/test_nccl.py), TestCudaLibOnGPU (test_cuda_lib.py)
-  strategies  every strategy of tests/test_triton_comm.py's STRATEGIES (ddp, fsdp, tp, pp, cp, ulysses, 3d) x the
+  strategies  every strategy of tests/test_triton_comm.py's STRATEGIES (ddp, zero, fsdp, tp, pp, cp, ulysses, 3d) x the
               custom, triton, nccl and cuda variants, each cell its own 2-rank process, 5 fp32 steps each checked
               against the single-device model from the same state (tests/reference.py's train_checked)
   bandwidth   all-reduce bus bandwidth (nccl-tests: busbw = S/t * 2(N-1)/N) of torch's NCCL and ours: the nccl
@@ -56,7 +56,7 @@ import unittest
 REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO)
 
-STRATEGY_NAMES = ("ddp", "fsdp", "tp", "pp", "cp", "ulysses", "3d")  # tests/test_triton_comm.py's STRATEGIES
+STRATEGY_NAMES = ("ddp", "zero", "fsdp", "tp", "pp", "cp", "ulysses", "3d")  # tests/test_triton_comm.py's STRATEGIES
 VARIANTS = ("custom", "triton", "nccl", "cuda")
 BACKENDS = ("torch", "nccl", "triton", "cuda")  # all-reduce bandwidth: torch's NCCL; ours: the nccl binding, the
 #                                                 triton kernels, libnanoccl through the same binding

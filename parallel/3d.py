@@ -26,6 +26,9 @@ skipped where its size is 1:
    our Collectives' or torch's autograd-aware one), on the heads TP left this rank (n_head divisible by tp·cp);
 4. data parallel on each over "dp" x "cp" (the ranks holding the same weights): pytorch `apply_fsdp` (FSDP2,
    dp_type="fsdp") or `apply_replicate` (dp_type="ddp"); custom `FullyShardedDataParallel` or `DataParallel`;
+   with dp_type="ddp", zero_stage 1 or 2 (parallel/ddp.py) shards the optimizer state (and the gradients): custom
+   `ZeroDataParallel`, pytorch FSDP2 without resharding after forward for stage 2 (no stage 1: PyTorch's
+   ZeroRedundancyOptimizer takes no DTensor parameters);
 5. materialise: every parameter gets its slice of the full model's init, so every grid starts from single's weights;
 6. pipeline schedule over "pp" (pp > 1): parallel/pp.py's PytorchPipeline or CustomPipeline, which drives the
    data-parallel wrappers' gradient sync (once per step, in each stage's last backward).
@@ -50,7 +53,7 @@ from model import GPT
 from parallel import Strategy, as_dtensor, full_shapes, materialize, register, slice_init
 from parallel.checkpoint import HEAD
 from parallel.cp import apply_cp_attention, apply_ulysses_attention, check_cp_config, cp_micro_batch
-from parallel.ddp import DataParallel, apply_replicate
+from parallel.ddp import DataParallel, ZeroDataParallel, apply_replicate, check_zero_stage, gather_after_step
 from parallel.fsdp import (LOW_PRECISION, FullyShardedDataParallel, apply_fsdp, flat_state, fsdp2_no_sync,
                            load_flat_state, mixed_precision, reshard_after_forward, reshard_fsdp2)
 from parallel.grid import print_grid, resolve_sizes  # noqa: F401 (print_grid: for the command line)
@@ -62,9 +65,10 @@ from parallel.tp import (all_reduce_flat, apply_custom_tp, apply_tp, check_tp_co
 
 class Parallel3D(Strategy):
     """What both variants share: the grid's sizes from cfg.dp_size / pp_size / cp_size / tp_size (0: dp takes the
-    rest, the others are 1), checked with dp_type, sequence and context parallelism and the pipeline config before any
-    collective (one-line ValueErrors), then the grid; the stages (or the GPT) this rank builds. Data parallelism's
-    wrapper runs over the dp x cp ranks (`replicas`: they hold the same weights)."""
+    rest, the others are 1), checked with dp_type and zero_stage, sequence and context parallelism and the pipeline
+    config before any collective (one-line ValueErrors), then the grid; the stages (or the GPT) this rank builds.
+    Data parallelism's wrapper runs over the dp x cp ranks (`replicas`: they hold the same weights). `zero`: the ZeRO
+    stage of dp_type="ddp" (0, 1, 2); with dp_type="fsdp" it is 0 and the wrapper ZeRO-3."""
 
     sharded = True
 
@@ -75,6 +79,9 @@ class Parallel3D(Strategy):
         self.replicas = dp * cp
         if cfg.dp_type not in ("ddp", "fsdp"):
             raise ValueError(f"dp_type must be 'ddp' or 'fsdp', got {cfg.dp_type!r}")
+        if cfg.dp_type == "fsdp" and cfg.zero_stage:
+            raise ValueError(f"zero_stage={cfg.zero_stage} applies to dp_type='ddp'; dp_type='fsdp' is ZeRO-3 already")
+        self.zero = check_zero_stage(cfg, custom=self.variant != "pytorch") if cfg.dp_type == "ddp" else 0
         self.sp, self.lp = cfg.sequence_parallel and tp > 1, cfg.loss_parallel and tp > 1
         if self.sp and cfg.block_size % (tp * cp):
             split = f" x cp_size={cp} (each rank's share of the sequence is split over tp)" if cp > 1 else ""
@@ -116,7 +123,15 @@ class Parallel3D(Strategy):
 @register("3d", "pytorch")
 class Pytorch3D(Parallel3D):
     """The composition of the module docstring with PyTorch's APIs. Not counted in stats: the collectives inside
-    DTensor (TP), the pipelining schedules' send/recv, and replicate's all-reduce (no counting hook)."""
+    DTensor (TP), the pipelining schedules' send/recv, and replicate's all-reduce (no counting hook). ZeRO-2
+    (dp_type="ddp", zero_stage=2) is FSDP2 with reshard_after_forward=False, as ddp/pytorch's (PytorchZero2); a
+    one-line ValueError for ZeRO-1."""
+
+    def __init__(self, cfg, device):
+        super().__init__(cfg, device)
+        if self.zero == 1:
+            raise ValueError("3d/pytorch has no zero_stage=1: torch's ZeroRedundancyOptimizer takes no DTensor "
+                             "(tensor-parallel) parameters; use variant=custom, or zero_stage=2 (FSDP2)")
 
     def build_model(self, model_config, weights=None):
         cfg = self.cfg
@@ -131,8 +146,9 @@ class Pytorch3D(Parallel3D):
             if cfg.compile:  # per block, before FSDP (torchtitan's order)
                 for block in module.transformer.h.values():
                     block.compile(backend=cfg.compile_backend)
-            if self.replicas > 1 and cfg.dp_type == "fsdp":
-                apply_fsdp(module, self.grid.replicas, self.stats, cfg.dtype, self.reshard_after_forward)
+            if self.replicas > 1 and (cfg.dp_type == "fsdp" or self.zero == 2):  # ZeRO-2: gathered to backward
+                reshard = self.reshard_after_forward and cfg.dp_type == "fsdp"
+                apply_fsdp(module, self.grid.replicas, self.stats, cfg.dtype, reshard)
             elif self.replicas > 1:
                 for unit in [*module.transformer.h.values(), module]:
                     apply_replicate(unit, self.grid.replicas, mixed_precision(cfg.dtype))
@@ -160,15 +176,18 @@ class Pytorch3D(Parallel3D):
 
 @register("3d", "custom", "triton", "nccl", "cuda")
 class Custom3D(Parallel3D):
-    """The composition of the module docstring written out, over this variant's Collectives. With FSDP the tied
-    embedding and head are units of their own on the first and last stage, so the two copies have the same flat
-    layout and their sharded gradients are summed shard by shard."""
+    """The composition of the module docstring written out, over this variant's Collectives. With FSDP (or ZeRO-1/2)
+    the tied embedding and head are units (buckets) of their own on the first and last stage, so the two copies have
+    the same flat layout and their sharded gradients are summed shard by shard. `flat`: the DP wrapper keeps flat
+    shards (FullyShardedDataParallel or ZeroDataParallel), whose optimizer views, norm pieces and checkpoint state
+    the strategy exposes."""
 
     def build_model(self, model_config, weights=None):
         cfg, tp = self.cfg, self.sizes["tp"]
         stages = self.build_modules(model_config)
         self.tp_comm, self.dp_comm = self.collectives(self.grid.group("tp")), self.collectives(self.dp_group)
         self.fsdp = cfg.dp_type == "fsdp" and self.replicas > 1
+        self.flat = (self.fsdp or self.zero > 0) and self.replicas > 1
         self.shapes = full_shapes(model_config)
         self.sp_names = {n for n in self.shapes if self.sp and is_sequence_parallel_param(n)}
         init = slice_init(model_config, tp_local_slice(self.tp_comm) if tp > 1 else None, weights)
@@ -188,6 +207,12 @@ class Custom3D(Parallel3D):
                     module, units, self.dp_comm, compute_dtype=LOW_PRECISION.get(cfg.dtype, torch.float32),
                     reshard_after_forward=self.reshard_after_forward, init_fn=init, device=self.device)
                 modules[s].pre_reduce_scatter = self._sum_sequence_parallel_grads
+            elif self.flat:  # ZeRO-1/2: a pipeline's tied embedding / head copy in a bucket of its own
+                materialize(module, self.device, init)
+                tied = [m.weight for m in (getattr(module.transformer, "wte", None), getattr(module, "lm_head", None))
+                        if m is not None and self.sizes["pp"] > 1]
+                modules[s] = ZeroDataParallel(module, self.dp_comm, self.zero, cfg.bucket_cap_mb, alone=tied)
+                modules[s].pre_reduce_scatter = self._sum_sequence_parallel_grads
             else:
                 materialize(module, self.device, init)
                 modules[s] = DataParallel(module, self.dp_comm, cfg.bucket_cap_mb) if self.replicas > 1 else module
@@ -195,29 +220,36 @@ class Custom3D(Parallel3D):
         self.run(model_config, stages, modules, CustomPipeline)
         if self.pipeline is not None:
             self.pipeline.loss_fn = head_loss or self.pipeline.loss_fn
-            if self.fsdp and self.pipeline.holds_tied:  # the unit of the embedding / head copy
+            if self.flat and self.pipeline.holds_tied:  # the unit (bucket) of the embedding / head copy
                 first = self.pipeline.pp_rank == self.pipeline.first_rank
-                unit = modules[min(stages)].units[0] if first else modules[max(stages)].units[-1]
+                wrapper = modules[min(stages)] if first else modules[max(stages)]
+                unit = ((wrapper.units[0] if first else wrapper.units[-1]) if self.fsdp
+                        else wrapper.bucket_of(self.pipeline.tied_param))
                 self.pipeline.tied_param = unit.opt_params[0] if unit.opt_params else None
         return self.model
 
     def named_parameters(self):
-        if self.fsdp:
+        if self.flat:
             return [(unit.name, p) for w in self.wrappers for unit in w.all_units() for p in unit.opt_params]
         return super().named_parameters()
+
+    def configure_optimizer(self):
+        optimizer = super().configure_optimizer()
+        return gather_after_step(optimizer, self.wrappers) if self.flat and not self.fsdp else optimizer
 
     # --- one step: sequence-parallel gradients, summed over TP ------------------------------------------------
 
     def sync_gradients(self):
         """After the DP wrapper's reductions: DDP (or no DP), the gradients of the SP parameters, DP-averaged, summed
-        over TP in one all-reduce (FSDP sums them before its reduce-scatter: _sum_sequence_parallel_grads)."""
+        over TP in one all-reduce (FSDP and ZeRO sum them before their reduce-scatter: _sum_sequence_parallel_grads)."""
         super().sync_gradients()
-        if self.sp_names and not self.fsdp:
+        if self.sp_names and not self.flat:
             all_reduce_flat([p.grad for n, p in self.named_parameters() if n in self.sp_names and p.grad is not None],
                             self.tp_comm)
 
     def _sum_sequence_parallel_grads(self, unit):
-        """FSDP's pre-reduce-scatter hook: sum over TP the unsharded gradients of the SP parameters of `unit`."""
+        """FSDP's (ZeRO's) pre-reduce-scatter hook: sum over TP the unsharded gradients of the SP parameters of `unit`
+        (a bucket)."""
         all_reduce_flat([unit.grad_acc[i["offset"]:i["offset"] + i["numel"]]
                          for i in unit.infos if i["name"] in self.sp_names], self.tp_comm)
 
@@ -229,14 +261,14 @@ class Custom3D(Parallel3D):
         return as_dtensor(t, self.grid.mesh["dp", "tp"], [Replicate(), tp_placement(name)], self.shapes[name])
 
     def gradients(self):
-        if not self.fsdp:
+        if not self.flat:
             return super().gradients()
         tp_rank = self.grid.coord["tp"]
         return [(g, name != HEAD and (shard_dim(name) is not None or tp_rank == 0))  # every DP shard counts
                 for w in self.wrappers for name, g in w.gradient_pieces()]
 
     def state_dict(self, optimizer):
-        if not self.fsdp:
+        if not self.flat:
             return super().state_dict(optimizer)
         state = {"model": {}, "optim": {}}
         for w in self.wrappers:
@@ -246,7 +278,9 @@ class Custom3D(Parallel3D):
         return state
 
     def load_state_dict(self, state, optimizer):
-        if not self.fsdp:
+        if not self.flat:
             return super().load_state_dict(state, optimizer)
         for w in self.wrappers:
             load_flat_state(w, state, optimizer, lambda t: t.to_local())
+            if not self.fsdp:
+                w.all_gather_params()

@@ -44,7 +44,8 @@ _REGISTRY = {}
 
 
 def register(strategy, *variants):
-    """Class decorator: the Strategy subclass implements `strategy` in each of `variants`."""
+    """Decorator: the Strategy subclass implements `strategy` in each of `variants` (or a function (cfg, device) ->
+    Strategy does, choosing the class from the config: ddp's zero_stage, parallel/ddp.py)."""
     def decorate(cls):
         for variant in variants:
             _REGISTRY[(strategy, variant)] = cls

@@ -7,6 +7,7 @@ Global batch layout (the same as train.py's get_batch): a step has `micro_steps`
 data-parallel ranks together; micro-batch k of data-parallel rank r is global micro-batch k * dp_size + r.
 """
 
+import copy
 import json
 import os
 from collections import namedtuple
@@ -138,7 +139,7 @@ class Reference:
         """Start from a checkpoint in the single model's layout, as load_checkpoint_file returns it (a DCP checkpoint
         converted): {"model": {name: tensor}, "optimizer": the state_dict of configure_optimizers' AdamW, ...}."""
         self.set_parameters(checkpoint["model"])
-        self.opt.load_state_dict(checkpoint["optimizer"])
+        self.opt.load_state_dict(copy.deepcopy(checkpoint["optimizer"]))  # AdamW steps its state in place
 
     def assert_optimizer_state(self, state):
         """A torch AdamW state ({index: {"step", "exp_avg", "exp_avg_sq"}}, configure_optimizers' order, as a converted

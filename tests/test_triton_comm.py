@@ -27,6 +27,8 @@ DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.
 # tests/reference.py's tiny GPT with 4 heads and cfg["n_layer"] layers (pp: a stage per rank). Add a line for a case.
 STRATEGIES = {
     "ddp": lambda N: dict(n_layer=2, gradient_accumulation_steps=N, bucket_cap_mb=0.01),
+    "zero": lambda N: dict(parallel="ddp", zero_stage=2, n_layer=2, gradient_accumulation_steps=N,
+                           bucket_cap_mb=0.01),  # in-place reduce-scatter and all-gather of flat buckets
     "fsdp": lambda N: dict(n_layer=2, gradient_accumulation_steps=N),
     "tp": lambda N: dict(n_layer=max(2, N), gradient_accumulation_steps=1, sequence_parallel=True, loss_parallel=True),
     "pp": lambda N: dict(n_layer=N, gradient_accumulation_steps=4, pp_schedule="1f1b"),
