@@ -81,8 +81,9 @@ def plan(dry_run):
         ("tests", "nccl", ["tests", "--suite", "tests.test_nccl:TestNCCLOnGPU"], 2, 90),
         ("tests", "cuda", ["tests", "--suite", "tests.test_cuda_lib:TestCudaLibOnGPU"], 2, 120),
     ]
-    # a dry run proves the orchestration on a few cells (tests/test_triton_comm.py covers every strategy on CPU)
-    cells = [(n, v) for v in VARIANTS for n in STRATEGY_NAMES if not dry_run or n in ("ddp", "pp")]
+    # a dry run proves the orchestration on a few cells (tests/test_triton_comm.py covers every strategy on CPU);
+    # custom, which ran on a GPU before, comes last
+    cells = [(n, v) for v in (*VARIANTS[1:], VARIANTS[0]) for n in STRATEGY_NAMES if not dry_run or n in ("ddp", "pp")]
     for name, variant in cells:
         parts.append(("strategies", f"{name}/{variant}", ["strategies", "--strategy", name, "--variant", variant,
                                                             "--steps", steps], 2, 90 if variant == "triton" else 60))
@@ -162,9 +163,9 @@ def worker_env(args):
     except Exception as e:
         probe("torch.distributed._symmetric_memory", "missing", f"{type(e).__name__}: {e}",
               "the triton variant fails on CUDA")
-    probe("TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES", "ok" if os.environ.get(
-          "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES") == "1" else "missing", "set to 1 by gpu_check.py for its parts: "
-          "torch's CUDA symmetric memory (2.11 included) refuses two ranks' allocations on one device without it")
+    probe("TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES, NCCL_HOSTID", "ok", "set per rank by comm.share_gpus when ranks "
+          "share a GPU (NANOPARALLEL_SHARE_GPU=1, which gpu_check sets): torch's CUDA symmetric memory (2.11 included) "
+          "refuses two ranks' allocations on one device, and NCCL two ranks on one device, without them")
     probe("TORCH_SYMMMEM", "ok", f"{os.environ.get('TORCH_SYMMMEM', 'unset')}: the symmetric-memory allocator "
           "(gpu_check.py defaults it to CUDA, the cuMem one whose peer pointers the kernels use)")
     try:
@@ -241,13 +242,15 @@ class _Collect(unittest.TextTestResult):
 
 def worker_tests(args):
     """Run one unittest class (module:Class[:test,test]) on every rank; rank 0 records every test's outcome. The
-    classes set up their own process group (gloo, GPU 0 shared) as they do under torchrun."""
+    classes set up their process group as they do under torchrun (comm.init_distributed, GPU 0 shared). Without
+    test names, every test of the class but its test_strategies_* ones: the strategies phase runs those cells, each
+    in its own process."""
     from comm import teardown
     module, cls, *names = args.suite.split(":")
     case = getattr(importlib.import_module(module), cls)
-    loader = unittest.TestLoader()
-    suite = (unittest.TestSuite([case(n) for n in names[0].split(",")]) if names
-             else loader.loadTestsFromTestCase(case))
+    names = names[0].split(",") if names else [n for n in unittest.TestLoader().getTestCaseNames(case)
+                                                if not n.startswith("test_strategies")]
+    suite = unittest.TestSuite([case(n) for n in names])
     result = unittest.TextTestRunner(stream=sys.stderr, verbosity=2, resultclass=_Collect).run(suite)
     for record in result.records:
         _emit(args.result, dict(kind="test", suite=f"{module}:{cls}", **record))
@@ -347,7 +350,7 @@ def worker_bandwidth(args):
     from comm import teardown
     from kernels.bench_comm import bus_bandwidth, make_backend, parse_size
     device = _start(args.dry_run)
-    comm = make_backend(args.backend, device, None)
+    comm = make_backend(args.backend, device, "auto")
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     failed = False
     for size in sizes:  # one call per size, so a size that is too slow still leaves the smaller ones recorded
@@ -531,7 +534,7 @@ def orchestrate(args):
             f.write(PYTEST_SHIM)
     env = child_env(args.dry_run, shim_dir)
     extra = ["--gpt2-batch", str(args.gpt2_batch)]
-    only = set(args.only.split(",")) if args.only else None
+    only = set(args.only.split(",")) if getattr(args, "only", None) else None
     parts = [p for p in plan(args.dry_run) if p[0] in args.phases and (only is None or p[1] in only or p[0] == "env")]
     deadline = start + args.budget_s
     reserve = 5  # seconds kept for each part still to come
