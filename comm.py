@@ -160,6 +160,10 @@ class TorchCollectives(Collectives):
 
     OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "max": dist.ReduceOp.MAX}
 
+    def __init__(self, group=None, stats=None):
+        super().__init__(group, stats)
+        self._connected = set()  # peers whose point-to-point channels are connected (_connect)
+
     def _all_reduce(self, tensor, op, async_op):
         return dist.all_reduce(tensor, self.OPS[op], group=self.group, async_op=async_op)
 
@@ -184,12 +188,29 @@ class TorchCollectives(Collectives):
     def _broadcast(self, tensor, src, async_op):
         return dist.broadcast(tensor, group=self.group, group_src=src, async_op=async_op)
 
+    def _connect(self, peer, device):
+        """Connect NCCL's point-to-point channels with `peer` one direction at a time, before the first message to or
+        from it. NCCL sets up each direction lazily, when first used; ring attention's isend and irecv, issued at once
+        on both ranks, set up both directions concurrently, which failed on the H200 (torch 2.11, NCCL 2.28, two ranks
+        sharing the GPU: "ncclSocketInit: connecting to address with family 1"). Here the lower rank sends 4 bytes
+        and then receives, the higher one receives and then sends: both sides at their first message to each other,
+        which is the same point of their matched message order (not counted: bookkeeping). gloo needs nothing."""
+        if device.type == "cpu" or peer in self._connected:
+            return
+        self._connected.add(peer)
+        token = torch.zeros(1, device=device)
+        first, second = (dist.send, dist.recv) if self.rank < peer else (dist.recv, dist.send)
+        for op in (first, second):
+            op(token, group=self.group, **({"group_dst": peer} if op is dist.send else {"group_src": peer}))
+
     def _send(self, tensor, dst, async_op):
+        self._connect(dst, tensor.device)
         if async_op:
             return dist.isend(tensor, group=self.group, group_dst=dst)
         dist.send(tensor, group=self.group, group_dst=dst)
 
     def _recv(self, tensor, src, async_op):
+        self._connect(src, tensor.device)
         if async_op:
             return dist.irecv(tensor, group=self.group, group_src=src)
         dist.recv(tensor, group=self.group, group_src=src)
