@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from comm import CommStats, TorchCollectives, init_distributed, teardown  # noqa: F401 (re-exported for entry points)
-from model import GPT, init_parameter_
+from model import GPT, init_parameter_, moe_stats
 from parallel import checkpoint
 from parallel.checkpoint import HEAD, WTE, load_checkpoint_file  # noqa: F401 (re-exported)
 from parallel.grid import RankGrid
@@ -473,6 +473,26 @@ class Strategy:
         pieces = self.gradients()
         comm = self.collectives(None) if self.sharded else None
         return clip_grad_norm_([g for g, _ in pieces], max_norm, [g for g, c in pieces if c], comm, self.device)
+
+    def model_metrics(self):
+        """What the model recorded in this step's backwards, summed over the ranks, for train.py's log; {} for a dense
+        model (no communication). With MoE layers (model.moe_stats): {"moe/aux_loss": the load-balancing loss, mean
+        over micro-batches and MoE layers; "moe/load_imbalance": the most tokens an expert got over the mean;
+        "moe/tokens_per_expert": [tokens routed to each expert, summed over the MoE layers]}, the same on every rank;
+        collective (every rank calls it once per step), and it starts the next step's count."""
+        config = self.model.config
+        if not config.n_expert:
+            return {}
+        stats = moe_stats([self.model])
+        local = torch.zeros(config.n_expert + 2, dtype=torch.float64, device=self.device)
+        if stats is not None:
+            local[:-2], local[-2], local[-1] = stats
+        if self.world_size > 1:
+            dist.all_reduce(local)
+        tokens, aux, calls = local[:-2], local[-2].item(), local[-1].item()
+        return {"moe/aux_loss": aux / calls if calls else 0.0,
+                "moe/load_imbalance": (tokens.max() / tokens.mean()).item() if tokens.sum() else 0.0,
+                "moe/tokens_per_expert": [round(t) for t in tokens.tolist()]}
 
     def memory_bytes(self, optimizer):
         """{"params", "grads", "optimizer"}: bytes this rank holds in each between steps (after backward and the

@@ -11,8 +11,8 @@ How train.py's keys map to a layout (sim.cost.Parallel), for N devices (--gpus, 
 - zero = zero_stage, or 3 for parallel="fsdp", else 0; schedule = pp_schedule, v = pp_virtual_stages;
   sequence_parallel, loss_parallel, reshard_after_forward, bucket_cap_mb, pp_split as train.py;
 - dtype "auto" is the cluster's (bfloat16 on the GPU presets, float32 on cpu-local); n_layer, n_head, n_embd,
-  block_size, block, bias, dropout: the model; vocab_size from the dataset's meta.pkl as train.py reads it,
-  unless the simulator's vocab_size key sets it.
+  block_size, block, bias, dropout, n_kv_head, ffn_hidden: the model; vocab_size train.py's (0: the dataset's
+  meta.pkl as train.py reads it).
 """
 
 import os
@@ -30,7 +30,6 @@ SIM_DEFAULTS = {
     "cluster": "a100-80gb",      # a100-80gb, h100-sxm, cpu-local, or a cluster .json (sim/cluster.py)
     "gpus": 0,                   # devices in all (0: nodes x devices per node; 1 for parallel=single)
     "nodes": 0,
-    "vocab_size": 0,             # 0: the dataset's (meta.pkl), 50304 without one, as train.py
     "cp_size": 1,                # context parallelism (ring attention), between pp and tp in the rank grid
     "zero_stage": -1,            # -1: 3 for parallel=fsdp, else 0; 1 and 2 shard optimizer (and gradients)
     "recompute": "none",         # none, selective (attention core), full (every layer's forward)
@@ -96,7 +95,8 @@ def build(cfg, cluster=None):
                          f"divisible by the data-parallel size {dp}")
     vocab = cfg["vocab_size"] or read_vocab_size(cfg["data_dir"] or os.path.join(REPO, "data", cfg["dataset"]))
     model = Model(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], seq_len=cfg["block_size"],
-                  vocab_size=vocab, block=cfg["block"], bias=cfg["bias"], dropout=cfg["dropout"])
+                  vocab_size=vocab, block=cfg["block"], bias=cfg["bias"], dropout=cfg["dropout"],
+                  n_kv_head=cfg["n_kv_head"], ffn_hidden=cfg["ffn_hidden"])
     zero = cfg["zero_stage"] if cfg["zero_stage"] >= 0 else (3 if cfg["parallel"] == "fsdp" else 0)
     dtype = cluster.default_dtype if cfg["dtype"] == "auto" else cfg["dtype"]
     par = Parallel(dp=dp, tp=tp, pp=pp, cp=cp, v=cfg["pp_virtual_stages"], micro_batch=cfg["batch_size"],

@@ -1,0 +1,305 @@
+"""
+model.py's mixture-of-experts feed-forward and grouped-query attention on one device: the MoE layer against a loop
+over tokens and their experts, the load-balancing loss against its formula, the dense model bitwise unchanged, the
+routing statistics counted once, and the Llama 3 configuration (toy scale through train.py, full size in the
+simulator).
+"""
+
+import hashlib
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig, MoE, apply_rope, flops_per_token, moe_stats, n_moe_layers
+from parallel import apply_ac
+from tests.distributed import run_command
+from tests.reference import TINY, tiny_config
+
+BLOCKS = ("gpt2", "llama")
+
+
+def moe_config(**overrides):
+    """A tiny GPT whose even blocks are MoE (4 experts, top-2, a shared expert) with grouped-query attention."""
+    return tiny_config(**{"n_layer": 4, "n_head": 4, "n_kv_head": 2, "n_expert": 4, "n_expert_per_token": 2,
+                          "moe_every": 2, "n_shared_expert": 1, **overrides})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# with n_expert = 0 and n_kv_head = n_head the model is today's, bitwise
+
+# sha256 over (name, shape, bytes) of every initial parameter of tiny_config(block=...), computed with model.py before
+# MoE and grouped-query attention were added (CPU normal_ draws are the same on every machine)
+TODAYS_INIT = {"gpt2": "843dcf9647f5bf90485ab080dc97e84c5109f62650813ec1e5fb9389a6c89116",
+               "llama": "95f4d18ad3c6b76a70f17c4495843b66f568ee69ef5763b2358950a895ebb25c"}
+
+
+def init_fingerprint(model):
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(p.detach().numpy().tobytes())
+    return h.hexdigest()
+
+
+def plain_forward(model, x, y):
+    """The dense GPT's forward as model.py computed it before MoE and GQA, from torch primitives in the same order."""
+    tr, c = model.transformer, model.config
+    B, T = x.shape
+    pos = torch.arange(T)
+    h = tr.wte(x)
+    if "wpe" in tr:
+        h = h + tr.wpe(pos)
+    for block in tr.h.values():
+        a, attn = block.ln_1(h), block.attn
+        q, k, v = (F.linear(a, p.weight, p.bias).view(B, T, -1, attn.head_dim).transpose(1, 2)
+                   for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        if c.block == "llama":
+            q, k = apply_rope(q, c.rope_theta, pos), apply_rope(k, c.rope_theta, pos)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
+        h = h + F.linear(o, attn.out_proj.weight, attn.out_proj.bias)
+        m, mlp = block.ln_2(h), block.mlp
+        if c.block == "llama":
+            h = h + F.linear(F.silu(F.linear(m, mlp.gate_proj.weight)) * F.linear(m, mlp.up_proj.weight),
+                             mlp.down_proj.weight)
+        else:
+            h = h + F.linear(F.gelu(F.linear(m, mlp.up_proj.weight, mlp.up_proj.bias)), mlp.down_proj.weight,
+                             mlp.down_proj.bias)
+    logits = F.linear(tr.ln_f(h), model.lm_head.weight)
+    return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_dense_model_is_bitwise_todays(block):
+    """n_expert=0, n_kv_head=n_head (the defaults, or given explicitly): the same parameter names, the same initial
+    values bitwise as before MoE and GQA existed, and the same logits and loss as the plain forward, bitwise."""
+    for config in (tiny_config(block=block), tiny_config(block=block, n_expert=0, n_kv_head=TINY["n_head"])):
+        model = GPT(config)
+        assert init_fingerprint(model) == TODAYS_INIT[block]
+        assert not any(isinstance(m, MoE) for m in model.modules())
+        x = torch.randint(0, config.vocab_size, (3, config.block_size))
+        y = torch.randint(0, config.vocab_size, (3, config.block_size))
+        logits, loss = model(x, y)
+        ref_logits, ref_loss = plain_forward(model, x, y)
+        assert torch.equal(logits, ref_logits) and torch.equal(loss, ref_loss)
+        assert flops_per_token(config) == 6 * model.get_num_params() + 12 * config.n_layer * config.n_embd * \
+            config.block_size
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the MoE layer against a loop over tokens and experts
+
+
+def expert_loop(layer, x):
+    """The MoE layer written as a loop (fp64): every token through each of its top-k experts, one at a time, weighted
+    by its renormalised router probability, plus the shared expert; and Switch Transformer's loss from its formula.
+    Returns (y (N, C), load-balancing loss)."""
+    E, k = layer.n_expert, layer.top_k
+    probs = torch.softmax(x @ layer.router.weight.t(), dim=-1)
+    top_p, top_e = probs.topk(k, dim=-1)
+    ex = layer.experts
+    rows = []
+    for t in range(x.shape[0]):
+        out = torch.zeros(x.shape[1], dtype=x.dtype)
+        for j in range(k):
+            e, w = top_e[t, j].item(), top_p[t, j] / top_p[t].sum()
+            if ex.swiglu:
+                hidden = F.silu(ex.gate_proj.weight[e] @ x[t]) * (ex.up_proj.weight[e] @ x[t])
+            else:
+                hidden = F.gelu(ex.up_proj.weight[e] @ x[t])
+            out = out + w * (ex.down_proj.weight[e] @ hidden)
+        rows.append(out)
+    y = torch.stack(rows)
+    if layer.shared_expert is not None:
+        y = y + layer.shared_expert(x)
+    f = torch.stack([(top_e == i).sum() for i in range(E)]).to(x.dtype) / (x.shape[0] * k)  # share of the N·k slots
+    P = probs.mean(dim=0)  # mean router probability
+    return y, E * (f * P).sum()
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("top_k", (1, 2))
+def test_moe_layer_equals_the_loop_over_experts(block, top_k):
+    """Output, the load-balancing loss and the gradients (input, router, every expert, shared expert) of the MoE layer
+    equal those of expert_loop in fp64 (1e-12)."""
+    torch.manual_seed(0)
+    config = moe_config(block=block, n_expert_per_token=top_k)
+    layer = GPT(config).transformer.h["0"].mlp.double()
+    assert isinstance(layer, MoE)
+    x = torch.randn(40, config.n_embd, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(40, config.n_embd, dtype=torch.float64)
+    results = []
+    for run in (lambda x: (layer(x), layer.aux_loss), lambda x: expert_loop(layer, x)):
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        y, aux = run(x)
+        ((y * g).sum() + 0.3 * aux).backward()
+        results.append((y.detach(), aux.detach(), x.grad.clone(),
+                        {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    (y, aux, dx, grads), (ref_y, ref_aux, ref_dx, ref_grads) = results
+    assert (y - ref_y).abs().max() < 1e-12 and abs(aux - ref_aux) < 1e-12 and (dx - ref_dx).abs().max() < 1e-12
+    assert grads.keys() == ref_grads.keys() and len(grads) == 7  # router, 2 or 3 expert weights, shared expert
+    for name in grads:
+        assert (grads[name] - ref_grads[name]).abs().max() < 1e-12, name
+    assert ref_grads["router.weight"].abs().max() > 1e-3  # not vacuous: the router learns
+    assert moe_stats([layer])[0].sum() == 40 * top_k  # one backward through the layer: 40 tokens x k slots
+
+
+def test_load_balancing_loss_formula():
+    """Switch Transformer's eq. 4 with k=1 (alpha·N·Σ f_i·P_i, f_i the share of tokens whose argmax is expert i, P_i
+    the mean probability; alpha left out), Megatron-core's top-k form for k=2; exactly 1 under uniform
+    probabilities, and E·p when every token goes to one expert with probability p."""
+    torch.manual_seed(0)
+    for k in (1, 2):
+        layer = MoE(moe_config(n_expert_per_token=k)).double()
+        torch.nn.init.normal_(layer.router.weight)
+        for p in layer.experts.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        x = torch.randn(64, layer.router.in_features, dtype=torch.float64)
+        layer(x)
+        probs = torch.softmax(x @ layer.router.weight.t(), dim=-1)
+        top = probs.topk(k, dim=-1).indices
+        f = torch.stack([(top == i).float().sum() / (64 * k) for i in range(4)]).double()
+        assert abs(layer.aux_loss.item() - 4 * (f * probs.mean(0)).sum().item()) < 1e-12
+    with torch.no_grad():
+        layer.router.weight.zero_()
+    layer(x)
+    assert abs(layer.aux_loss.item() - 1.0) < 1e-12
+    with torch.no_grad():
+        layer.router.weight[0] = 1.0  # x·(1,...,1) > 0 for positive x: expert 0 takes every token's top slot
+    layer.top_k = 1
+    x = torch.rand(64, layer.router.in_features, dtype=torch.float64) + 0.5
+    layer(x)
+    p0 = torch.softmax(x @ layer.router.weight.t(), dim=-1)[:, 0]
+    assert abs(layer.aux_loss.item() - 4 * p0.mean().item()) < 1e-12 and layer.aux_loss.item() > 3.9
+
+
+def test_aux_loss_is_in_the_gradient_not_in_the_value():
+    """The loss the GPT returns is the cross-entropy exactly; its gradient is the cross-entropy's plus
+    moe_aux_loss_coef times that of the mean over MoE layers of their load-balancing losses."""
+    torch.manual_seed(0)
+    coef = 0.5
+    x = torch.randint(0, 64, (4, 16))
+    y = (3 * x + 1) % 64
+    model = GPT(moe_config(moe_aux_loss_coef=coef))
+    logits, loss = model(x, y)
+    assert torch.equal(loss, F.cross_entropy(logits.view(-1, 64), y.view(-1)))
+    loss.backward()
+    # the same model without the coefficient, the balancing losses added by hand
+    plain = GPT(moe_config(moe_aux_loss_coef=0.0))
+    captured = []
+    for block in plain.transformer.h.values():
+        if isinstance(block.mlp, MoE):
+            block.mlp.register_forward_hook(lambda m, a, o: captured.append(m.aux_loss))
+    logits, ce = plain(x, y)
+    assert len(captured) == n_moe_layers(plain.config) == 2
+    (ce + coef / 2 * sum(captured)).backward()
+    grads = {n: p.grad for n, p in plain.named_parameters()}
+    for name, p in model.named_parameters():
+        assert (p.grad - grads[name]).abs().max() < 1e-6, name
+    router = "transformer.h.0.mlp.router.weight"
+    without = GPT(moe_config(moe_aux_loss_coef=0.0))
+    without(x, y)[1].backward()
+    assert (without.get_parameter(router).grad - grads[router]).abs().max() > 1e-4  # the balancing term counts
+
+
+def test_routing_statistics_count_each_backward_once():
+    """Tokens per expert and the balancing loss are recorded when backward reaches an MoE layer: once per micro-batch
+    with full activation checkpointing (whose recomputed forward does not count), never in an eval forward; the
+    gradients with checkpointing equal those without (1e-6)."""
+    torch.manual_seed(0)
+    config = moe_config()
+    x = torch.randint(0, 64, (2, 4, 16))
+    grads = []
+    for ac in ("none", "full"):
+        model = apply_ac(GPT(config), ac)
+        for xb in x:
+            model(xb, xb)[1].backward()
+        with torch.no_grad():
+            model(x[0], x[0])
+        tokens, aux, calls = moe_stats([model])
+        assert tokens.sum() == 2 * 4 * 16 * 2 * 2 and calls == 2 * 2  # micro-batches x tokens x k x MoE layers
+        assert 1.0 <= aux / calls < 4.0
+        assert moe_stats([model]) is None  # read once
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name in grads[0]:
+        assert (grads[0][name] - grads[1][name]).abs().max() < 1e-6, name
+
+
+# ----------------------------------------------------------------------------------------------------------
+# grouped-query attention, config checks, FLOPs
+
+
+def test_grouped_query_attention_repeats_each_kv_head_for_its_query_group():
+    """n_kv_head < n_head: k_proj/v_proj hold n_kv_head heads, and query head i attends with key/value head
+    i // (n_head / n_kv_head), which is multi-head attention with the kv projections' rows repeated."""
+    torch.manual_seed(0)
+    gqa = GPT(tiny_config(block="llama", n_head=4, n_kv_head=2))
+    assert gqa.transformer.h["0"].attn.k_proj.weight.shape == (16, 32)
+    mha = GPT(tiny_config(block="llama", n_head=4))
+    state = gqa.state_dict()
+    for name, t in list(state.items()):
+        if name.endswith(("k_proj.weight", "v_proj.weight")):  # (2 heads x 8, 32) -> (4 heads x 8, 32)
+            state[name] = t.view(2, 8, 32).repeat_interleave(2, dim=0).reshape(32, 32)
+    mha.load_state_dict(state)
+    x = torch.randint(0, 64, (2, 16))
+    assert (gqa(x, x)[0] - mha(x, x)[0]).abs().max() < 1e-6
+
+
+def test_config_errors_are_one_line():
+    for kwargs, message in ((dict(n_head=4, n_kv_head=3), "multiple of n_kv_head"),
+                            (dict(n_expert=4, n_expert_per_token=5), "n_expert_per_token=5 must be in 1..n_expert=4"),
+                            (dict(n_expert=4, moe_every=0), "moe_every=0"),
+                            (dict(n_expert=-1), "must be >= 0")):
+        with pytest.raises(ValueError, match=message) as e:
+            tiny_config(**kwargs)
+        assert "\n" not in str(e.value)
+    from config import ConfigError, check_train_config
+    from train import DEFAULTS
+    for key, value in (("n_kv_head", 5), ("n_expert_per_token", 3)):
+        with pytest.raises(ConfigError, match=key):
+            check_train_config({**DEFAULTS, "n_expert": 2, key: value})
+
+
+def test_flops_count_the_active_experts():
+    """6·N per token with N the parameters a token uses: k of the E experts of each MoE layer."""
+    config = moe_config()
+    model = GPT(config)
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    active = model.get_num_params() - experts + experts * config.n_expert_per_token // config.n_expert
+    L, H, Q, T = config.n_layer, config.n_head, config.n_embd // config.n_head, config.block_size
+    assert flops_per_token(config) == 6 * active + 12 * L * H * Q * T
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Llama 3 8B's configuration
+
+
+def test_llama3_8b_config_at_full_size_and_toy_scale(tmp_path, shakespeare_char_dir):
+    """config/llama3_8b.py is Llama 3 8B's shape (7.50B parameters with the tied head: Meta's 8.03B less the separate
+    128256 x 4096 output matrix); trained at toy scale through train.py (2 layers, 64 wide, 4 heads over 2 kv heads)
+    its loss falls; and simulate.py plans it."""
+    from config import load_config
+    from train import DEFAULTS
+    cfg = load_config(DEFAULTS, ["config/llama3_8b.py"])
+    config = GPTConfig(**{k: cfg[k] for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "ffn_hidden", "vocab_size",
+                                              "block", "rope_theta", "block_size")}, bias=False)
+    with torch.device("meta"):
+        assert abs(GPT(config).get_num_params(non_embedding=False) - (8.030e9 - 128256 * 4096)) < 0.01e9
+    out = str(tmp_path / "out")
+    toy = ["--parallel=single", "--n_layer=2", "--n_embd=64", "--n_head=4", "--n_kv_head=2", "--ffn_hidden=128", "--vocab_size=0",
+           "--block_size=32", "--batch_size=4", "--gradient_accumulation_steps=1", "--max_iters=30",
+           "--eval_interval=1000", "--eval_iters=1", "--warmup_iters=0", "--learning_rate=3e-3", "--decay_lr=False",
+           "--compile=False", "--dtype=float32", f"--data_dir={shakespeare_char_dir}", f"--out_dir={out}"]
+    code, text = run_command([sys.executable, "train.py", "config/llama3_8b.py", *toy], 300)
+    assert code == 0, text[-3000:]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        losses = [m["train/loss"] for m in map(json.loads, f) if "train/loss" in m]
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < losses[0] - 0.5, losses
+    code, text = run_command([sys.executable, "simulate.py", "config/llama3_8b.py", "--gpus=64"], 120)
+    assert code == 0 and "7.5B parameters" in text, text[-3000:]
