@@ -300,18 +300,17 @@ class MoE(nn.Module):
         return probs, weights / weights.sum(dim=-1, keepdim=True), experts
 
     def forward(self, x):
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # (N, C): every token of the micro-batch
-        probs, weights, experts = self.route(x)
+        tokens = x.reshape(-1, x.shape[-1])  # (N, C): every token of the micro-batch
+        probs, weights, experts = self.route(tokens)
         counts = torch.bincount(experts.flatten(), minlength=self.n_expert)  # (E,) tokens per expert
         order = experts.flatten().argsort(stable=True)  # the N·k (token, slot) pairs grouped by expert
         token = order // self.top_k
         if self.dispatcher is None:
-            routed = self.experts(x[token], counts.tolist())
+            routed = self.experts(tokens[token], counts.tolist())
         else:
-            routed = self.dispatcher(x[token], counts, self.experts)
+            routed = self.dispatcher(tokens[token], counts, self.experts)
         weighted = routed * weights.flatten()[order].unsqueeze(1)
-        y = self.dropout(weighted.new_zeros(x.shape).index_add(0, token, weighted))
+        y = self.dropout(weighted.new_zeros(tokens.shape).index_add(0, token, weighted)).view(x.shape)
         if self.shared_expert is not None:
             y = y + self.shared_expert(x)
         self.aux_loss = None
@@ -319,7 +318,7 @@ class MoE(nn.Module):
             self.aux_loss = self.load_balancing_loss(probs, counts)
             if y.requires_grad:
                 y.register_hook(self._recorder(counts, self.aux_loss.detach()))
-        return y.view(*shape[:-1], y.shape[-1])
+        return y
 
     def load_balancing_loss(self, probs, counts):
         """Switch Transformer's auxiliary loss (Fedus et al. 2022, section 2.2, eq. 4), E · Σᵢ fᵢ·Pᵢ, for top-k as

@@ -44,11 +44,14 @@ Communication per step = the sum of the 1-D formulas on each group (tests/test_3
 import torch
 from torch.distributed.tensor import Replicate
 
-from model import GPT
-from parallel import Strategy, as_dtensor, full_shapes, materialize, register, slice_init
-from parallel.checkpoint import HEAD
+from comm import TorchCollectives
+from model import GPT, MoE
+from parallel import Strategy, as_dtensor, full_shapes, is_first_replica, materialize, register, slice_init
+from parallel.checkpoint import HEAD, load_parameters_state, parameters_state
 from parallel.cp import apply_ring_attention, check_cp_config, cp_micro_batch
 from parallel.ddp import DataParallel, apply_replicate
+from parallel.ep import (CollectivesExchange, TorchExchange, apply_ep, check_ep_config, ep_local_slice,
+                         expert_global_tensor, is_expert_param, materialize_experts, reduce_expert_grads)
 from parallel.fsdp import (LOW_PRECISION, FullyShardedDataParallel, apply_fsdp, flat_state, fsdp2_no_sync,
                            load_flat_state, mixed_precision, reshard_after_forward, reshard_fsdp2)
 from parallel.grid import print_grid, resolve_sizes  # noqa: F401 (print_grid: for the command line)
@@ -68,9 +71,9 @@ class Parallel3D(Strategy):
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
-        self.sizes = resolve_sizes(self.world_size, cfg.dp_size, cfg.pp_size, cfg.cp_size, cfg.tp_size)
+        self.sizes = resolve_sizes(self.world_size, cfg.dp_size, cfg.pp_size, cfg.cp_size, cfg.tp_size, cfg.ep_size)
         dp, pp, cp, tp = (self.sizes[d] for d in ("dp", "pp", "cp", "tp"))
-        self.replicas = dp * cp
+        self.replicas, self.ep = dp * cp, self.sizes["ep"]
         if cfg.dp_type not in ("ddp", "fsdp"):
             raise ValueError(f"dp_type must be 'ddp' or 'fsdp', got {cfg.dp_type!r}")
         self.sp, self.lp = cfg.sequence_parallel and tp > 1, cfg.loss_parallel and tp > 1
@@ -88,6 +91,7 @@ class Parallel3D(Strategy):
         agree), and return this rank's {stage: StageModule} on the meta device ({0: GPT} at pp=1)."""
         check_tp_config(model_config, self.sizes["tp"], self.sp)
         check_cp_config(model_config, self.sizes["cp"])
+        check_ep_config(model_config, self.ep)
         if self.sizes["cp"] > 1:  # this rank's share of every sequence, and its positions (pp.Pipeline uses it too)
             cp_comm = self.collectives(self.grid.group("cp"))
             self.micro_batch = cp_micro_batch(self.variant, self.grid.mesh["cp"], cp_comm)
@@ -98,8 +102,36 @@ class Parallel3D(Strategy):
         stages, self.bounds = build_stages(model_config, self.cfg, self.sizes["pp"], self.grid.coord["pp"])
         return stages
 
+    def apply_moe(self, module, collectives):
+        """The MoE layers of `module` on the grid: under context parallelism their balancing statistics are summed over
+        the ranks holding the other tokens of each sequence (with custom SP the cp x tp block) and their loss share
+        counts cp times (model.MoE); with ep > 1 expert parallelism over the grid's EP group (apply_ep: this rank's
+        experts, all-to-all dispatch). collectives(group) -> the Collectives the variant uses over a group."""
+        cp = self.sizes["cp"]
+        if cp > 1 and any(isinstance(m, MoE) for m in module.modules()):
+            comm = collectives(self.grid.sequence_group(with_tp=self.sp and self.variant != "pytorch"))
+            for m in module.modules():
+                if isinstance(m, MoE):
+                    m.token_group, m.loss_average = comm, cp
+        if self.ep > 1:
+            group = self.grid.expert_mesh.get_group("ep")
+            apply_ep(module, self.ep, TorchExchange(group) if self.variant == "pytorch" else
+                     CollectivesExchange(collectives(group)))
+
+    def expert_named_parameters(self):
+        """(GPT name, tensor) of this rank's expert weights when they are expert-parallel (ep > 1), else []."""
+        if self.ep == 1:
+            return []
+        return [(n, p) for m in self.stage_modules for n, p in m.named_parameters() if is_expert_param(n)]
+
+    def global_tensor(self, name, t):
+        if self.ep > 1 and is_expert_param(name):
+            return expert_global_tensor(t, self.grid.expert_mesh, self.shapes[name])
+        return t
+
     def run(self, model_config, stages, modules, runner):
         """self.model, and the module a step calls (pp=1) or the pipeline that runs the steps (pp > 1)."""
+        self.stage_modules = list(stages.values())
         if self.sizes["pp"] == 1:
             self.model, self.module = stages[0], modules[0]
             return
@@ -120,19 +152,24 @@ class Pytorch3D(Parallel3D):
         cfg = self.cfg
         stages = self.build_modules(model_config)
         mesh = self.grid.mesh
+        self.shapes = full_shapes(model_config)
+        init = slice_init(model_config, ep_local_slice(self.grid.coord["ep"], self.ep) if self.ep > 1 else None,
+                          weights)
         for module in stages.values():
             if self.sizes["tp"] > 1:
                 apply_tp(module, mesh["tp"], self.sp, self.lp)
+            self.apply_moe(module, TorchCollectives)
             self.apply_ac(module)
             if cfg.compile:  # per block, before FSDP (torchtitan's order)
                 for block in module.transformer.h.values():
                     block.compile(backend=cfg.compile_backend)
+            experts = {p for n, p in module.named_parameters() if is_expert_param(n)} if self.ep > 1 else None
             if self.replicas > 1 and cfg.dp_type == "fsdp":
-                apply_fsdp(module, self.grid.replicas, self.stats, cfg.dtype, self.reshard_after_forward)
+                apply_fsdp(module, self.grid.replicas, self.stats, cfg.dtype, self.reshard_after_forward, experts)
             elif self.replicas > 1:
                 for unit in [*module.transformer.h.values(), module]:
-                    apply_replicate(unit, self.grid.replicas, mixed_precision(cfg.dtype))
-            materialize(module, self.device, slice_init(model_config, weights=weights))
+                    apply_replicate(unit, self.grid.replicas, mixed_precision(cfg.dtype), experts)
+            materialize(module, self.device, init)
         self.run(model_config, stages, stages, PytorchPipeline)
         return self.model
 
@@ -149,6 +186,9 @@ class Pytorch3D(Parallel3D):
 
     def sync_gradients(self):
         match_grad_placements(p for _, p in self.named_parameters())
+        if self.ep > 1:  # the experts, left out of FSDP2 / replicate: summed over edp, over dp x cp's mean
+            reduce_expert_grads([p for _, p in self.expert_named_parameters()], self.replicas,
+                                group=self.grid.expert_mesh.get_group("edp"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -166,8 +206,12 @@ class Custom3D(Parallel3D):
         self.tp_comm, self.dp_comm = self.collectives(self.grid.group("tp")), self.collectives(self.dp_group)
         self.fsdp = cfg.dp_type == "fsdp" and self.replicas > 1
         self.shapes = full_shapes(model_config)
-        self.sp_names = {n for n in self.shapes if self.sp and is_sequence_parallel_param(n)}
-        init = slice_init(model_config, tp_local_slice(self.tp_comm) if tp > 1 else None, weights)
+        # sequence-parallel gradients summed over TP (expert-parallel experts: with the expert reduction instead)
+        self.sp_names = {n for n in self.shapes if self.sp and is_sequence_parallel_param(n)
+                         and not (self.ep > 1 and is_expert_param(n))}
+        local_slice = tp_local_slice(self.tp_comm) if tp > 1 else None
+        init = slice_init(model_config, ep_local_slice(self.grid.coord["ep"], self.ep, local_slice)
+                          if self.ep > 1 else local_slice, weights)
         modules, head_loss = {}, None
         for s, module in stages.items():
             loss = apply_custom_tp(module, self.tp_comm, self.sp, self.lp) if tp > 1 else None
@@ -175,18 +219,23 @@ class Custom3D(Parallel3D):
                 module.loss = head_loss = loss
             if self.sizes["cp"] > 1:
                 apply_ring_attention(module, self.collectives(self.grid.group("cp")))
+            self.apply_moe(module, self.collectives)
             self.apply_ac(module)
             if self.fsdp:
+                experts = materialize_experts(module, self.device, init) if self.ep > 1 else []
                 first, last = "wte" in module.transformer, hasattr(module, "lm_head")
                 units = ([module.transformer.wte] if first and not last else []) + list(module.transformer.h.values()) \
                     + ([module.lm_head] if last and not first else [])
                 modules[s] = FullyShardedDataParallel(
                     module, units, self.dp_comm, compute_dtype=LOW_PRECISION.get(cfg.dtype, torch.float32),
-                    reshard_after_forward=self.reshard_after_forward, init_fn=init, device=self.device)
+                    reshard_after_forward=self.reshard_after_forward, init_fn=init, device=self.device,
+                    ignored_params=experts)
                 modules[s].pre_reduce_scatter = self._sum_sequence_parallel_grads
             else:
                 materialize(module, self.device, init)
-                modules[s] = DataParallel(module, self.dp_comm, cfg.bucket_cap_mb) if self.replicas > 1 else module
+                experts = [p for n, p in module.named_parameters() if is_expert_param(n)] if self.ep > 1 else []
+                modules[s] = DataParallel(module, self.dp_comm, cfg.bucket_cap_mb, ignored_params=experts) \
+                    if self.replicas > 1 else module
         self.wrappers = list(modules.values())
         self.run(model_config, stages, modules, CustomPipeline)
         if self.pipeline is not None:
@@ -198,19 +247,27 @@ class Custom3D(Parallel3D):
         return self.model
 
     def named_parameters(self):
-        if self.fsdp:
-            return [(unit.name, p) for w in self.wrappers for unit in w.all_units() for p in unit.opt_params]
+        if self.fsdp:  # the flat shards, and the expert-parallel experts FSDP leaves alone
+            return [(unit.name, p) for w in self.wrappers for unit in w.all_units() for p in unit.opt_params] + \
+                self.expert_named_parameters()
         return super().named_parameters()
 
     # --- one step: sequence-parallel gradients, summed over TP ------------------------------------------------
 
     def sync_gradients(self):
         """After the DP wrapper's reductions: DDP (or no DP), the gradients of the SP parameters, DP-averaged, summed
-        over TP in one all-reduce (FSDP sums them before its reduce-scatter: _sum_sequence_parallel_grads)."""
+        over TP in one all-reduce (FSDP sums them before its reduce-scatter: _sum_sequence_parallel_grads); then the
+        expert-parallel experts' (parallel/ep.py): with SP summed over TP (each TP rank routed its part of the
+        sequence), summed over edp, divided by dp·cp."""
         super().sync_gradients()
         if self.sp_names and not self.fsdp:
             all_reduce_flat([p.grad for n, p in self.named_parameters() if n in self.sp_names and p.grad is not None],
                             self.tp_comm)
+        if self.ep > 1:
+            experts = [p for _, p in self.expert_named_parameters()]
+            if self.sp:
+                all_reduce_flat([p.grad for p in experts if p.grad is not None], self.tp_comm)
+            reduce_expert_grads(experts, self.replicas, comm=self.collectives(self.grid.expert_mesh.get_group("edp")))
 
     def _sum_sequence_parallel_grads(self, unit):
         """FSDP's pre-reduce-scatter hook: sum over TP the unsharded gradients of the SP parameters of `unit`."""
@@ -221,7 +278,10 @@ class Custom3D(Parallel3D):
 
     def global_tensor(self, name, t):
         """t (this rank's TP piece of `name`) as a DTensor on the dp x tp sub-mesh: Replicate over dp (DDP replicas, or
-        an FSDP unit gathered for a checkpoint), Shard(d) or Replicate over tp."""
+        an FSDP unit gathered for a checkpoint), Shard(d) or Replicate over tp; an expert-parallel expert weight on the
+        expert mesh (parallel/ep.py)."""
+        if self.ep > 1 and is_expert_param(name):
+            return super().global_tensor(name, t)
         return as_dtensor(t, self.grid.mesh["dp", "tp"], [Replicate(), tp_placement(name)], self.shapes[name])
 
     def gradients(self):
@@ -229,12 +289,14 @@ class Custom3D(Parallel3D):
             return super().gradients()
         tp_rank = self.grid.coord["tp"]
         return [(g, name != HEAD and (shard_dim(name) is not None or tp_rank == 0))  # every DP shard counts
-                for w in self.wrappers for name, g in w.gradient_pieces()]
+                for w in self.wrappers for name, g in w.gradient_pieces()] + \
+            [(p.grad, is_first_replica(self.global_tensor(n, p), self.grid))
+             for n, p in self.expert_named_parameters() if p.grad is not None]
 
     def state_dict(self, optimizer):
         if not self.fsdp:
             return super().state_dict(optimizer)
-        state = {"model": {}, "optim": {}}
+        state = parameters_state(self.expert_named_parameters(), optimizer, self.global_tensor, tied_head=False)
         for w in self.wrappers:
             part = flat_state(w, optimizer, self.global_tensor)
             state["model"] |= part["model"]
@@ -244,5 +306,6 @@ class Custom3D(Parallel3D):
     def load_state_dict(self, state, optimizer):
         if not self.fsdp:
             return super().load_state_dict(state, optimizer)
+        load_parameters_state(self.expert_named_parameters(), state, optimizer)
         for w in self.wrappers:
             load_flat_state(w, state, optimizer, lambda t: t.to_local())

@@ -121,11 +121,14 @@ def is_first_replica(tensor, grid):
     """Whether this rank counts `tensor` (a DTensor, or a plain tensor) once in a sum over all ranks of a grid: it is
     split over the mesh dims where its placement is not Replicate, and replicated over every other dim of the grid
     but pp (a plain tensor: over all of them), so it counts on coordinate 0 of those. The pipeline dimension holds
-    different stages, not copies."""
+    different stages, not copies. A tensor split over "ep" (an expert weight, parallel/ep.py) is split over dp x cp's
+    EP groups and replicated over the rest of dp x cp ("edp")."""
     split = set()
     if isinstance(tensor, DTensor):  # a flattened mesh dim ("dp_cp") splits over each of its dims
         for name, placement in zip(tensor.device_mesh.mesh_dim_names, tensor.placements):
             split |= set() if placement.is_replicate() else set(name.split("_"))
+    if "ep" in split:
+        return all(grid.coord[dim] == 0 for dim in ("edp", "tp") if dim not in split)
     return all(grid.coord[dim] == 0 for dim in ("dp", "cp", "tp") if dim not in split)
 
 

@@ -52,11 +52,14 @@ heads, those its n_head/t query heads read (n_kv_head must be divisible by t; Me
 larger, not done here).
 
 Mixture of experts (model.MoE): the router and the experts are not split by TP (expert tensor parallelism 1, as
-torchtitan's default; Megatron-core's ETP = TP is the alternative): without sequence parallelism every TP rank
-routes and computes the same (replicated) tokens, as it does the norms, so its MoE gradients agree on every rank;
-with it each TP rank runs the MoE on its own part of the sequence (the MoE is per token), the router and expert
-gradients are summed over TP like the norms', and the balancing statistics are summed over TP (`moe_token_group`).
-A shared expert is split like the dense MLP. Expert parallelism (parallel/ep.py) shards the experts over dp x cp.
+torchtitan's default; Megatron-core's ETP = TP is the alternative). Without sequence parallelism every TP rank
+routes and computes the same (replicated) tokens, as it does the norms, so its MoE gradients agree on every rank.
+With it, the custom layers run the MoE on each rank's own part of the sequence (the MoE is per token), sum the router
+and expert gradients over TP like the norms', and the balancing statistics over the TP group (`moe_token_group`);
+the DTensor plan gathers the sequence for the MoE and keeps its part of the output (PrepareModuleInputOutput), so
+the MoE runs replicated there, as without SP (its plain-tensor gradients need no sum over TP, which FSDP2 could not
+do before its reduce-scatter). A shared expert is split like the dense MLP. Expert parallelism (parallel/ep.py)
+shards the experts over dp x cp.
 
 Both variants: every shard is the slice of the full model's init (model.init_parameter_ on the full tensor), so
 TP=1 and TP=t start from identical weights; the embedding and the head stay tied; clipping measures each
@@ -83,9 +86,9 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from model import GPT, MoE
 from parallel import Strategy, as_dtensor, full_shapes, materialize, register, slice_init
 
-COLUMN = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.up_proj", "mlp.gate_proj", "shared_expert.up_proj",
-          "shared_expert.gate_proj")
-ROW = ("attn.out_proj", "mlp.down_proj", "shared_expert.down_proj")
+COLUMN = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.up_proj", "mlp.gate_proj", "mlp.shared_expert.up_proj",
+          "mlp.shared_expert.gate_proj")
+ROW = ("attn.out_proj", "mlp.down_proj", "mlp.shared_expert.down_proj")
 VOCAB = ("transformer.wte", "lm_head")
 
 
@@ -139,8 +142,8 @@ def pytorch_tp_plan(module, sequence_parallel, loss_parallel):
     The residual stream between blocks is replicated, or with sequence_parallel sharded along the sequence
     (Shard(1)): a stage then takes and returns its local (B, T/t, n_embd) piece. With loss_parallel the head's
     logits stay a DTensor sharded over the vocabulary (Shard(-1)) for loss_parallel()'s cross-entropy."""
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                                   SequenceParallel)
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleInputOutput,
+                                                   RowwiseParallel, SequenceParallel)
     sp, lp = sequence_parallel, loss_parallel
     residual = Shard(1) if sp else Replicate()  # layout of the residual stream between blocks
     modules = dict(module.named_modules())
@@ -160,20 +163,22 @@ def pytorch_tp_plan(module, sequence_parallel, loss_parallel):
     for i in blocks:
         p = f"transformer.h.{i}"
         moe = isinstance(modules[f"{p}.mlp"], MoE)
-        mlp = f"{p}.mlp.shared_expert" if moe else f"{p}.mlp"  # an MoE's shared expert is split as the dense MLP
         for name in COLUMN + ROW:
             if f"{p}.{name}" not in modules:  # mlp.gate_proj only in the Llama block, shared_expert only in MoE ones
                 continue
-            plan[f"{p}.{name}"] = ColwiseParallel() if name in COLUMN else RowwiseParallel(output_layouts=residual)
+            # an MoE's shared expert is split as the dense MLP; its output joins the MoE's, which is replicated
+            output = Replicate() if "shared_expert" in name else residual
+            plan[f"{p}.{name}"] = ColwiseParallel() if name in COLUMN else RowwiseParallel(output_layouts=output)
         if sp:
             plan[f"{p}.ln_1"] = SequenceParallel()
             plan[f"{p}.ln_2"] = SequenceParallel()
-            for name in (f"{p}.attn", mlp):
-                if name in modules:
-                    plan[name] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
-            if moe:  # the router and the experts run on this rank's part of the sequence, as plain tensors
-                plan[f"{p}.mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),),
-                                                      use_local_output=True)
+            plan[f"{p}.attn"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+            if moe:  # the MoE on the gathered sequence (plain tensors, replicated), this rank's part of its output
+                plan[f"{p}.mlp"] = PrepareModuleInputOutput(
+                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
+                    output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True)
+            else:
+                plan[f"{p}.mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
     return plan
 
 
@@ -182,17 +187,20 @@ def apply_tp(module, mesh, sequence_parallel=False, loss_parallel=False):
     pytorch_tp_plan on `mesh`, the 1-D "tp" DeviceMesh (or sub-mesh), then the head tied to the embedding again (the
     plan distributes wte and lm_head separately) where the module holds both."""
     from torch.distributed.tensor.parallel import parallelize_module
-    from comm import TorchCollectives
     parallelize_module(module, mesh, pytorch_tp_plan(module, sequence_parallel, loss_parallel))
     if "wte" in module.transformer and hasattr(module, "lm_head"):
         module.lm_head.weight = module.transformer.wte.weight
-    moe_token_group(module, TorchCollectives(mesh.get_group()), sequence_parallel)
+    if loss_parallel and isinstance(module, GPT):  # the replicated DTensor loss as a plain tensor, to which GPT.forward
+        module.loss = lambda logits, targets, loss=module.loss: loss(logits, targets).full_tensor()  # adds MoE terms
+    for m in module.modules():
+        if isinstance(m, MoE):  # every TP rank routes the same tokens (with SP too: the plan gathers them)
+            m.replicas = mesh.size()
 
 
 def moe_token_group(module, comm, sequence_parallel):
-    """Tell the MoE layers of `module` how TP over `comm` shares their tokens: with sequence parallelism each rank
-    holds its part of the sequence (the balancing statistics are summed over `comm`); without it every rank routes the
-    same tokens (the statistics count them once: `replicas`). See model.MoE."""
+    """Tell the MoE layers of `module` how the custom TP over `comm` shares their tokens: with sequence parallelism each
+    rank holds its part of the sequence (the balancing statistics are summed over `comm`); without it every rank
+    routes the same tokens (the statistics count them once: `replicas`). See model.MoE."""
     for m in module.modules():
         if isinstance(m, MoE):
             if sequence_parallel:
@@ -201,17 +209,6 @@ def moe_token_group(module, comm, sequence_parallel):
                 m.replicas = comm.world_size
 
 
-def sum_plain_grads(params, group):
-    """Sum over `group` the gradients of the plain (not DTensor) tensors among `params`, in one all-reduce: under the
-    DTensor plan with sequence parallelism, the MoE layers' (fed this rank's part of the sequence)."""
-    grads = [p.grad for p in params if p.grad is not None and not isinstance(p.grad, DTensor)]
-    if grads:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat, group=group)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
 
 
 def match_grad_placements(params):
@@ -268,8 +265,6 @@ class PytorchTP(TensorParallel):
 
     def sync_gradients(self):
         match_grad_placements(self.model.parameters())
-        if self.sequence_parallel:
-            sum_plain_grads(self.model.parameters(), self.grid.group("tp"))
 
 
 # ----------------------------------------------------------------------------------------------------------
