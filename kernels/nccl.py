@@ -344,6 +344,31 @@ class NCCLCollectives(Collectives):
             tensor.copy_(t)
         return self._work(async_op)
 
+    def _all_to_all(self, output, input, output_split_sizes, input_split_sizes, async_op):
+        """The NCCL User Guide's all-to-all ("Point-to-point communication"): in one group, an ncclSend of chunk j
+        to every rank j and an ncclRecv of chunk j from it, at the split sizes' offsets (zero-size chunks skipped)."""
+        self._flush()
+        src, out = self._contiguous(input), self._contiguous(output)
+        dtype, es, N = nccl_dtype(src.dtype), src.element_size(), self.world_size
+        chunks = []
+        for t, splits in ((src, input_split_sizes), (out, output_split_sizes)):
+            rows = splits if splits is not None else [t.shape[0] // N] * N
+            width = t[0].numel() if t.shape[0] else 0
+            starts = [sum(rows[:j]) for j in range(N)]
+            chunks.append([(t.data_ptr() + s * width * es, n * width) for s, n in zip(starts, rows)])
+        self.nccl.call("ncclGroupStart")
+        try:
+            for peer, ((send_at, send_n), (recv_at, recv_n)) in enumerate(zip(*chunks)):
+                if send_n:
+                    self.nccl.call("ncclSend", _p(send_at), send_n, dtype, peer, self.comm, self._stream())
+                if recv_n:
+                    self.nccl.call("ncclRecv", _p(recv_at), recv_n, dtype, peer, self.comm, self._stream())
+        finally:
+            self.nccl.call("ncclGroupEnd")
+        if out is not output:
+            output.copy_(out)
+        return self._work(async_op)
+
     def _send(self, tensor, dst, async_op):
         work = _Work(self, send=True) if async_op else None
         self._queued.append((self._contiguous(tensor), dst, work))

@@ -24,6 +24,8 @@ own bf16 conversion rounds wrongly):
 - _reduce_kernel: out = op over ranks r of heap_r[offset:offset+n] (one-shot all-reduce, reduce-scatter, the first
   half of a two-shot all-reduce).
 - _gather_kernel: out[j] = heap_{peer j}[...] (all-gather, broadcast, the second half of a two-shot all-reduce).
+- _all_to_all_kernel: out[offset_j:offset_j+n_j] = heap_{peer j}[...] for every peer j, n_j and offset_j read from
+  a table (all-to-all: every rank pulls its chunk out of every peer's heap; chunks of any size, zero included).
 - _mailbox_kernel: point-to-point through mailboxes, a ring of `slots` slots per (src, dst) pair in the
   receiver's heap, each slot with a full/empty flag in the receiver's signal pad. A send writes into the next free
   slot of the receiver's ring and raises its flag (a "put"); it waits for the receiver only when the ring is full.
@@ -32,6 +34,13 @@ All-reduce, the two algorithms of NVIDIA's and PyTorch's symmetric-memory all-re
 all N inputs and reduces them (N·S bytes read per rank, 1 barrier; small messages); two-shot, a reduce-scatter
 through the heap (rank r reduces piece r of every input into its own heap), a barrier, then an all-gather of the
 reduced pieces (2·S bytes read per rank, 2 barriers; large messages). Both reduce in rank order and agree bit for bit.
+
+All-to-all (torch.distributed.all_to_all_single's semantics, equal or uneven chunks), the pull form of symmetric
+memory's all-to-all: a heap half is cut into N slots, slot j holding what this rank sends to rank j; every rank
+copies its chunks into its slots, the ranks meet at a barrier, and one kernel pulls slot `rank` of every peer's heap
+into the output at that peer's offset. One barrier, and each byte crosses a link once. Chunks larger than a slot go in
+rounds, a slot's worth of every chunk per round; with uneven chunks no rank knows the others' sizes, so in the first
+round each rank also writes the rounds it needs into its heap, and all take the largest (no extra barrier).
 
 Asynchrony: collectives run when called; async_op=True returns a handle whose wait() has nothing left to do.
 Sends and receives are queued per peer and make progress whenever this process enters any TritonCollectives
@@ -169,6 +178,21 @@ def _gather_kernel(heaps, first_peer, peers, in_offset, in_stride, out_addr, out
 
 
 @triton.jit
+def _all_to_all_kernel(heaps, in_offset, table, peers, DT: tl.constexpr, LANES: tl.constexpr, BLOCK: tl.constexpr):
+    """For every peer j < peers (one row of the tile per peer, LANES >= peers a power of 2): copy block b (the program)
+    of the table[j] elements of type DT at byte in_offset of heap_j to the address table[peers + j].
+    table: int64 (2·peers,), the element counts, then the destination byte addresses. Grid: cdiv(max count, BLOCK)."""
+    j = tl.arange(0, LANES)[:, None]
+    valid = j < peers
+    n = tl.load(table + j, mask=valid, other=0)
+    dst = tl.load(table + peers + j, mask=valid, other=0).to(tl.pointer_type(DT))
+    src = (tl.load(heaps + j, mask=valid, other=0) + in_offset).to(tl.pointer_type(DT))
+    offs = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)[None, :]
+    mask = offs < n
+    tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
+
+
+@triton.jit
 def _mailbox_kernel(flag_addr, src_addr, dst_addr, n, status, SEND: tl.constexpr, DT: tl.constexpr,
                     BLOCK: tl.constexpr):
     """Move one message chunk through a mailbox slot, whose int32 flag at flag_addr (in the receiver's pad) is 1
@@ -205,7 +229,8 @@ def _mailbox_kernel(flag_addr, src_addr, dst_addr, n, status, SEND: tl.constexpr
 # The interpreter runs a program as Python, so on CPU wide blocks and short spins with a pause are what is fast.
 TUNING = {"cuda": dict(block=1024, spins=1 << 16, max_pause=0.0),
           "cpu": dict(block=1 << 16, spins=8, max_pause=1e-3)}
-NUM_WARPS = {"_barrier_kernel": 1, "_reduce_kernel": 4, "_gather_kernel": 4, "_mailbox_kernel": 4}
+NUM_WARPS = {"_barrier_kernel": 1, "_reduce_kernel": 4, "_gather_kernel": 4, "_all_to_all_kernel": 4,
+             "_mailbox_kernel": 4}
 MAX_HEAP_BYTES = 2**31 - 1  # the kernels take byte offsets into a heap as int32
 
 # How Triton specializes a runtime argument at launch (triton.runtime.jit; kernels/compile_check.py checks this
@@ -223,9 +248,11 @@ ARGUMENTS = {
     "_reduce_kernel": dict(heaps=POINTER_I64, in_offset=COUNT, out_addr=ADDRESS, n=COUNT),
     "_gather_kernel": dict(heaps=POINTER_I64, first_peer=COUNT, peers=COUNT, in_offset=COUNT, in_stride=COUNT,
                            out_addr=ADDRESS, out_stride=SIZE, n=COUNT, limit=SIZE),
+    "_all_to_all_kernel": dict(heaps=POINTER_I64, in_offset=COUNT, table=POINTER_I64, peers=COUNT),
     "_mailbox_kernel": dict(flag_addr=ADDRESS, src_addr=ADDRESS, dst_addr=ADDRESS, n=COUNT, status=POINTER_I32),
 }
-KERNELS = {k.__name__: k for k in (_barrier_kernel, _reduce_kernel, _gather_kernel, _mailbox_kernel)}
+KERNELS = {k.__name__: k for k in (_barrier_kernel, _reduce_kernel, _gather_kernel, _all_to_all_kernel,
+                                    _mailbox_kernel)}
 _TORCH_TYPES = {torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
                 torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -245,7 +272,8 @@ def specialization(value):
 def launch_space(world_size, block, spins):
     """{kernel name: [constexprs, ...]}: every combination of constexpr values the backend can launch each kernel
     with in a group of world_size ranks, with `block` elements per program and `spins` CAS attempts (TUNING).
-    The barrier and the mailboxes are never launched in a group of one (nothing to wait for, no peer)."""
+    The barrier, the all-to-all and the mailboxes are never launched in a group of one (nothing to wait for, no
+    peer: an all-to-all over one rank is a copy)."""
     N, lanes = world_size, triton.next_power_of_2(world_size)
     return {
         "_barrier_kernel": [dict(WORLD=N, LANES=lanes, SPINS=spins)] if N > 1 else [],
@@ -254,6 +282,7 @@ def launch_space(world_size, block, spins):
         # LANES: one row per peer read; 1 for a broadcast, all N for all-gather and two-shot all-reduce
         "_gather_kernel": [dict(DT=dt, LANES=rows, BLOCK=block) for dt in MOVE_TYPE.values()
                            for rows in sorted({1, lanes})],
+        "_all_to_all_kernel": [dict(DT=dt, LANES=lanes, BLOCK=block) for dt in MOVE_TYPE.values()] if N > 1 else [],
         "_mailbox_kernel": [dict(SEND=send, DT=dt, BLOCK=block) for send in (True, False)
                             for dt in MOVE_TYPE.values()] if N > 1 else [],
     }
@@ -396,6 +425,19 @@ def close_all():
 
 on_teardown(close_all)
 atexit.register(close_all)
+
+
+def _chunks(tensor, split_sizes, world_size):
+    """[(first element, elements)] of each of the world_size chunks of `tensor` along dim 0: split_sizes rows each,
+    or equal chunks when None (all_to_all_single's split)."""
+    rows = tensor.shape[0]
+    sizes = split_sizes if split_sizes is not None else [rows // world_size] * world_size
+    width = tensor[0].numel() if rows else 0
+    out, at = [], 0
+    for size in sizes:
+        out.append((at * width, size * width))
+        at += size
+    return out
 
 
 class _Op:
@@ -662,6 +704,54 @@ class TritonCollectives(Collectives):
                 self._gather(src, 1, base, 0, flat.data_ptr() + start * es, 0, c, c, es)
         if copy_back:
             tensor.copy_(flat.view_as(tensor))
+        return self._done(async_op)
+
+    def _all_to_all(self, output, input, output_split_sizes, input_split_sizes, async_op):
+        """Rounds of: copy a slot's worth of every outgoing chunk into this rank's heap slots, barrier, pull slot
+        `rank` of every peer's heap into the output (module docstring). A heap half: a 16-byte header (the rounds this
+        rank needs, read in the first round when the chunks are uneven), then N slots of `cap` bytes."""
+        if output.dtype != input.dtype:
+            raise ValueError(f"all_to_all: output is {output.dtype}, input {input.dtype}")
+        src, _ = self._flat(input)
+        out, copy_back = self._flat(output)
+        N, es = self.world_size, src.element_size()
+        if N == 1:
+            out.copy_(src)
+        else:
+            sends, recvs = _chunks(input, input_split_sizes, N), _chunks(output, output_split_sizes, N)
+            cap = (self.half_bytes - 16) // N // 16 * 16  # a multiple of every element size
+            if cap == 0:
+                raise ValueError(f"all_to_all over {N} ranks needs a heap half of more than {16 * (N + 1)} bytes, "
+                                 f"this one has {self.half_bytes}")
+            rounds = max(-(-n * es // cap) for _, n in sends + recvs)
+            uneven = input_split_sizes is not None or output_split_sizes is not None
+            if uneven:  # every rank takes part in the first round, where the number of rounds is agreed on
+                rounds = max(rounds, 1)
+            data, heap = src.view(torch.uint8), self.heap.local
+            k = 0
+            while k < rounds:
+                base = self._region()
+                if uneven and k == 0:
+                    self._view(torch.int64, base, 1).fill_(rounds)
+                for j, (at, n) in enumerate(sends):  # this round's bytes [lo, hi) of the chunk for rank j
+                    lo, hi = min(k * cap, n * es), min((k + 1) * cap, n * es)
+                    slot = base + 16 + j * cap
+                    heap[slot:slot + hi - lo].copy_(data[at * es + lo:at * es + hi])
+                self._barrier()
+                if uneven and k == 0:
+                    peer_rounds = torch.empty(N, dtype=torch.int64, device=self.device)
+                    self._gather(0, N, base, 0, peer_rounds.data_ptr(), 8, 1, N, 8)
+                    rounds = int(peer_rounds.max())
+                counts = [max(0, min(cap, n * es - k * cap)) // es for _, n in recvs]
+                if max(counts) > 0:
+                    addresses = [out.data_ptr() + at * es + k * cap for at, _ in recvs]
+                    table = torch.tensor(counts + addresses, dtype=torch.int64, device=self.device)
+                    self._launch(_all_to_all_kernel, (triton.cdiv(max(counts), self.block),), self.heap.buffers,
+                                 base + 16 + self.rank * cap, table, N, DT=MOVE_TYPE[es],
+                                 LANES=triton.next_power_of_2(N), BLOCK=self.block)
+                k += 1
+        if copy_back:
+            output.copy_(out.view_as(output))
         return self._done(async_op)
 
     # --- point-to-point ---

@@ -8,8 +8,9 @@ or found where torch's CUDA build put it) and which loads without a GPU: the enu
 wheel's nccl.h, the version, every error string, unique ids, and ncclCommInitRank without a usable GPU raising
 NCCLError with NCCL's own message instead of crashing; and the nccl variant failing at once, in one line, without a
 GPU. Without the library those tests skip and say so.
-On a GPU (2 ranks on GPU 0, a different NCCL_HOSTID per rank, gloo for torch's own group): every collective against
-exact references, and each strategy's nccl variant equal to its custom variant (on CPU) within 1e-5.
+On a GPU (2 ranks on GPU 0, a different NCCL_HOSTID per rank, gloo for torch's own group): every collective (all-to-all
+with equal and uneven chunks too) against exact references, and each strategy's nccl variant equal to its custom
+variant (on CPU) within 1e-5.
 
     pytest tests/test_nccl.py
     torchrun --standalone --nproc_per_node=2 -m unittest tests/test_nccl.py     (the GPU part alone)
@@ -34,8 +35,9 @@ from tests.reference import global_batches, max_param_diff, tiny_config, train_c
 
 CUDA = torch.cuda.is_available()
 
-# A stub with libnccl's C signatures: ncclGetVersion says 2.21.5, ncclGetUniqueId writes bytes 0..127, and
-# ncclCommInitRank checks that the id arrived by value (byte i == i) and that 0 <= rank < nranks.
+# A stub with libnccl's C signatures: ncclGetVersion says 2.21.5, ncclGetUniqueId writes bytes 0..127,
+# ncclCommInitRank checks that the id arrived by value (byte i == i) and that 0 <= rank < nranks, and the
+# point-to-point and group calls are recorded (stubCalls hands them over and clears them).
 STUB = r"""
 #include <stddef.h>
 typedef struct { char internal[128]; } ncclUniqueId;
@@ -53,10 +55,18 @@ int ncclAllReduce(const void *s, void *r, size_t n, int t, int op, ncclComm_t c,
 int ncclAllGather(const void *s, void *r, size_t n, int t, ncclComm_t c, void *st) { return 0; }
 int ncclReduceScatter(const void *s, void *r, size_t n, int t, int op, ncclComm_t c, void *st) { return 0; }
 int ncclBroadcast(const void *s, void *r, size_t n, int t, int root, ncclComm_t c, void *st) { return 0; }
-int ncclSend(const void *b, size_t n, int t, int peer, ncclComm_t c, void *st) { return 0; }
-int ncclRecv(void *b, size_t n, int t, int peer, ncclComm_t c, void *st) { return 0; }
-int ncclGroupStart(void) { return 0; }
-int ncclGroupEnd(void) { return 0; }
+static long long calls[64][5]; static int ncalls = 0;  /* p2p and group calls: kind, buffer, count, type, peer */
+static int record(long long kind, const void *b, size_t n, int t, int peer) {
+  if (ncalls < 64) {
+    long long *c = calls[ncalls++]; c[0] = kind; c[1] = (long long)b; c[2] = n; c[3] = t; c[4] = peer; }
+  return 0; }
+int ncclSend(const void *b, size_t n, int t, int peer, ncclComm_t c, void *st) { return record(1, b, n, t, peer); }
+int ncclRecv(void *b, size_t n, int t, int peer, ncclComm_t c, void *st) { return record(2, b, n, t, peer); }
+int ncclGroupStart(void) { return record(3, 0, 0, 0, 0); }
+int ncclGroupEnd(void) { return record(4, 0, 0, 0, 0); }
+int stubCalls(long long *out) {
+  for (int i = 0; i < ncalls; i++) for (int k = 0; k < 5; k++) out[5 * i + k] = calls[i][k];
+  int n = ncalls; ncalls = 0; return n; }
 """
 
 
@@ -124,6 +134,30 @@ def test_binding_against_a_stub_library(stub_library, monkeypatch):
     assert comm.value == 1
     with pytest.raises(nccl.NCCLError, match=r"ncclCommInitRank failed: ncclInvalidArgument \(4\): invalid argument"):
         lib.call("ncclCommInitRank", ctypes.byref(comm), 2, uid, 2)
+
+
+def test_all_to_all_through_a_stub_library(stub_library):
+    """NCCLCollectives' all-to-all, on rank 1 of 3 with uneven chunks (rows [2, 0, 4] sent, [1, 3, 1] received, rows
+    of 2 fp32): one group, and for every peer an ncclSend of its chunk and an ncclRecv into its place, each with the
+    chunk's address, element count, ncclFloat32 and the peer, as the stub received them (zero-size chunks skipped).
+    The backend is built without a communicator or a GPU (the stub never touches the buffers)."""
+    lib = nccl.NCCLLibrary(stub_library)
+    backend = nccl.NCCLCollectives.__new__(nccl.NCCLCollectives)
+    backend.nccl, backend.comm, backend.world_size, backend.rank, backend._queued = lib, ctypes.c_void_p(1), 3, 1, []
+    backend._stream = lambda: ctypes.c_void_p(0)
+    lib.lib.stubCalls.argtypes, lib.lib.stubCalls.restype = [ctypes.POINTER(ctypes.c_longlong)], ctypes.c_int
+    log = (ctypes.c_longlong * (5 * 64))()
+    lib.lib.stubCalls(log)  # clear
+    x, out = torch.zeros(6, 2), torch.zeros(5, 2)
+    assert backend._all_to_all(out, x, [1, 3, 1], [2, 0, 4], False) is None
+    n = lib.lib.stubCalls(log)
+    calls = [tuple(log[5 * i:5 * i + 5]) for i in range(n)]
+    send, recv, f32, row = 1, 2, nccl.DATA_TYPES[torch.float32], 2 * 4
+    assert calls == [(3, 0, 0, 0, 0),
+                     (send, x.data_ptr(), 4, f32, 0), (recv, out.data_ptr(), 2, f32, 0),
+                     (recv, out.data_ptr() + 1 * row, 6, f32, 1),
+                     (send, x.data_ptr() + 2 * row, 8, f32, 2), (recv, out.data_ptr() + 4 * row, 2, f32, 2),
+                     (4, 0, 0, 0, 0)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -295,6 +329,24 @@ class TestNCCLOnGPU(DistributedTestCase):
         h.wait()
         torch.cuda.synchronize()
         self.assertTrue(torch.all(theirs == float(peer)))
+
+    def test_all_to_all(self):
+        """Equal and uneven chunks (zero-size ones included), fp32 / bf16 / int64, rows of 3: every rank's output is
+        chunk `rank` of every rank's input in rank order, exactly (tests/test_all_to_all.py's reference)."""
+        from tests.test_all_to_all import expected_output, inputs, split_matrix
+        N, r = self.world_size, self.rank
+        for kind in ("equal", "uneven", "silent"):
+            for dtype in (torch.float32, torch.bfloat16, torch.int64):
+                with self.subTest(kind=kind, dtype=dtype):
+                    rows = split_matrix(N, kind)
+                    xs = [x.to(self.device) for x in inputs(rows, (3,), dtype, seed=1)]
+                    want = expected_output(xs, rows, r)
+                    out = torch.full_like(want, 7)
+                    uneven = kind != "equal"
+                    self.comm.all_to_all(out, xs[r], [rows[i][r] for i in range(N)] if uneven else None,
+                                         rows[r] if uneven else None)
+                    torch.cuda.synchronize()
+                    self.assertTrue(torch.equal(out, want))
 
     def test_strategies_nccl_equals_custom(self):
         from tests.test_triton_comm import STRATEGIES, train
