@@ -183,12 +183,23 @@ class TorchCollectives(Collectives):
 # -----------------------------------------------------------------------------
 # process group start-up and teardown
 
+SHARE_GPU_ENV = "NANOPARALLEL_SHARE_GPU"
+
+
 def init_distributed(timeout_s=300):
     """Start the default process group if launched by torchrun (WORLD_SIZE set), else do nothing.
 
-    Backend: NCCL when CUDA is available (one GPU per local rank), gloo otherwise. Returns this rank's
-    torch.device (cuda:LOCAL_RANK, cuda, or cpu). timeout_s bounds every collective, so a rank that dies
-    makes the others fail instead of hanging forever: every group, mesh dimensions' included
+    Backend: on a GPU machine "cpu:gloo,cuda:nccl", torch's NCCL for CUDA tensors and gloo for CPU ones (a DCP
+    checkpoint's CPU metadata, objects), one GPU per local rank; gloo otherwise. Returns this rank's torch.device
+    (cuda:i, cuda, or cpu). Every collective on CUDA tensors outside a strategy's own Collectives (DTensor
+    bookkeeping, full_state_dict, DCP, eval and logging means, the RNG-state gather, the preemption agreement) thus
+    goes through torch's NCCL, in every variant; the collectives of the training step are the variant's own
+    (comm.TorchCollectives, kernels/triton_comm.py, kernels/nccl.py), counted in CommStats. No CUDA tensor goes
+    through gloo (check_backend_serves).
+
+    More ranks on a node than GPUs: a ValueError (one line), unless NANOPARALLEL_SHARE_GPU=1 lets ranks share the
+    GPUs (share_gpus: for tests and one-GPU machines, not for speed). timeout_s bounds every collective, so a rank
+    that dies makes the others fail instead of hanging forever: every group, mesh dimensions' included
     (set_default_group_timeout). Under a one-node torchrun the store is scoped to the attempt (restart_safe_store),
     so a job restarted by --max-restarts starts cleanly.
     """
@@ -198,16 +209,59 @@ def init_distributed(timeout_s=300):
         return torch.device("cuda" if cuda else "cpu")
     device = torch.device("cpu")
     if cuda:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = cuda_device()
         torch.cuda.set_device(device)
     if not dist.is_initialized():  # started already: a test running train.main several times in one process group
         store = restart_safe_store(timedelta(seconds=timeout_s))
         where = {} if store is None else {"store": store, "rank": int(os.environ["RANK"]),
                                           "world_size": int(os.environ["WORLD_SIZE"])}
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s), **where)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s),
+                                **where)
     set_default_group_timeout(timedelta(seconds=timeout_s))
     _timeout_s = timeout_s
     return device
+
+
+def cuda_device():
+    """This rank's GPU under torchrun: cuda:LOCAL_RANK, where the node has a GPU per local rank; with more local ranks
+    than GPUs and NANOPARALLEL_SHARE_GPU=1, cuda:(LOCAL_RANK mod GPUs), after share_gpus; else ValueError."""
+    local_rank, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    gpus = torch.cuda.device_count()
+    if local_world <= gpus:
+        return torch.device("cuda", local_rank)
+    if os.environ.get(SHARE_GPU_ENV) != "1":
+        raise ValueError(f"{local_world} ranks on this node but {gpus} GPU(s): launch at most {gpus} per node, or set "
+                         f"{SHARE_GPU_ENV}=1 to let ranks share GPUs (for tests and one-GPU machines; slow)")
+    share_gpus(local_world, gpus)
+    return torch.device("cuda", local_rank % gpus)
+
+
+def share_gpus(local_world, gpus):
+    """Let several ranks of this node use one GPU: NCCL refuses two ranks on one device unless they believe they are
+    on different hosts, so each rank gets its own NCCL_HOSTID (its traffic then takes NCCL's network transport, not
+    NVLink); torch's CUDA symmetric memory (the triton backend's heap) refuses overlapping devices unless
+    TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1. Set before any communicator exists; rank 0 says so in the log."""
+    import socket
+    os.environ["NCCL_HOSTID"] = f"{socket.gethostname()}-nanoparallel-rank{os.environ['RANK']}"
+    os.environ["TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"] = "1"
+    if os.environ.get("RANK") == "0":
+        print(f"note: {local_world} ranks share {gpus} GPU(s) on this node ({SHARE_GPU_ENV}=1): an NCCL_HOSTID per "
+              f"rank, so NCCL moves data over its network transport; for tests, not for speed", flush=True)
+
+
+def check_backend_serves(device, group=None):
+    """Raise ValueError (one line) if `group` (None: the default group) would run collectives on `device`'s tensors
+    through gloo while the device is a GPU. gloo's CUDA path is not what a GPU run should use, and DTensor's
+    redistributions of CUDA tensors over a gloo-only group crashed (SIGSEGV in wait_tensor on torch 2.11):
+    init_distributed's group gives CUDA tensors to NCCL. Strategy.__init__ checks the group its DTensors and
+    torch collectives will use, before any collective."""
+    if device.type == "cpu" or not dist.is_initialized():
+        return
+    config = dist.get_backend_config(group)  # e.g. "cpu:gloo,cuda:nccl", or "cpu:gloo,cuda:gloo" for a gloo group
+    backends = dict(item.split(":", 1) for item in config.split(",") if ":" in item)
+    if backends.get(device.type, config) == "gloo":
+        raise ValueError(f"the process group ({config}) runs {device.type} tensors through gloo: start it with "
+                         f"comm.init_distributed, which gives {device.type} tensors to NCCL")
 
 
 _timeout_s = None  # init_distributed's timeout, for describe_comm_error

@@ -26,6 +26,25 @@ import torch
 import torch.distributed as dist
 
 
+# Dense peak FLOP/s by GPU, the MFU denominator (NVIDIA's data sheets, without sparsity): (a substring of
+# torch.cuda.get_device_name, bf16/fp16 tensor cores, fp32 without TF32 as torch multiplies fp32 by default). The
+# first match wins: "H100 PCIe" before the SXM "H100".
+PEAK_FLOPS = (("H200", 989.4e12, 66.9e12), ("H100 PCIe", 756.0e12, 51.2e12), ("H100", 989.4e12, 66.9e12),
+              ("A100", 312.0e12, 19.5e12))
+
+
+def peak_flops(device, dtype="bfloat16"):
+    """(device name, dense peak FLOP/s of `device` for `dtype`, "bfloat16"/"float16"/"float32"): the peak is None
+    where PEAK_FLOPS does not list the GPU, and on a CPU; then no MFU is printed."""
+    if device.type != "cuda":
+        return "CPU", None
+    name = torch.cuda.get_device_name(device)
+    for key, half, fp32 in PEAK_FLOPS:
+        if key in name:
+            return name, fp32 if dtype == "float32" else half
+    return name, None
+
+
 def check_profiling_config(cfg, device):
     """Raise ValueError (one line) for a memory snapshot without CUDA or an empty profiling window."""
     if cfg.memory_snapshot and device.type != "cuda":

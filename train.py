@@ -33,7 +33,7 @@ from hf import is_hf_source, load_pretrained
 from model import GPTConfig, flops_per_token
 from parallel import build_strategy, init_distributed, teardown
 from parallel.checkpoint import Checkpointer, check_out_dir, load_extra
-from profiling import TrainingProfiler, check_profiling_config, peak_memory_per_rank
+from profiling import TrainingProfiler, check_profiling_config, peak_flops, peak_memory_per_rank
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on OpenWebText, as in nanoGPT
@@ -211,6 +211,10 @@ def main(argv):
         print(f"{strategy.strategy}/{strategy.variant} on {strategy.world_size} process(es), data-parallel size "
               f"{strategy.dp_size}, {strategy.grad_accum} micro-batch(es) of {cfg.batch_size} per rank per step; "
               f"{n_params / 1e6:.2f}M parameters on this rank; {tokens_per_iter:,} tokens per iteration")
+    device_name, peak = peak_flops(device, cfg.dtype)
+    if master and device.type == "cuda":
+        print(f"MFU against {device_name}'s dense {cfg.dtype} peak, {peak / 1e12:.1f} TFLOP/s" if peak else
+              f"no MFU: no peak FLOP/s known for {device_name} (profiling.PEAK_FLOPS)")
 
     def get_lr(it):
         """Linear warmup for warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr (nanoGPT)."""
@@ -302,8 +306,7 @@ def main(argv):
             peak_mib = peak_memory_per_rank(device)  # every rank takes part
             tflops = flops_per_iter / dt / strategy.world_size / 1e12  # achieved, per process
             if master:
-                sequences_per_device = cfg.gradient_accumulation_steps * cfg.batch_size / strategy.world_size
-                mfu = f", mfu {100 * model.estimate_mfu(sequences_per_device, dt):.1f}%" if device.type == "cuda" else ""
+                mfu = f", mfu {100 * tflops * 1e12 / peak:.1f}%" if peak else ""
                 extra = "".join(f", {k} {v:.4g}" for k, v in model_metrics.items() if isinstance(v, float))
                 print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f}ms, "
                       f"{tokens_per_iter / dt:,.0f} tok/s, {tflops:.3f} TFLOP/s per process{mfu}, "

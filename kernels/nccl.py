@@ -19,7 +19,11 @@ type and reduction, the communicator and the current CUDA stream (nccl.h, NCCL 2
   an async call records a CUDA event. A send is not issued when called but queued, and issued inside the
   ncclGroupStart/End of the next receive (or before the next collective, or when waited on): the custom pipeline
   sends to one neighbour and then receives, and two blocking NCCL calls in that order on both sides of a link would
-  wait for each other on the GPU; in one group NCCL runs them together.
+  wait for each other on the GPU; in one group NCCL runs them together. NCCL connects point-to-point channels
+  lazily, in the first group that uses them, and the two sides of a link connect together: a group that needs
+  both directions with a peer (the pipeline's first sends and receive) while the peer's group needs one would leave
+  the other direction half set up. So before the first message to or from a peer, a group of one send and one
+  receive with it connects both directions at once, at the same point on both sides (_connect).
 - Two ranks on one GPU: NCCL refuses them unless they believe they are on different hosts; set NCCL_HOSTID to a
   different value per rank before the first communicator is made (tests/test_nccl.py does).
 
@@ -247,6 +251,7 @@ class NCCLCollectives(Collectives):
             self.nccl.call("ncclCommInitRank", ctypes.byref(self.comm), self.world_size,
                            ncclUniqueId.from_buffer_copy(uid[0]), self.rank)
         self._queued = []  # sends not issued yet: (tensor, dst, work)
+        self._connected = set()  # peers whose point-to-point channels are connected both ways (_connect)
         _OPEN.append(self)
 
     @staticmethod
@@ -287,10 +292,30 @@ class NCCLCollectives(Collectives):
     def _contiguous(tensor):
         return tensor if tensor.is_contiguous() else tensor.contiguous()
 
-    def _flush(self, then=None):
-        """Issue the queued sends, and then() if given, in one NCCL group."""
+    def _connect(self, peers):
+        """Connect the point-to-point channels with each of `peers` not yet connected in both directions at once: one
+        NCCL group of a 4-byte send and receive with each (see the module docstring). Both sides call it before their
+        first message to each other, which is the same point of their matched message order."""
+        new = sorted(set(peers) - self._connected - {self.rank})
+        if not new:
+            return
+        self._connected |= set(new)
+        token, inbox = torch.zeros(1, device=self.device), torch.empty(len(new), device=self.device)
+        self.nccl.call("ncclGroupStart")
+        try:
+            for i, peer in enumerate(new):
+                self.nccl.call("ncclSend", _p(token.data_ptr()), 1, nccl_dtype(token.dtype), peer, self.comm,
+                               self._stream())
+                self.nccl.call("ncclRecv", _p(inbox[i:].data_ptr()), 1, nccl_dtype(inbox.dtype), peer, self.comm,
+                               self._stream())
+        finally:
+            self.nccl.call("ncclGroupEnd")
+
+    def _flush(self, then=None, peer=None):
+        """Issue the queued sends, and then() if given (a receive from `peer`), in one NCCL group."""
         if not self._queued and then is None:
             return
+        self._connect([dst for _, dst, _ in self._queued] + ([peer] if peer is not None else []))
         self.nccl.call("ncclGroupStart")
         try:
             for tensor, dst, work in self._queued:
@@ -379,7 +404,7 @@ class NCCLCollectives(Collectives):
     def _recv(self, tensor, src, async_op):
         t = self._contiguous(tensor)
         self._flush(lambda: self.nccl.call("ncclRecv", _p(t.data_ptr()), t.numel(), nccl_dtype(t.dtype), src,
-                                           self.comm, self._stream()))
+                                           self.comm, self._stream()), peer=src)
         if t is not tensor:
             tensor.copy_(t)
         return self._work(async_op)

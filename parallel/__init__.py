@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from comm import CommStats, TorchCollectives, init_distributed, teardown  # noqa: F401 (re-exported for entry points)
+from comm import CommStats, TorchCollectives, check_backend_serves  # noqa: F401
+from comm import init_distributed, teardown  # noqa: F401 (re-exported for entry points)
 from model import GPT, init_parameter_, moe_stats
 from parallel import checkpoint
 from parallel.checkpoint import HEAD, WTE, load_checkpoint_file  # noqa: F401 (re-exported)
@@ -324,6 +325,7 @@ class Strategy:
 
     def __init__(self, cfg, device):
         self.cfg, self.device, self.variant = cfg, device, cfg.variant
+        check_backend_serves(device)  # no CUDA tensor through gloo (DTensor bookkeeping, torch collectives)
         if self.variant in ("triton", "nccl"):
             backend(self.variant).check_available(device)  # one line (nccl without a GPU), before any collective
         self.rank = dist.get_rank() if dist.is_initialized() else 0

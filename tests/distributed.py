@@ -30,6 +30,7 @@ import torch.distributed as dist
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from comm import SHARE_GPU_ENV  # noqa: E402
 from parallel import init_distributed, teardown  # noqa: E402
 
 UNDER_TORCHRUN = "WORLD_SIZE" in os.environ
@@ -43,11 +44,13 @@ def _exit_through_teardown():
 
 @unittest.skipUnless(UNDER_TORCHRUN, "needs torchrun: run via pytest's test_torchrun launcher or torchrun -m unittest")
 class DistributedTestCase(unittest.TestCase):
-    """A TestCase whose tests run on every rank of the default (gloo) process group."""
+    """A TestCase whose tests run on every rank of the default process group: comm.init_distributed's (gloo on CPU;
+    on a GPU machine NCCL for CUDA tensors, the ranks sharing its GPUs if there are fewer than ranks)."""
 
     @classmethod
     def setUpClass(cls):
         if not dist.is_initialized():
+            os.environ.setdefault(SHARE_GPU_ENV, "1")  # on a GPU machine the ranks may share its GPU(s)
             init_distributed(timeout_s=120)
             atexit.register(_exit_through_teardown)
         cls.rank, cls.world_size = dist.get_rank(), dist.get_world_size()

@@ -1,6 +1,7 @@
 """
-The reference every strategy is compared with: a tiny GPT trained on one device over the whole global batch,
-written as a plain loop (what `single` does), plus helpers to run a Strategy on the same data.
+The reference every strategy is compared with: the single-device GPT on the whole global batch, checked step by
+step from the strategy's own state (Reference, train_checked: the rule every equality test uses, explained below),
+plus helpers to run a Strategy on the same data.
 
 Global batch layout (the same as train.py's get_batch): a step has `micro_steps` micro-batches over all
 data-parallel ranks together; micro-batch k of data-parallel rank r is global micro-batch k * dp_size + r.
@@ -26,9 +27,7 @@ def tiny_config(**overrides):
 
 
 def train_config(**overrides):
-    """train.py's defaults for a test: fp32, no compile, a fixed lr of 1e-3 (no schedule), plus overrides.
-    (Adam turns rounding noise in near-zero gradients into updates of up to ~lr, so a much higher lr would
-    make fp32 runs that differ only in summation order drift apart by more than 1e-5.)"""
+    """train.py's defaults for a test: fp32, no compile, a fixed lr of 1e-3 (no schedule), plus overrides."""
     return SimpleNamespace(**{**DEFAULTS, "dtype": "float32", "compile": False, "learning_rate": 1e-3,
                               "timeout_s": 120, **overrides})
 
@@ -48,33 +47,11 @@ def rank_batches(step_batches, dp_rank, dp_size):
     return step_batches[dp_rank::dp_size]
 
 
-def train_single(model_config, batches, cfg, grads=None):
-    """Train GPT(model_config) on one device over `batches` (one list of micro-batches per step): each step
-    averages the micro-batch losses, backward, clips at cfg.grad_clip, takes an AdamW step.
-    Returns (per-step losses as a list of floats, the trained model); `grads`, a list, gets each step's clipped
-    gradients {name: tensor}."""
-    model = GPT(model_config)
-    opt = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), "cpu")
-    losses = []
-    for step in batches:
-        total = 0.0
-        for x, y in step:
-            _, loss = model(x, y)
-            (loss / len(step)).backward()
-            total += loss.item() / len(step)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if grads is not None:
-            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(total)
-    return losses, model
-
-
 def train_strategy(strategy, model_config, batches, grads=None):
-    """Build strategy's model, train over this rank's share of `batches` (as train.py does, without lr schedule).
-    Returns (per-step logged losses, the strategy's bare model); `grads`, a list, gets each step's clipped local
-    gradients {name: tensor} (strategy.named_parameters())."""
+    """Build strategy's model, train over this rank's share of `batches` (as train.py does, without lr schedule),
+    unchecked: for comparing two runs whose arithmetic is identical (tests/test_ac.py); a comparison with the single
+    model is train_checked's. Returns (per-step logged losses, the strategy's bare model); `grads`, a list, gets each
+    step's clipped local gradients {name: tensor} (strategy.named_parameters())."""
     model = strategy.build_model(model_config)
     opt = strategy.configure_optimizer()
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -103,21 +80,6 @@ def max_param_diff(model_a, model_b):
     return max(param_diffs(model_a, model_b).values())
 
 
-# GPT-2's attention key bias cannot change the output: it adds q·b to every score of a query's row, and softmax is
-# invariant to that. Its true gradient is 0, so what it receives is rounding noise, which Adam scales up to updates
-# of ~1e-6 (noise / eps · lr). Runs that differ only in summation order agree on it to ~1e-6, not to 1e-8 like
-# every other parameter; comparisons tighter than 1e-5 leave it out, and say so.
-ZERO_GRADIENT_PARAMS = ("attn.k_proj.bias",)
-
-
-def max_param_diff_but_zero_gradient(model_a, model_b):
-    """max_param_diff (models or state_dicts) over the parameters that can change the model's output (all but
-    ZERO_GRADIENT_PARAMS)."""
-    return max(d for k, d in param_diffs(model_a, model_b).items() if not k.endswith(ZERO_GRADIENT_PARAMS))
-
-
-
-
 # -----------------------------------------------------------------------------
 # checking a strategy against the single model, one step at a time: the one rule every test uses
 #
@@ -144,9 +106,10 @@ GRAD_TOL = 1e-6  # |clipped gradient - single's| per element (gradients clipped 
 # learning rate or moment is 100x larger.
 PARAM_RTOL = 2 ** -20
 
-Checked = namedtuple("Checked", "losses params margins")
+Checked = namedtuple("Checked", "losses params margins optimizer")
 Checked.__doc__ = """What train_checked returns: the strategy's logged loss of each step (floats), its final parameters
-{GPT name: full tensor on the CPU} in the single model's state_dict layout, and the Reference's margins."""
+{GPT name: full tensor on the CPU} in the single model's state_dict layout, the Reference's margins, and the
+strategy's optimizer (to go on training or save a checkpoint)."""
 
 
 class Reference:
@@ -154,10 +117,12 @@ class Reference:
     strategy is checked against, one step at a time: check_step runs the single model from the strategy's parameters
     on the whole global batch and applies the strategy's gradients with its own AdamW, whose moments therefore follow
     the strategy's gradients. margins: the largest loss and gradient differences seen, and the largest parameter
-    difference as a fraction of its tolerance (< 1: passed). Tensors live on the CPU; the strategy's are moved."""
+    difference as a fraction of its tolerance (< 1: passed). Tensors live on the CPU; the strategy's are moved.
+    loss_tol, grad_tol: LOSS_TOL and GRAD_TOL for an fp32 strategy; a mixed-precision one passes its own (derived
+    where it is used); the update is always checked at PARAM_RTOL, as its inputs are the strategy's own."""
 
-    def __init__(self, model_config, cfg):
-        self.cfg = cfg
+    def __init__(self, model_config, cfg, loss_tol=LOSS_TOL, grad_tol=GRAD_TOL):
+        self.cfg, self.loss_tol, self.grad_tol = cfg, loss_tol, grad_tol
         self.model = GPT(model_config)
         self.opt = self.model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), "cpu")
         self.margins = {"loss": 0.0, "grad": 0.0, "param": 0.0}
@@ -168,13 +133,23 @@ class Reference:
         for name, p in self.model.named_parameters():
             p.copy_(params[name])
 
-    def load(self, params, optimizer_state):
-        """Start from a checkpoint in the single model's layout: parameters {name: tensor} and a torch AdamW state_dict's
-        "state" ({index in named_parameters() order: {"step", "exp_avg", "exp_avg_sq"}}), as load_checkpoint_file
-        converts a DCP checkpoint to."""
-        self.set_parameters(params)
-        for i, (_, p) in enumerate(self.model.named_parameters()):
-            self.opt.state[p] = {k: v.detach().clone().cpu() for k, v in optimizer_state[i].items()}
+    def load(self, checkpoint):
+        """Start from a checkpoint in the single model's layout, as load_checkpoint_file returns it (a DCP checkpoint
+        converted): {"model": {name: tensor}, "optimizer": the state_dict of configure_optimizers' AdamW, ...}."""
+        self.set_parameters(checkpoint["model"])
+        self.opt.load_state_dict(checkpoint["optimizer"])
+
+    def assert_optimizer_state(self, state):
+        """A torch AdamW state ({index: {"step", "exp_avg", "exp_avg_sq"}}, configure_optimizers' order, as a converted
+        checkpoint holds it) equals this reference's, which followed the strategy's gradients: the same steps, and
+        the moments within PARAM_RTOL of their magnitude (the same elementwise recurrences on the same inputs)."""
+        mine = self.opt.state_dict()["state"]
+        assert state.keys() == mine.keys(), (sorted(state), sorted(mine))
+        for i, st in mine.items():
+            assert state[i]["step"].item() == st["step"].item(), (i, state[i]["step"], st["step"])
+            for k in ("exp_avg", "exp_avg_sq"):
+                bad = (state[i][k].float().cpu() - st[k]).abs() > PARAM_RTOL * st[k].abs()
+                assert not bad.any(), f"AdamW state {i} {k} differs from the single model's beyond rounding"
 
     def assert_initial(self, params):
         """The strategy starts from the single model's initial weights, exactly (each shard a slice of them)."""
@@ -191,7 +166,7 @@ class Reference:
         """Check one optimizer step of a strategy: from parameters `before` ({name: full tensor}), on the global
         micro-batches `batches` [(x, y), ...], it logged `loss` (float), clipped its gradients to `grads` ({name: full
         tensor}) and stepped to `after`. Raises AssertionError naming the quantity, parameter and difference that
-        exceeds LOSS_TOL, GRAD_TOL or PARAM_RTOL·(|p| + lr)."""
+        exceeds loss_tol, grad_tol or PARAM_RTOL·(|p| + lr)."""
         self.set_parameters(before)
         ref_loss = 0.0
         for x, y in batches:
@@ -200,12 +175,13 @@ class Reference:
             ref_loss += micro_loss.item() / len(batches)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         d = abs(loss - ref_loss)
-        assert d < LOSS_TOL, f"loss {loss} differs from the single model's {ref_loss} by {d:.2e} >= {LOSS_TOL:.0e}"
+        assert d < self.loss_tol, f"loss {loss} differs from the single model's {ref_loss} by {d:.2e} >= {self.loss_tol:.0e}"
         self.margins["loss"] = max(self.margins["loss"], d)
         with torch.no_grad():
             for name, p in self.model.named_parameters():
                 d = (grads[name].float().cpu() - p.grad).abs().max().item()
-                assert d < GRAD_TOL, f"gradient of {name} differs from the single model's by {d:.2e} >= {GRAD_TOL:.0e}"
+                assert d < self.grad_tol, (f"gradient of {name} differs from the single model's by {d:.2e} >= "
+                                           f"{self.grad_tol:.0e}")
                 self.margins["grad"] = max(self.margins["grad"], d)
                 p.grad.copy_(grads[name])
         self.opt.step()
@@ -263,10 +239,10 @@ def train_checked(strategy, model_config, batches, reference=None):
     """Build `strategy`'s model and train it over `batches` (one list of global micro-batches per step) as train.py
     does without an lr schedule, checking every step against the single model (Reference; a new one unless given):
     the initial parameters exactly, then each step's loss, clipped gradients and update (checked_step). Collective.
-    Returns Checked(losses, final parameters, margins); raises AssertionError at the first difference."""
+    Returns Checked(losses, final parameters, margins, optimizer); raises AssertionError at the first difference."""
     reference = reference or Reference(model_config, strategy.cfg)
     strategy.build_model(model_config)
     optimizer = strategy.configure_optimizer()
     reference.assert_initial(full_parameters(strategy))
     losses = [checked_step(strategy, optimizer, reference, step) for step in batches]
-    return Checked(losses, full_parameters(strategy), reference.margins)
+    return Checked(losses, full_parameters(strategy), reference.margins, optimizer)

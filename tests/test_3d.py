@@ -21,7 +21,8 @@ from model import GPT
 from parallel import build_strategy, load_checkpoint_file
 from parallel.grid import coords, describe, groups, resolve_sizes
 from tests.distributed import DistributedTestCase, torchrun_launcher
-from tests.reference import global_batches, max_param_diff, tiny_config, train_config, train_single, train_strategy
+from tests.reference import (LOSS_TOL, Reference, checked_step, global_batches, max_param_diff, tiny_config,
+                             train_checked, train_config)
 
 CPU = torch.device("cpu")
 MODEL = tiny_config(n_layer=4, vocab_size=65)  # 4 layers: pp=2 with 2 virtual stages; 65: an uneven vocab split
@@ -100,24 +101,20 @@ class Test3D(DistributedTestCase):
         return build_strategy(cfg, CPU)
 
     def test_every_grid_equals_single(self):
-        """3 steps on the same global batch (micro-batch x micro-batches per pipeline x dp sequences): the logged
-        losses (on every rank), the gathered parameters and an eval loss equal the single run within 1e-5."""
+        """3 steps on the same global batch (micro-batch x micro-batches per pipeline x dp sequences): every step equals
+        the single model's from the same state (tests/reference.py's rule), the logged losses are on every rank, and
+        an eval loss equals the single model's."""
         for dp, pp, tp, overrides in CASES.get(self.world_size, []):
             m = overrides.get("gradient_accumulation_steps", 4)
             batches = global_batches(3, m, B, MODEL, seed=m)
-            ref_losses, ref_model = train_single(MODEL, batches, train_config())
             x, y = batches[0][0]
-            with torch.no_grad():
-                ref_eval = ref_model(x, y)[1].item()
-            for variant in ("custom",):
-                with self.subTest(variant=variant, dp=dp, pp=pp, tp=tp, **overrides):
-                    strategy = self.strategy(variant, dp, pp, tp, **overrides)
-                    self.assertEqual((strategy.dp_size, strategy.sizes["pp"]), (dp, pp))
-                    losses, _ = train_strategy(strategy, MODEL, batches)
-                    self.assertLess(max(abs(a - b) for a, b in zip(losses, ref_losses)), 1e-5, (losses, ref_losses))
-                    self.assertLess(max_param_diff(strategy.full_state_dict(), ref_model), 1e-5)
-                    self.assertLess(abs(strategy.eval_loss(x, y).item() - ref_eval), 1e-5)
-                    self.assertLess(losses[-1], losses[0])  # not vacuous: it learned
+            with self.subTest(dp=dp, pp=pp, tp=tp, **overrides):
+                strategy = self.strategy("custom", dp, pp, tp, **overrides)
+                self.assertEqual((strategy.dp_size, strategy.sizes["pp"]), (dp, pp))
+                reference = Reference(MODEL, strategy.cfg)
+                run = train_checked(strategy, MODEL, batches, reference)
+                self.assertLess(abs(strategy.eval_loss(x, y).item() - reference.loss(run.params, x, y)), LOSS_TOL)
+                self.assertLess(run.losses[-1], run.losses[0])  # not vacuous: it learned
 
     def test_grad_norm_counts_every_element_once(self):
         """clip_grad_norm_(inf) equals the single model's gradient norm on every rank (TP-replicated parameters,
@@ -182,36 +179,30 @@ class Test3D(DistributedTestCase):
                 self.assertNotIn("\n", str(e.exception))
 
     def test_checkpoint_save_convert_load_and_resume(self):
-        """A DCP checkpoint after 2 steps on one grid (FSDP): converted to one file it holds the single run's model;
-        loaded on another grid (and DP as DDP), one more step equals the single run's third step (resume exact)."""
+        """A DCP checkpoint after 2 steps on one grid (FSDP): converted to one file it holds the run's model exactly
+        and the single model's AdamW state; loaded on another grid (and DP as DDP) it resumes exactly, and its next
+        step equals the single model's from the checkpoint (tests/reference.py's rule)."""
         save_grid, load_grid = {8: ((2, 2, 2), (4, 1, 2)), 4: ((2, 2, 1), (1, 2, 2))}[self.world_size]
         batches = global_batches(3, 4, B, MODEL)
-        ref_losses, ref_model = train_single(MODEL, batches, train_config())
-        ref_two = train_single(MODEL, batches[:2], train_config())[1]
         path = [tempfile.mkdtemp(prefix="3d-ckpt-") if self.rank == 0 else None]
         dist.broadcast_object_list(path)
         path = os.path.join(path[0], "ckpt")
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
         try:
             strategy = self.strategy("custom", *save_grid, dp_type="fsdp")
-            strategy.build_model(MODEL)
-            opt = strategy.configure_optimizer()
-            for step in batches[:2]:
-                strategy.forward_backward(step[strategy.dp_rank::strategy.dp_size], scaler)
-                strategy.clip_grad_norm_(strategy.cfg.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            reference = Reference(MODEL, strategy.cfg)
+            opt = train_checked(strategy, MODEL, batches[:2], reference).optimizer
             strategy.save_checkpoint(path, opt, {"model_args": asdict(MODEL), "iter_num": 2, "config": vars(strategy.cfg)})
-            self.assertLess(max_param_diff(load_checkpoint_file(path)["model"], ref_two), 1e-5)
+            converted = load_checkpoint_file(path)
+            self.assertEqual(max_param_diff(converted["model"], strategy.full_state_dict()), 0.0)
+            reference.assert_optimizer_state(converted["optimizer"]["state"])
             fresh = self.strategy("custom", *load_grid, dp_type="ddp")
             fresh.build_model(MODEL)
             fresh_opt = fresh.configure_optimizer()
             self.assertEqual(fresh.load_checkpoint(path, fresh_opt)["iter_num"], 2)
-            loss = fresh.forward_backward(batches[2][fresh.dp_rank::fresh.dp_size], scaler).item()
-            fresh.clip_grad_norm_(fresh.cfg.grad_clip)
-            fresh_opt.step()
-            self.assertLess(abs(loss - ref_losses[2]), 1e-5)
-            self.assertLess(max_param_diff(fresh.full_state_dict(), ref_model), 1e-5)
+            self.assertEqual(max_param_diff(fresh.full_state_dict(), converted["model"]), 0.0)
+            resumed = Reference(MODEL, fresh.cfg)
+            resumed.load(converted)
+            checked_step(fresh, fresh_opt, resumed, batches[2])
         finally:
             dist.barrier()
             if self.rank == 0:

@@ -7,7 +7,10 @@ and "selective" (torchtitan's op-level policy, and every second block) takes the
 At 2 processes the 1-D strategies (ddp, fsdp, tp with sequence and loss parallelism, pp 1F1B; pytorch and custom:
 triton and nccl run custom's algorithm), at 4 the 3d grids dp2·pp2 (FSDP inside a pipeline) and pp2·tp2 (each
 variant; dp x tp is the 1-D cases composed without a pipeline). Dropout is on, so the recomputed forward must
-also reproduce the dropout masks (checkpoint restores the RNG state). What needs no process group: the names and
+also reproduce the dropout masks (checkpoint restores the RNG state). A checkpointed run computes the same
+operations on the same inputs as the plain one (the recomputation repeats them), so the two agree exactly (measured:
+0.0 in every case) and AdamW has no rounding difference to amplify: the fixed TOLERANCE holds on any CPU, unlike a
+comparison of two differently-summed runs (tests/reference.py). What needs no process group: the names and
 state_dict keys are unchanged, `pos` reaches the blocks, and bad modes are one-line errors.
 """
 

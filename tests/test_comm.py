@@ -7,8 +7,10 @@ payload and bus bytes by nccl-tests' convention.
 
 import torch
 
-from comm import CommStats, TorchCollectives
+from comm import CommStats, TorchCollectives, check_backend_serves
+from parallel import build_strategy
 from tests.distributed import DistributedTestCase, torchrun_launcher
+from tests.reference import train_config
 
 
 class TestTorchCollectives(DistributedTestCase):
@@ -68,6 +70,23 @@ class TestTorchCollectives(DistributedTestCase):
             self.assertAlmostEqual(stats.bus["reduce_scatter"], (N - 1) / N * N * 100 * size)
             self.assertEqual(stats.bus["broadcast"], 10 * size)
             self.assertEqual(stats.as_dict()["comm/all_reduce_calls"], 1)
+
+
+    def test_no_cuda_tensor_through_gloo(self):
+        """The guard against the first GPU run's crash (DTensor bookkeeping of CUDA tensors over a gloo-only group,
+        SIGSEGV in wait_tensor), caught without a GPU: this gloo group would run CUDA tensors through gloo, so asking
+        for a CUDA device is a one-line ValueError, and so is building any strategy, of every variant, for a CUDA
+        device on it, before any collective; a CPU device passes."""
+        check_backend_serves(torch.device("cpu"))
+        with self.assertRaisesRegex(ValueError, r"runs cuda tensors through gloo") as e:
+            check_backend_serves(torch.device("cuda", 0))
+        self.assertNotIn("\n", str(e.exception))
+        for parallel in ("ddp", "fsdp", "tp", "pp", "cp", "3d"):
+            for variant in ("pytorch", "custom", "triton", "nccl"):
+                with self.subTest(parallel=parallel, variant=variant):
+                    with self.assertRaisesRegex(ValueError, "through gloo"):
+                        build_strategy(train_config(parallel=parallel, variant=variant, n_layer=4,
+                                                    gradient_accumulation_steps=4), torch.device("cuda", 0))
 
 
 test_torchrun = torchrun_launcher(__file__, nprocs=(2, 4))

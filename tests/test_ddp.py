@@ -12,8 +12,7 @@ from parallel import build_strategy
 from comm import TorchCollectives
 from parallel.ddp import DataParallel
 from tests.distributed import DistributedTestCase, torchrun_launcher
-from tests.reference import (global_batches, max_param_diff, max_param_diff_but_zero_gradient, rank_batches,
-                             tiny_config, train_config, train_single, train_strategy)
+from tests.reference import global_batches, max_param_diff, rank_batches, tiny_config, train_checked, train_config
 
 CPU = torch.device("cpu")
 
@@ -27,27 +26,16 @@ class TestDDP(DistributedTestCase):
         return build_strategy(cfg, CPU)
 
     def test_five_steps_with_accumulation_equal_single(self):
-        """Losses and parameters after 5 optimizer steps of 3 micro-batches per rank equal the single run on the
-        same global batch (1e-5), and custom equals pytorch DDP (1e-6; the key bias, whose true gradient is 0,
-        to 1e-5: see tests/reference.py); GPT-2 and Llama-style blocks."""
+        """5 optimizer steps of 3 micro-batches per rank, both variants, GPT-2 and Llama-style blocks: every step's
+        loss, clipped gradients and update equal the single model's on the same global batch from the same state
+        (tests/reference.py's rule), and the loss falls."""
         for block in ("gpt2", "llama"):
             model_config = tiny_config(block=block)
             batches = global_batches(5, 3 * self.world_size, 4, model_config)
-            ref_losses, ref_model = train_single(model_config, batches, train_config())
-            runs = {v: train_strategy(self.ddp(v, 3, bucket_cap_mb=0.01), model_config, batches)
-                    for v in ("pytorch", "custom")}
-            for variant, (losses, model) in runs.items():
+            for variant in ("pytorch", "custom"):
                 with self.subTest(block=block, variant=variant):
-                    self.assertLess(max(abs(a - b) for a, b in zip(losses, ref_losses)), 1e-5)
-                    self.assertLess(max_param_diff(model, ref_model), 1e-5)
-            with self.subTest(block=block, compare="custom vs pytorch"):
-                (lp, mp), (lc, mc) = runs["pytorch"], runs["custom"]
-                self.assertLess(max(abs(a - b) for a, b in zip(lp, lc)), 1e-6)
-                self.assertLess(max_param_diff_but_zero_gradient(mp, mc), 1e-6)
-                self.assertLess(max_param_diff(mp, mc), 1e-5)
-            # not vacuous: the reference moved far from its init, and its loss fell
-            self.assertGreater(max_param_diff(ref_model, GPT(model_config)), 1e-3)
-            self.assertLess(ref_losses[-1], ref_losses[0])
+                    run = train_checked(self.ddp(variant, 3, bucket_cap_mb=0.01), model_config, batches)
+                    self.assertLess(run.losses[-1], run.losses[0])  # not vacuous: it learned
 
     def test_comm_bytes_per_step(self):
         """Per optimizer step (4 micro-batches per rank): all-reduce payload = Ψ·4 bytes, bus = 2(N-1)/N·Ψ·4,

@@ -209,21 +209,23 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("args", [["--parallel=ddp", "--variant=custom"],
-                                  ["--parallel=3d", "--variant=pytorch", "--dp_size=2", "--tp_size=2"]])
-def test_two_nodes_match_single(tmp_path, shakespeare_char_dir, args):
+@pytest.mark.parametrize("dp, args", [(4, ["--parallel=ddp", "--variant=custom"]),
+                                      (2, ["--parallel=3d", "--variant=pytorch", "--dp_size=2", "--tp_size=2"])])
+def test_two_nodes_match_single(tmp_path, shakespeare_char_dir, dp, args):
     """Two torchrun agents (--nnodes=2 --nproc_per_node=2, c10d rendezvous on 127.0.0.1) train 4 ranks as two
-    nodes (3d: tp inside a node, dp across); 4 steps log the single process's losses and end with its weights
-    within 1e-5 (fp32, no dropout)."""
+    nodes (3d: tp inside a node, dp across); 4 steps log the single process's losses, and the last val loss, within
+    1e-5 (fp32, no dropout; the same 4 eval sequences: eval_batch_size 4 / dp per rank). The weights themselves are not compared: two runs that each take their own AdamW steps
+    differ by up to ~lr in elements whose gradient is near eps, by an amount that depends on the CPU
+    (tests/reference.py); the in-process tests check ddp and 3d step by step, and this one the launch around them."""
     common = [f"--data_dir={shakespeare_char_dir}", *TINY, "--max_iters=4", "--eval_interval=4",
               "--gradient_accumulation_steps=4"]
     single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
-    code, out = train(0, [*common, f"--out_dir={single}"])
+    code, out = train(0, [*common, f"--out_dir={single}", "--eval_batch_size=4"])
     assert code == 0, out[-3000:]
     port = free_port()
     agents = [[sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=test-{port}",
-               "train.py", *common, f"--out_dir={multi}", *args] for _ in range(2)]
+               "train.py", *common, f"--out_dir={multi}", f"--eval_batch_size={4 // dp}", *args] for _ in range(2)]
     procs = [subprocess.Popen(a, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True) for a in agents]
     outs = []
@@ -238,8 +240,8 @@ def test_two_nodes_match_single(tmp_path, shakespeare_char_dir, args):
     assert "on 4 process(es)" in "".join(outs)
     a, b = metrics(single, "train/loss"), metrics(multi, "train/loss")
     assert sorted(a) == sorted(b) == list(range(4)) and max(abs(a[i] - b[i]) for i in a) < 1e-5, (a, b)
-    ref, got = load_checkpoint_file(find_checkpoint(single)), load_checkpoint_file(find_checkpoint(multi))
-    assert max((ref["model"][k] - got["model"][k]).abs().max().item() for k in ref["model"]) < 1e-5
+    a, b = metrics(single, "val/loss"), metrics(multi, "val/loss")
+    assert sorted(a) == sorted(b) == [0, 4] and max(abs(a[i] - b[i]) for i in a) < 1e-5, (a, b)
 
 
 # -----------------------------------------------------------------------------------------------------------

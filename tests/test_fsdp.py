@@ -16,12 +16,15 @@ from model import GPT
 from parallel import build_strategy
 from parallel.fsdp import FullyShardedDataParallel
 from tests.distributed import DistributedTestCase, run_command, torchrun_launcher
-from tests.reference import (global_batches, max_param_diff, max_param_diff_but_zero_gradient, rank_batches,
-                             tiny_config, train_config, train_single, train_strategy)
+from tests.reference import Reference, global_batches, rank_batches, tiny_config, train_checked, train_config
 from tests.test_train import TINY, metrics, train
 
 CPU = torch.device("cpu")
 VARIANTS = ("pytorch", "custom")
+# bf16 compute: every product and activation carries a relative error of up to 2^-9 (8 mantissa bits), which the
+# backward's sums accumulate over ~10 rounded operands of the same sign at worst; gradients here are below 0.2 in
+# magnitude, so 10·2^-9·0.2 = 4e-3 (measured: 1.1e-3 at 4 ranks, 8.1e-4 at 2; losses within 1.6e-4).
+BF16_GRAD_TOL = 4e-3
 
 
 class TestFSDP(DistributedTestCase):
@@ -32,28 +35,17 @@ class TestFSDP(DistributedTestCase):
         return build_strategy(cfg, CPU)
 
     def test_five_steps_with_accumulation_equal_single(self):
-        """5 optimizer steps of 2 micro-batches per rank: losses and gathered parameters equal the single run on
-        the same global batch (1e-5); custom equals pytorch (1e-6, the zero-gradient key bias 1e-5: see
-        tests/reference.py); GPT-2 and Llama-style blocks; with and without reshard_after_forward."""
+        """5 optimizer steps of 2 micro-batches per rank, both variants, GPT-2 and Llama-style blocks, with and
+        without reshard_after_forward: every step's loss, clipped gradients and update equal the single model's on
+        the same global batch from the same state (tests/reference.py's rule), and the loss falls."""
         for block, reshard in (("gpt2", True), ("llama", True), ("gpt2", False)):
             model_config = tiny_config(block=block)
             batches = global_batches(5, 2 * self.world_size, 2, model_config)
-            ref_losses, ref_model = train_single(model_config, batches, train_config())
-            runs = {}
             for variant in VARIANTS:
-                strategy = self.fsdp(variant, 2, reshard_after_forward="always" if reshard else "never")
-                losses, _ = train_strategy(strategy, model_config, batches)
-                runs[variant] = losses, strategy.full_state_dict()
-            for variant, (losses, state) in runs.items():
                 with self.subTest(block=block, reshard=reshard, variant=variant):
-                    self.assertLess(max(abs(a - b) for a, b in zip(losses, ref_losses)), 1e-5)
-                    self.assertLess(max_param_diff(state, ref_model), 1e-5)
-            with self.subTest(block=block, reshard=reshard, compare="custom vs pytorch"):
-                (lp, sp), (lc, sc) = runs["pytorch"], runs["custom"]
-                self.assertLess(max(abs(a - b) for a, b in zip(lp, lc)), 1e-6)
-                self.assertLess(max_param_diff_but_zero_gradient(sp, sc), 1e-6)
-                self.assertLess(max_param_diff(sp, sc), 1e-5)
-            self.assertGreater(max_param_diff(ref_model, GPT(model_config)), 1e-3)  # training moved it
+                    strategy = self.fsdp(variant, 2, reshard_after_forward="always" if reshard else "never")
+                    run = train_checked(strategy, model_config, batches)
+                    self.assertLess(run.losses[-1], run.losses[0])
 
     def test_init_equals_eager_init_bitwise(self):
         """Built on meta and sharded, the gathered parameters equal GPT(config)'s init exactly, on every rank."""
@@ -70,18 +62,17 @@ class TestFSDP(DistributedTestCase):
                         self.assertTrue(torch.equal(state[k], eager[k]), k)
 
     def test_bf16_mixed_precision_close_to_fp32(self):
-        """bf16 compute (fp32 shards and reduction) stays within 5e-3 of the fp32 run over 5 steps."""
+        """bf16 compute (fp32 shards and reduction), 5 steps checked against the fp32 single model from the run's own
+        state: losses within 5e-3 and clipped gradients within BF16_GRAD_TOL, the update (applied to the fp32
+        shards) at PARAM_RTOL; and bf16 was really used (the losses differ from fp32's)."""
         model_config = tiny_config()
         batches = global_batches(5, self.world_size, 2, model_config)
         for variant in VARIANTS:
             with self.subTest(variant=variant):
-                fp32 = self.fsdp(variant)
-                fp32_losses, _ = train_strategy(fp32, model_config, batches)
-                bf16 = self.fsdp(variant, dtype="bfloat16")
-                bf16_losses, _ = train_strategy(bf16, model_config, batches)
-                self.assertLess(max(abs(a - b) for a, b in zip(fp32_losses, bf16_losses)), 5e-3)
-                self.assertLess(max_param_diff(fp32.full_state_dict(), bf16.full_state_dict()), 5e-3)
-                self.assertGreater(max(abs(a - b) for a, b in zip(fp32_losses, bf16_losses)), 0)  # bf16 was used
+                fp32 = train_checked(self.fsdp(variant), model_config, batches)
+                reference = Reference(model_config, train_config(), loss_tol=5e-3, grad_tol=BF16_GRAD_TOL)
+                bf16 = train_checked(self.fsdp(variant, dtype="bfloat16"), model_config, batches, reference)
+                self.assertGreater(max(abs(a - b) for a, b in zip(fp32.losses, bf16.losses)), 0)  # bf16 was used
 
     def test_memory_per_rank_is_a_shard(self):
         """Between steps a rank holds params + grads + Adam state <= 16·Ψ/N bytes + one unit (+ padding), and no

@@ -3,9 +3,9 @@ gpu_check.py, the one command for a GPU machine, proven on CPU so that the first
 
 - test_dry_run: `python gpu_check.py --dry-run` runs the whole orchestration (every phase's workers under torchrun
   or alone, time limits, the JSON and Markdown writers) on CPU with gloo, Triton's interpreter and tiny sizes; the
-  checks it makes must pass: the triton test cases, every strategy's custom and triton variants = the single-device
-  run within 1e-5, all-reduce results correct, GPT-2 (tiny) with compile off and on; the nccl parts skipped with
-  the reason. ~1 minute on 2 cores.
+  checks it makes must pass: the triton test cases, ddp's and pp's custom and triton variants (each cell its own
+  process) = the single-device model step by step, all-reduce results correct, train.py with a checkpoint and a
+  resume, GPT-2 (tiny) with compile off and on; the nccl parts skipped with the reason. ~3 minutes on 2 cores.
 - without a GPU, plain `python gpu_check.py` prints one line and exits non-zero.
 - the budget: a part with too little time left is skipped, and says so.
 - the Markdown writer on the kinds of records only a GPU run produces (MFU, failures, errors, timeouts).
@@ -36,7 +36,7 @@ def test_dry_run(tmp_path):
     parts = {(r["phase"], r["part"]): r for r in report["parts"]}
     assert set(parts) == {(p[0], p[1]) for p in gpu_check.plan(dry_run=True)}
     for key, r in parts.items():
-        if "nccl" in key[1]:
+        if key[1].endswith(("nccl", "cuda")):
             assert r["status"] == "skipped" and "dry run" in r["reason"], key
         else:
             assert r["status"] == "passed", (key, r.get("log_tail"))
@@ -47,11 +47,13 @@ def test_dry_run(tmp_path):
     tests = parts["tests", "triton"]["records"]
     assert len(tests) == 3 and all(t["outcome"] == "passed" for t in tests)
     for variant in ("custom", "triton"):
-        records = {r["strategy"]: r for r in parts["strategies", variant]["records"]}
-        assert set(records) == set(gpu_check.STRATEGY_NAMES), variant
-        for name, r in records.items():
-            assert r["outcome"] == "passed", (variant, name, r.get("message"))
-            assert r["loss_diff"] < 1e-5 and r["param_diff"] < 1e-5 and len(r["losses"]) == r["steps"] == 2
+        for name in ("ddp", "pp"):  # each cell its own process and record (a dry run's few cells)
+            (r,) = parts["strategies", f"{name}/{variant}"]["records"]
+            assert (r["strategy"], r["variant"], r["outcome"]) == (name, variant, "passed"), r.get("message")
+            assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-6 and r["param_ratio"] < 1
+            assert len(r["losses"]) == r["steps"] == 2
+    (r,) = parts["train", "custom"]["records"]  # train.py, a checkpoint, a resume from it
+    assert r["outcome"] == "passed" and r["exit_codes"] == [0, 0] and r["resume_diff"] < 1e-5, r
     for backend in ("torch", "triton"):
         rows = parts["bandwidth", backend]["records"]
         assert [r["bytes"] for r in rows] == [4096, 65536] and all(r["correct"] and r["busbw"] > 0 for r in rows)
@@ -84,7 +86,8 @@ def test_a_part_without_enough_budget_is_skipped(tmp_path):
 def test_markdown_of_gpu_records():
     """The writer renders what only a GPU run produces: MFU, NCCL/torch/triton bandwidth rows, a failed strategy,
     an error, a test failure, a timed-out part with its log."""
-    strategy = dict(kind="strategy", variant="custom", steps=5, loss_diff=2e-7, param_diff=3e-6, outcome="passed")
+    strategy = dict(kind="strategy", variant="custom", steps=5, loss_diff=2e-7, grad_diff=3e-8, param_ratio=0.0,
+                    outcome="passed")
     suite = "tests.test_triton_comm:TestTritonCollectives"
     parts = [
         dict(phase="env", part="env", status="passed", seconds=3, records=[dict(
@@ -95,7 +98,7 @@ def test_markdown_of_gpu_records():
                  dict(suite=suite, test="t.test_a", outcome="passed", message=""),
                  dict(suite=suite, test="t.test_b", outcome="failed", message="Traceback\nAssertionError: 1 != 2")]),
         dict(phase="strategies", part="custom", status="failed", seconds=60, records=[
-            dict(strategy, strategy="ddp"), dict(strategy, strategy="tp", outcome="failed", param_diff=2e-5),
+            dict(strategy, strategy="ddp"), dict(strategy, strategy="tp", outcome="failed", message="gradient of x differs"),
             dict(kind="strategy", strategy="pp", variant="custom", steps=5, outcome="error",
                  message="RuntimeError: NCCL error")]),
         dict(phase="strategies", part="nccl", status="timeout", seconds=90, log="parts/n.log", log_tail="waiting",
@@ -115,8 +118,8 @@ def test_markdown_of_gpu_records():
     assert "| torch.distributed.all_gather_single | fallback | older name |" in md
     assert "| tests.test_triton_comm:TestTritonCollectives | 1 | 1 | 0 | 50 | failed |" in md
     assert "`t.test_b` (failed): AssertionError: 1 != 2" in md
-    assert "| ddp | ok 2.00e-07 / 3.00e-06 | not reported (not run) | not reported (timeout) |" in md
-    assert "| tp | FAIL 2.00e-07 / 2.00e-05 |" in md and "| pp | ERROR RuntimeError: NCCL error |" in md
+    assert "| ddp | ok 2.00e-07 / 3.00e-08 / 0.00 | not reported (not run) | not reported (timeout) |" in md
+    assert "| tp | FAIL gradient of x differs |" in md and "| pp | ERROR RuntimeError: NCCL error |" in md
     assert "| 1 GB | 107.400 (10 ms) | 107.400 (10 ms) |  |" in md
     assert "| inductor | 612,345 | 43.0% | 425.0 | 26.8 | 16 x 1024 | 124.4M | 61.0 | 10.990 -> 7.500 |" in md
     assert "### strategies/nccl: timeout (end of parts/n.log)" in md

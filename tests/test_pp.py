@@ -23,8 +23,8 @@ from parallel.checkpoint import find_checkpoint
 from parallel.pp import balanced_split, schedule_order, split_layers, stage_costs
 from sim.pp_timeline import bubble_fraction, formula_bubble, in_flight_bound, simulate
 from tests.distributed import DistributedTestCase, run_command, torchrun_launcher
-from tests.reference import (global_batches, max_param_diff, max_param_diff_but_zero_gradient, tiny_config,
-                             train_config, train_single, train_strategy)
+from tests.reference import (LOSS_TOL, Reference, global_batches, max_param_diff, tiny_config, train_checked,
+                             train_config)
 from tests.test_train import TINY, metrics, train
 
 CPU = torch.device("cpu")
@@ -143,18 +143,13 @@ class TestPipeline(DistributedTestCase):
         return not (variant == "pytorch" and schedule == "1f1b" and m < p)
 
     def test_every_schedule_equals_single(self):
-        """Every schedule of both variants, m in {1, 4, 8}: 5 steps' losses, the gathered parameters and an eval
-        loss equal the single run within 1e-5 (invalid combinations are one-line errors instead). Custom
-        schedules: in-flight activations within the schedule's bound, and the recorded order of the last step,
-        replayed with unit costs, gives exactly the formula's bubble. Custom 1F1B equals pytorch 1F1B (1e-6)."""
-        p = self.world_size
-        runs = {}
+        """Every schedule of both variants, m in {1, 4, 8}: 5 steps, each equal to the single model's from the same
+        state (tests/reference.py's rule), and an eval loss (invalid combinations are one-line errors instead).
+        Custom schedules: in-flight activations within the schedule's bound, and the recorded order of the last step,
+        replayed with unit costs, gives exactly the formula's bubble."""
         for m in MICRO_BATCHES:
             batches = global_batches(5, m, 2, MODEL, seed=m)
-            ref_losses, ref_model = train_single(MODEL, batches, train_config())
             x, y = batches[0][0]
-            with torch.no_grad():
-                ref_eval = ref_model(x, y)[1].item()
             for variant, cases in CASES.items():
                 for schedule, v in cases:
                     with self.subTest(variant=variant, schedule=schedule, m=m):
@@ -163,23 +158,14 @@ class TestPipeline(DistributedTestCase):
                                 self.pp(variant, schedule, m, v)
                             continue
                         strategy = self.pp(variant, schedule, m, v)
-                        losses, _ = train_strategy(strategy, MODEL, batches)
-                        state = strategy.full_state_dict()
-                        runs[variant, schedule, m] = (losses, state)
-                        self.assertLess(max(abs(a - b) for a, b in zip(losses, ref_losses)), 1e-5)
-                        self.assertLess(max_param_diff(state, ref_model), 1e-5)
-                        self.assertLess(abs(strategy.eval_loss(x, y).item() - ref_eval), 1e-5)
+                        reference = Reference(MODEL, strategy.cfg)
+                        run = train_checked(strategy, MODEL, batches, reference)
+                        self.assertLess(run.losses[-1], run.losses[0])  # not vacuous: the loss fell
+                        self.assertLess(abs(strategy.eval_loss(x, y).item() - reference.loss(run.params, x, y)),
+                                        LOSS_TOL)
                         self.assertEqual({e[2] for e in strategy.pipeline.timeline}, set(range(m)))
                         if variant == "custom":
                             self.check_custom_schedule(strategy, schedule, m, v)
-        for m in MICRO_BATCHES:
-            if ("pytorch", "1f1b", m) in runs:
-                with self.subTest(compare="custom vs pytorch 1f1b", m=m):
-                    (lc, sc), (lp, sp) = runs["custom", "1f1b", m], runs["pytorch", "1f1b", m]
-                    self.assertLess(max(abs(a - b) for a, b in zip(lc, lp)), 1e-6)
-                    self.assertLess(max_param_diff_but_zero_gradient(sc, sp), 1e-6)
-        ref_first = train_single(MODEL, global_batches(1, 4, 2, MODEL, seed=4), train_config())[0][0]
-        self.assertGreater(ref_first, runs["custom", "1f1b", 4][0][-1])  # not vacuous: the loss fell
 
     def check_custom_schedule(self, strategy, schedule, m, v):
         p, r = self.world_size, self.rank
@@ -242,31 +228,21 @@ class TestPipeline(DistributedTestCase):
 
     def test_checkpoint_save_convert_and_load(self):
         """A DCP checkpoint after 2 steps: each rank writes only its stages; converted to a single file it holds the
-        single run's model and AdamW state; a fresh pipeline (other variant and schedule) loads it exactly."""
+        pipeline's parameters exactly and the single model's AdamW state (tests/reference.py's rule); a fresh
+        pipeline (other variant and schedule) loads it exactly."""
         batches = global_batches(2, 4, 2, MODEL)
-        cfg = train_config()
-        ref_model, ref_state = self.single_with_optimizer(batches, cfg)
         path = [tempfile.mkdtemp(prefix="pp-ckpt-") if self.rank == 0 else None]
         dist.broadcast_object_list(path)
         path = os.path.join(path[0], "ckpt")
         try:
             strategy = self.pp("custom", "1f1b", 4)
-            strategy.build_model(MODEL)
-            opt = strategy.configure_optimizer()
-            for step in batches:
-                strategy.forward_backward(step, torch.amp.GradScaler("cpu", enabled=False))
-                strategy.clip_grad_norm_(cfg.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            reference = Reference(MODEL, strategy.cfg)
+            opt = train_checked(strategy, MODEL, batches, reference).optimizer
             strategy.save_checkpoint(path, opt, {"model_args": asdict(MODEL), "iter_num": 2,
                                                  "config": vars(strategy.cfg)})
             full = load_checkpoint_file(path)
-            self.assertLess(max_param_diff(full["model"], ref_model), 1e-5)
-            saved = full["optimizer"]["state"]
-            self.assertEqual(len(saved), len(ref_state))
-            for i, st in ref_state.items():
-                self.assertEqual(saved[i]["step"].item(), st["step"].item())
-                self.assertLess((saved[i]["exp_avg"] - st["exp_avg"]).abs().max().item(), 1e-6)
+            self.assertEqual(max_param_diff(full["model"], strategy.full_state_dict()), 0.0)
+            reference.assert_optimizer_state(full["optimizer"]["state"])
             fresh = self.pp("pytorch", "gpipe", 4)
             fresh.build_model(MODEL)
             fresh_opt = fresh.configure_optimizer()
@@ -279,19 +255,6 @@ class TestPipeline(DistributedTestCase):
             dist.barrier()
             if self.rank == 0:
                 shutil.rmtree(os.path.dirname(path), ignore_errors=True)
-
-    @staticmethod
-    def single_with_optimizer(batches, cfg):
-        """The single run after training on `batches`: (model, its AdamW state_dict()["state"])."""
-        model = GPT(MODEL)
-        opt = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), "cpu")
-        for step in batches:
-            for x, y in step:
-                (model(x, y)[1] / len(step)).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return model, opt.state_dict()["state"]
 
 
 test_torchrun = torchrun_launcher(__file__, nprocs=(2, 4))

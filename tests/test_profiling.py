@@ -72,3 +72,17 @@ def test_plot_loss_joins_resumed_runs_and_draws_a_png(tmp_path, capsys):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     table = capsys.readouterr().out
     assert "5.00e-01 (1 evals), 2.50e-01 (8 its)" in table
+
+
+def test_peak_flops_by_device_name(monkeypatch):
+    """MFU's denominator comes from the GPU's name (profiling.PEAK_FLOPS, shared with gpu_check): H200 and the SXM
+    H100 989.4 TFLOP/s dense bf16, the PCIe H100 756, A100 312, fp32 without TF32 lower; unknown GPUs and CPUs have
+    none, so train.py prints no MFU for them instead of dividing by an A100's peak."""
+    from profiling import peak_flops
+    cuda = torch.device("cuda", 0)
+    for name, dtype, expected in (("NVIDIA H200", "bfloat16", 989.4e12), ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4e12),
+                                  ("NVIDIA H100 PCIe", "float16", 756e12), ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
+                                  ("NVIDIA A100-PCIE-40GB", "float32", 19.5e12), ("NVIDIA GeForce RTX 3090", "bfloat16", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        assert peak_flops(cuda, dtype) == (name, expected)
+    assert peak_flops(torch.device("cpu")) == ("CPU", None)
