@@ -349,14 +349,15 @@ class MoE(nn.Module):
 
 
 class AuxLossToBackward(torch.autograd.Function):
-    """Identity on x (any shape); in backward also the gradient 1 for `aux` (0-dim): an auxiliary loss computed
+    """A copy of x (any shape); in backward also the gradient 1 for `aux` (0-dim): an auxiliary loss computed
     inside a pipeline stage reaches the parameters in that stage's backward as if added to the micro-batch's loss,
-    which pipelines backpropagate unscaled (parallel/pp.py). Megatron-core's MoEAuxLossAutoScaler."""
+    which pipelines backpropagate unscaled (parallel/pp.py). Megatron-core's MoEAuxLossAutoScaler. A copy, not a
+    view: a stage's output may be hooked by a data-parallel wrapper (FSDP2), which a view could bypass."""
 
     @staticmethod
     def forward(ctx, x, aux):
         ctx.aux_dtype, ctx.aux_device = aux.dtype, aux.device
-        return x.view_as(x)
+        return x.clone()
 
     @staticmethod
     def backward(ctx, grad):

@@ -185,10 +185,12 @@ class StageModule(nn.Module):
             x = tr.drop(x)
         for block in tr.h.values():
             x = block(x, pos=self.pos)
+        aux = moe_aux_loss(self)  # MoE layers' load-balancing loss: into this stage's backward (model.py)
+        if aux is not None:
+            x = AuxLossToBackward.apply(x, aux)
         if self.last:
             x = self.lm_head(tr.ln_f(x))
-        aux = moe_aux_loss(self)  # MoE layers' load-balancing loss: into this stage's backward (model.py)
-        return x if aux is None else AuxLossToBackward.apply(x, aux)
+        return x
 
 
 def build_stages(model_config, cfg, p, pp_rank):
