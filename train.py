@@ -107,6 +107,7 @@ dp_size = 0  # 3d: data-parallel size (0: world_size / (pp_size * tp_size))
 pp_size = 0  # 3d: pipeline-parallel size (0: the whole world for pp, 1 for 3d)
 tp_size = 0  # 3d: tensor-parallel size (0: the whole world for tp, 1 for 3d)
 cp_size = 0  # 3d: context-parallel size (0: the whole world for cp, 1 for 3d); block_size divisible by 2 * cp_size
+cp_type = "ring"  # cp, 3d: "ring" (ring attention, any head count) or "ulysses" (all-to-all; heads divisible by tp*cp)
 ep_size = 0  # ep, 3d: expert-parallel size, ranks of dp x cp over which each MoE layer's experts are sharded (0: the
 # whole world for ep, 1 for 3d); n_expert divisible by ep_size
 dp_type = "fsdp"  # 3d: data parallelism over the dp dimension: "fsdp" (ZeRO-3) or "ddp"

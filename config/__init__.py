@@ -86,6 +86,7 @@ CHOICES = {
     "block": ("gpt2", "llama"),
     "dtype": ("float32", "bfloat16", "float16"),
     "dp_type": ("fsdp", "ddp"),
+    "cp_type": ("ring", "ulysses"),
     "reshard_after_forward": ("default", "always", "never"),
 }
 

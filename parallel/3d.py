@@ -20,8 +20,10 @@ skipped where its size is 1:
 1. pipeline split (parallel/pp.py's build_stages): this rank's stages, on the meta device; at pp=1 the whole GPT;
 2. tensor parallel on each over "tp" (parallel/tp.py): pytorch `apply_tp` (the DTensor plan, with sequence and loss
    parallelism), custom `apply_custom_tp` (Megatron's layers);
-3. context parallel over "cp" (parallel/cp.py): custom `apply_ring_attention` (every attention core a ring);
-   pytorch: torch's context_parallel around each step (`cp_micro_batch`, which also splits every sequence);
+3. context parallel over "cp" (parallel/cp.py), cp_type "ring": custom `apply_ring_attention` (every attention core
+   a ring), pytorch torch's context_parallel around each step (`cp_micro_batch`, which also splits every sequence);
+   cp_type "ulysses": `apply_ulysses_attention` in both variants (every core between two all-to-alls over "cp",
+   our Collectives' or torch's autograd-aware one), on the heads TP left this rank (n_head divisible by tp·cp);
 4. data parallel on each over "dp" x "cp" (the ranks holding the same weights): pytorch `apply_fsdp` (FSDP2,
    dp_type="fsdp") or `apply_replicate` (dp_type="ddp"); custom `FullyShardedDataParallel` or `DataParallel`;
 5. materialise: every parameter gets its slice of the full model's init, so every grid starts from single's weights;
@@ -48,7 +50,7 @@ from comm import TorchCollectives
 from model import GPT, MoE
 from parallel import Strategy, as_dtensor, full_shapes, is_first_replica, materialize, register, slice_init
 from parallel.checkpoint import HEAD, load_parameters_state, parameters_state
-from parallel.cp import apply_ring_attention, check_cp_config, cp_micro_batch
+from parallel.cp import apply_cp_attention, apply_ulysses_attention, check_cp_config, cp_micro_batch
 from parallel.ddp import DataParallel, apply_replicate
 from parallel.ep import (CollectivesExchange, TorchExchange, apply_ep, check_ep_config, ep_local_slice,
                          expert_global_tensor, is_expert_param, materialize_experts, reduce_expert_grads)
@@ -90,11 +92,11 @@ class Parallel3D(Strategy):
         """Check the model against the TP and CP sizes, seed the RNG alike on TP peers (their dropout masks must
         agree), and return this rank's {stage: StageModule} on the meta device ({0: GPT} at pp=1)."""
         check_tp_config(model_config, self.sizes["tp"], self.sp)
-        check_cp_config(model_config, self.sizes["cp"])
+        check_cp_config(model_config, self.sizes["cp"], self.cfg.cp_type, self.sizes["tp"])
         check_ep_config(model_config, self.ep)
         if self.sizes["cp"] > 1:  # this rank's share of every sequence, and its positions (pp.Pipeline uses it too)
             cp_comm = self.collectives(self.grid.group("cp"))
-            self.micro_batch = cp_micro_batch(self.variant, self.grid.mesh["cp"], cp_comm)
+            self.micro_batch = cp_micro_batch(self.variant, self.grid.mesh["cp"], cp_comm, self.cfg.cp_type)
         torch.manual_seed(self.cfg.seed + self.rank // self.sizes["tp"])
         if self.sizes["pp"] == 1:
             with torch.device("meta"):
@@ -158,6 +160,8 @@ class Pytorch3D(Parallel3D):
         for module in stages.values():
             if self.sizes["tp"] > 1:
                 apply_tp(module, mesh["tp"], self.sp, self.lp)
+            if self.sizes["cp"] > 1 and cfg.cp_type == "ulysses":  # (ring: context_parallel around each step)
+                apply_ulysses_attention(module, group=self.grid.group("cp"))
             self.apply_moe(module, TorchCollectives)
             self.apply_ac(module)
             if cfg.compile:  # per block, before FSDP (torchtitan's order)
@@ -218,7 +222,7 @@ class Custom3D(Parallel3D):
             if loss is not None:  # vocab-parallel cross-entropy: the GPT's (pp=1), or the last stage's (below)
                 module.loss = head_loss = loss
             if self.sizes["cp"] > 1:
-                apply_ring_attention(module, self.collectives(self.grid.group("cp")))
+                apply_cp_attention(module, self.collectives(self.grid.group("cp")), cfg.cp_type)
             self.apply_moe(module, self.collectives)
             self.apply_ac(module)
             if self.fsdp:

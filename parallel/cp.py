@@ -1,7 +1,10 @@
 """
 Context parallelism (CP): the sequence of every micro-batch is split over the cp ranks of a CP group, and attention
-sees the whole sequence by passing key/value blocks around a ring (ring attention: Liu, Zaharia & Abbeel 2023, "Ring
-Attention with Blockwise Transformers for Near-Infinite Context", section 3). Everything else in a transformer block
+sees the whole sequence by passing key/value blocks around a ring (cp_type="ring", ring attention: Liu, Zaharia &
+Abbeel 2023, "Ring Attention with Blockwise Transformers for Near-Infinite Context", section 3) or by resharding
+q, k, v from the sequence to the heads with all-to-alls (cp_type="ulysses", DeepSpeed-Ulysses: Jacobs et al. 2023,
+"DeepSpeed Ulysses: System Optimizations for Enabling Training of Extreme Long Sequence Transformer Models", section
+3; see "Ulysses" below). Everything else in a transformer block
 (norms, projections, MLP, the loss) is per token and runs on the rank's own tokens unchanged. Positions stay global:
 each rank feeds the model its tokens' positions in the full sequence (`GPT.forward(idx, targets, pos)`), so learned
 position embeddings and RoPE see what they would on one device. CP ranks hold the same weights: their gradients are
@@ -85,6 +88,37 @@ Two variants, top to bottom:
   each attention's core by `apply_ring_attention`), so the triton and nccl variants run the same algorithm over
   their backends.
 
+Ulysses (cp_type="ulysses"; `UlyssesAttentionCore`, around the model's own core). The same zigzag split of the
+sequence, but attention itself is not distributed: an all-to-all over the CP group turns each of q, k, v from
+sequence-sharded (rank r: its s/cp tokens of all H heads) into head-sharded (rank r: all s tokens of heads
+r·H/cp..(r+1)·H/cp-1), the model's core (causal F.scaled_dot_product_attention, flash on a GPU) runs on whole
+sequences for H/cp heads, and a fourth all-to-all turns its output back (`sequence_to_heads`, `heads_to_sequence`).
+An all-to-all concatenates the ranks' tokens in rank order, i.e. in the zigzag order (rank 0's chunks 0 and 2cp-1,
+then rank 1's, ...), so the gathered sequence is permuted into sequence order before the causal core and back after
+(`gathered_positions`); no load balancing is needed inside the core, every rank computes all of it for its heads.
+Backward is the adjoint of each step: the reverse all-to-all of each gradient (and the inverse permutations): the
+output's gradient to head-sharded, then dq, dk, dv back to sequence-sharded. The heads are split: n_head and n_kv_head
+(grouped-query attention; k and v travel at their own width h_kv = n_kv_head·head_dim) must be divisible by cp, by
+tp·cp under tensor parallelism (TP splits the heads first); dropout is rejected as for the ring.
+Communication per layer per micro-batch, per rank (counted by CommStats for the custom variant, `ulysses_send_bytes`
+the formula, tests/test_ulysses.py checks it): an all-to-all of a rank's b·(s/cp)·w elements keeps the 1/cp that is
+its own head group and sends the rest, b·s·w·(cp-1)/cp². Forward: q, k, v and the output, 4·b·s·h·(cp-1)/cp²
+elements ((2h + 2h_kv)·b·s·(cp-1)/cp² with grouped-query attention); backward the same four (dO; dq, dk, dv);
+as many received. That is ≈ 8·b·s·h/cp per rank and layer, falling as 1/cp (constant when s and cp grow together:
+the paper's point), where the ring's ≈ 6·b·s·h·(cp-1)/cp does not fall; but an all-to-all reaches every rank of the
+group at once (it needs full bisection bandwidth, NVLink inside a node) and sits on the critical path, while the
+ring only talks to neighbours and hides each transfer behind a block's attention. Activation memory: the core saves
+q, k, v, o, lse of s tokens for H/cp heads, exactly what the ring saves (1/cp of single's, measured by
+tests/test_ulysses.py); the all-to-all buffers are transient, but the output of the second all-to-all is a new
+tensor that the out-projection saves (one b·(s/cp)·h more per layer than the ring, whose output is the tensor its
+core saves). Two variants: `pytorch`, torch.distributed.all_to_all_single in an autograd Function (`TorchAllToAll`,
+DeepSpeed's _SeqAllToAll; torch's own autograd-aware all_to_all_single is deprecated for a private module in 2.13);
+`custom`, `SequenceToHeads` / `HeadsToSequence` over our Collectives.all_to_all, so the triton and nccl variants
+run their all-to-all kernels. Ring or Ulysses: ring for any head count, slow or neighbour-only links, or cp larger
+than the heads; Ulysses when the heads divide tp·cp and the CP group has all-to-all bandwidth (inside a node), where
+its falling volume wins at large cp, and its core is the unchanged single-device kernel. (The two compose as xDiT's
+Unified Sequence Parallelism, Fang & Zhao 2024: Ulysses inside a node, ring across; not implemented here.)
+
 The functions here are the pieces a strategy composes (config check, the attention swap, the per-micro-batch split,
 `cp_micro_batch`); the CP group comes from the rank grid: a Collectives over it (custom) or its 1-D DeviceMesh
 (pytorch). The 1-D strategy (`ContextParallel`, at the end) is the whole model on every rank, the sequence split over
@@ -96,6 +130,7 @@ import contextlib
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from model import CausalSelfAttention, repeat_kv
@@ -103,15 +138,28 @@ from parallel import Strategy, register
 from parallel.ddp import DataParallel, apply_ddp
 
 
-def check_cp_config(model_config, cp):
-    """Raise ValueError (one line, naming the numbers) if the model cannot run with context parallelism over cp ranks:
-    block_size must be divisible by 2·cp (the zigzag's 2·cp chunks), and dropout must be 0 (module docstring). Call it
-    before any collective."""
+CP_TYPES = ("ring", "ulysses")
+
+
+def check_cp_config(model_config, cp, cp_type="ring", tp=1):
+    """Raise ValueError (one line, naming the numbers) if the model cannot run with context parallelism of `cp_type`
+    ("ring" or "ulysses") over cp ranks, inside tp-way tensor parallelism: block_size must be divisible by 2·cp (the
+    zigzag's 2·cp chunks), dropout must be 0 (module docstring), and for Ulysses the query heads and the key/value
+    heads (n_kv_head, grouped-query attention; n_head without it) divisible by tp·cp (TP splits the heads first, then
+    each CP rank takes 1/cp of a TP rank's). Call it before any collective."""
     c = model_config
+    if cp_type not in CP_TYPES:
+        raise ValueError(f"cp_type must be one of {', '.join(CP_TYPES)}, got {cp_type!r}")
     if cp < 1:
         raise ValueError(f"context parallel: cp_size={cp} must be >= 1")
     if cp == 1:  # nothing is split
         return
+    kv_heads = getattr(c, "n_kv_head", None) or c.n_head
+    for name, heads in (("n_head", c.n_head), ("n_kv_head", kv_heads)):
+        if cp_type == "ulysses" and heads % (tp * cp):
+            split = f"tp_size={tp} x cp_size={cp} = {tp * cp}" if tp > 1 else f"cp_size={cp}"
+            raise ValueError(f"Ulysses context parallel: {name}={heads} is not divisible by {split} (each rank "
+                             f"attends over the whole sequence with 1/{tp * cp} of the heads); use cp_type='ring'")
     if c.block_size % (2 * cp):
         raise ValueError(f"context parallel: block_size={c.block_size} is not divisible by 2 x cp_size = {2 * cp} "
                          f"(each rank holds 2 of the sequence's {2 * cp} chunks)")
@@ -354,6 +402,181 @@ def ring_send_bytes(batch_size, seq_len, kv_width, cp, element_size=4):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Ulysses: an all-to-all from sequence to head sharding around the attention core (both variants)
+
+
+def gathered_positions(seq_len, cp, device=None):
+    """The global positions of the s tokens a Ulysses all-to-all gathers, in the order it gathers them: CP rank 0's
+    zigzag tokens, then rank 1's, ... Returns int64 (seq_len,); its argsort puts them in sequence order."""
+    return torch.cat([zigzag_indices(seq_len, cp, r, device) for r in range(cp)])
+
+
+def sequence_to_heads(x, cp, exchange, order):
+    """Ulysses' first all-to-all: x (B, H, s/cp, D), this rank's tokens (zigzag) of all H heads -> (B, H/cp, s, D),
+    all s tokens, in sequence order, of head group `rank` (heads rank·H/cp to (rank+1)·H/cp - 1).
+    exchange(send) -> recv: the all-to-all along dim 0 in cp equal chunks over the CP group (send chunk j goes to
+    rank j, recv chunk i came from rank i); order: argsort(gathered_positions(s, cp))."""
+    B, H, t, D = x.shape
+    send = x.reshape(B, cp, H // cp, t, D).transpose(0, 1).contiguous()  # chunk j: head group j, for rank j
+    recv = exchange(send)                                                # chunk i: rank i's tokens, my heads
+    gathered = recv.permute(1, 2, 0, 3, 4).reshape(B, H // cp, cp * t, D)  # rank 0's tokens, rank 1's, ...
+    return gathered.index_select(2, order)
+
+
+def heads_to_sequence(y, cp, exchange, positions):
+    """Ulysses' second all-to-all, the inverse of sequence_to_heads: y (B, H/cp, s, D), head group `rank` in sequence
+    order -> (B, H, s/cp, D), this rank's tokens of all H heads, stored as (B, s/cp, H, D) (so that the model's
+    transpose(1, 2).reshape(B, s/cp, H·D) is a view). positions: gathered_positions(s, cp)."""
+    B, Hc, s, D = y.shape
+    t = s // cp
+    gathered = y.index_select(2, positions)                               # rank 0's tokens, rank 1's, ...
+    send = gathered.reshape(B, Hc, cp, t, D).permute(2, 0, 1, 3, 4).contiguous()  # chunk j: rank j's tokens
+    recv = exchange(send)                                                 # chunk i: head group i, my tokens
+    return recv.permute(1, 3, 0, 2, 4).reshape(B, t, cp * Hc, D).transpose(1, 2)
+
+
+def collectives_exchange(comm):
+    """The all-to-all of sequence_to_heads / heads_to_sequence over our Collectives (custom, triton, nccl)."""
+    def exchange(send):
+        recv = torch.empty_like(send)
+        comm.all_to_all(recv, send)
+        return recv
+    return exchange
+
+
+class TorchAllToAll(torch.autograd.Function):
+    """torch.distributed.all_to_all_single of x in equal chunks along dim 0 over `group`, differentiable: the adjoint
+    of an equal-chunk all-to-all is the same all-to-all of the gradient (chunk j came from rank j and goes back to
+    it). DeepSpeed-Ulysses' _SeqAllToAll; torch's own autograd-aware form, torch.distributed.nn.functional's, is
+    deprecated in 2.13 in favour of a private module's."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return TorchAllToAll.exchange(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return TorchAllToAll.exchange(grad, ctx.group), None
+
+    @staticmethod
+    def exchange(x, group):
+        """The all-to-all into a new contiguous tensor (gloo writes a non-contiguous output as if it were contiguous,
+        and a gradient may arrive as a permuted view, which empty_like would copy the strides of)."""
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x, group=group)
+        return out
+
+
+def torch_exchange(group):
+    """The same over torch.distributed.all_to_all_single (TorchAllToAll), under autograd: the pytorch variant."""
+    return lambda send: TorchAllToAll.apply(send, group)
+
+
+class SequenceToHeads(torch.autograd.Function):
+    """sequence_to_heads over `comm`, differentiable: the backward is heads_to_sequence of the gradient (an
+    all-to-all and index permutations, whose adjoint is their inverse). Saves nothing for backward but the
+    index tensors' references. x: (B, H, s/cp, D) -> (B, H/cp, s, D)."""
+
+    @staticmethod
+    def forward(ctx, x, comm, positions, order):
+        ctx.comm, ctx.positions, ctx.order = comm, positions, order
+        return sequence_to_heads(x, comm.world_size, collectives_exchange(comm), order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dx = heads_to_sequence(grad, ctx.comm.world_size, collectives_exchange(ctx.comm), ctx.positions)
+        return dx, None, None, None
+
+
+class HeadsToSequence(torch.autograd.Function):
+    """heads_to_sequence over `comm`, differentiable: the backward is sequence_to_heads of the gradient.
+    y: (B, H/cp, s, D) -> (B, H, s/cp, D)."""
+
+    @staticmethod
+    def forward(ctx, y, comm, positions, order):
+        ctx.comm, ctx.positions, ctx.order = comm, positions, order
+        return heads_to_sequence(y, comm.world_size, collectives_exchange(comm), positions)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dy = sequence_to_heads(grad, ctx.comm.world_size, collectives_exchange(ctx.comm), ctx.order)
+        return dy, None, None, None
+
+
+class UlyssesAttentionCore(nn.Module):
+    """An attention core (model.CausalSelfAttention.core) running the model's own core (`inner`, e.g. causal
+    F.scaled_dot_product_attention, with whatever it does for grouped-query attention) on whole sequences for 1/cp
+    of the heads, between two all-to-alls over the CP group (DeepSpeed-Ulysses, module docstring).
+
+    (q (B, H, s/cp, D), k, v (B, H_kv, s/cp, D)) of this rank's zigzag tokens -> (B, H, s/cp, D). custom: comm, a
+    Collectives over the CP group (custom, triton, nccl variants; SequenceToHeads / HeadsToSequence); pytorch:
+    group, the CP process group (torch.distributed.all_to_all_single under autograd: TorchAllToAll). ValueError (one
+    line, before the all-to-all; every rank has the same shapes) if H or H_kv is not divisible by cp."""
+
+    def __init__(self, inner, comm=None, group=None):
+        super().__init__()
+        self.inner, self.comm, self.group = inner, comm, group
+        self.cp = comm.world_size if comm is not None else dist.get_world_size(group)
+        self._layout = {}
+
+    def layout(self, seq_len, device):
+        """(positions, order) of the gathered sequence: gathered_positions and its argsort, cached."""
+        key = (seq_len, device)
+        if key not in self._layout:
+            positions = gathered_positions(seq_len, self.cp, device)
+            self._layout[key] = positions, torch.argsort(positions)
+        return self._layout[key]
+
+    def forward(self, q, k, v):
+        for name, x in (("query heads", q), ("key/value heads", k)):
+            if x.shape[1] % self.cp:
+                raise ValueError(f"Ulysses context parallel: {x.shape[1]} {name} on this rank are not divisible by "
+                                 f"cp_size={self.cp}")
+        positions, order = self.layout(q.shape[2] * self.cp, q.device)
+        if self.comm is not None:
+            q, k, v = (SequenceToHeads.apply(x, self.comm, positions, order) for x in (q, k, v))
+            return HeadsToSequence.apply(self.inner(q, k, v), self.comm, positions, order)
+        exchange = torch_exchange(self.group)
+        q, k, v = (sequence_to_heads(x, self.cp, exchange, order) for x in (q, k, v))
+        return heads_to_sequence(self.inner(q, k, v), self.cp, exchange, positions)
+
+
+def apply_ulysses_attention(model, comm=None, group=None):
+    """Wrap the core of every CausalSelfAttention in `model` (a GPT, a pipeline stage, a TP-sharded model: its local
+    heads) in UlyssesAttentionCore: over the Collectives `comm` (custom, triton, nccl), or over the process group
+    `group` with torch's autograd-aware all-to-all (pytorch). The model must then be fed this rank's tokens and
+    positions (`split_sequence`). Returns the model; parameters and state_dict keys are unchanged.
+    ValueError if an attention core has dropout (check_cp_config says why)."""
+    for module in model.modules():
+        if isinstance(module, CausalSelfAttention):
+            if getattr(module.core, "dropout", 0.0):
+                raise ValueError(f"context parallel: attention dropout={module.core.dropout} is not supported; "
+                                 f"use dropout=0.0")
+            module.core = UlyssesAttentionCore(module.core, comm, group)
+    return model
+
+
+def apply_cp_attention(model, comm, cp_type):
+    """The custom variants' attention for context parallelism of `cp_type` over the Collectives `comm`:
+    apply_ring_attention or apply_ulysses_attention. Returns the model."""
+    if cp_type == "ulysses":
+        return apply_ulysses_attention(model, comm)
+    return apply_ring_attention(model, comm)
+
+
+def ulysses_send_bytes(batch_size, seq_len, width, kv_width, cp, element_size=4):
+    """Ulysses' communication per layer per micro-batch per rank (module docstring), in bytes sent to the other
+    ranks (as many are received): {"forward": (cp-1)·b·(s/cp)·(2·width + 2·kv_width)/cp·e, "backward": the same}.
+    width: the query (and output) features of the local heads (n_embd, or n_embd/t under TP), kv_width the key/value
+    features (n_kv_head·head_dim, /t); e: the element size of the activations (their gradients have the same)."""
+    tokens = batch_size * (seq_len // cp)
+    per_layer = (cp - 1) * tokens * (2 * width + 2 * kv_width) // cp * element_size
+    return {"forward": per_layer, "backward": per_layer}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # pytorch variant: torch.distributed.tensor.experimental.context_parallel
 
 
@@ -418,13 +641,14 @@ def pytorch_context_parallel(mesh, *tensors):
         yield tuple(buffers)
 
 
-def cp_micro_batch(variant, mesh, comm):
+def cp_micro_batch(variant, mesh, comm, cp_type="ring"):
     """A strategy's micro_batch context (parallel.Strategy.micro_batch) for context parallelism over the "cp" mesh
     dimension `mesh` (pytorch) or the Collectives `comm` over it (custom and its backends): it yields this rank's
     share of x and y (B, T/cp) and {"pos": its tokens' positions (T/cp,)}, the zigzag of both variants (torch's
-    head-tail load balancer gives the same indices). pytorch: the forward and backward run inside
-    context_parallel(); custom: the attention cores already are RingAttentionCore (apply_ring_attention)."""
-    if variant == "pytorch":
+    head-tail load balancer gives the same indices). pytorch ring: the forward and backward run inside
+    context_parallel(); otherwise the attention cores already are RingAttentionCore or UlyssesAttentionCore
+    (apply_ring_attention, apply_ulysses_attention) and the batch is split here."""
+    if variant == "pytorch" and cp_type == "ring":
         @contextlib.contextmanager
         def micro_batch(x, y):
             with pytorch_context_parallel(mesh, x, y) as (x, y, pos):
@@ -440,10 +664,12 @@ def cp_micro_batch(variant, mesh, comm):
 @register("cp", "pytorch", "custom", "triton", "nccl")
 class ContextParallel(Strategy):
     """Context parallelism over every process (a grid with only a "cp" dimension): the whole model on every rank,
-    every micro-batch's sequence split over the ranks (zigzag), attention by ring (torch's context_parallel, or our
-    RingAttention over this variant's Collectives); the ranks hold the same weights, so their gradients are averaged
-    as data parallelism's: DistributedDataParallel (pytorch) or our DataParallel (custom) over the cp group. Every
-    rank reads the same rows of the global batch; the logged loss is the mean of the ranks' means."""
+    every micro-batch's sequence split over the ranks (zigzag), attention by ring (cfg.cp_type="ring": torch's
+    context_parallel, or our RingAttention over this variant's Collectives) or by Ulysses' all-to-alls
+    (cp_type="ulysses": torch.distributed.all_to_all_single in an autograd Function, or our Collectives.all_to_all);
+    the ranks hold the same weights, so their gradients are averaged as data parallelism's: DistributedDataParallel
+    (pytorch) or our DataParallel (custom) over the cp group. Every rank reads the same rows of the global batch; the
+    logged loss is the mean of the ranks' means."""
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
@@ -453,14 +679,17 @@ class ContextParallel(Strategy):
         self.use_grid({"dp": 1, "pp": 1, "cp": self.world_size, "tp": 1})
 
     def build_model(self, model_config, weights=None):
-        check_cp_config(model_config, self.world_size)
+        cp_type = self.cfg.cp_type
+        check_cp_config(model_config, self.world_size, cp_type)
         model = super().build_model(model_config, weights)
         comm = self.collectives(self.grid.group("cp"))
         if self.variant == "pytorch":
+            if cp_type == "ulysses":
+                apply_ulysses_attention(model, group=self.grid.group("cp"))
             self.module = apply_ddp(model, self.grid.group("cp"), self.stats, self.cfg.bucket_cap_mb, self.device)
         else:
-            self.module = DataParallel(apply_ring_attention(model, comm), comm, self.cfg.bucket_cap_mb)
-        self.micro_batch = cp_micro_batch(self.variant, self.grid.mesh["cp"], comm)
+            self.module = DataParallel(apply_cp_attention(model, comm, cp_type), comm, self.cfg.bucket_cap_mb)
+        self.micro_batch = cp_micro_batch(self.variant, self.grid.mesh["cp"], comm, cp_type)
         return model
 
 
@@ -510,11 +739,11 @@ def measure_saved_bytes(model, x, y, pos):
 
 
 def main():
-    """Print the attention activation memory per rank at cp = 1 (single, F.sdpa) and every cp that divides the
-    world size, for one micro-batch of a small GPT with a long block. Run under torchrun, e.g.
+    """Print the attention activation memory per rank at cp = 1 (single, F.sdpa) and, with the ring and with Ulysses
+    (where cp divides the heads), at every cp that divides the world size, for one micro-batch of a small GPT with a
+    long block. Run under torchrun, e.g.
         torchrun --standalone --nproc_per_node=4 -m parallel.cp --block_size 1024
     (cp=2 runs as two groups of 2 ranks, cp=4 as the world; each rank measures its own share)."""
-    import torch.distributed as dist
     from comm import TorchCollectives, init_distributed, teardown
     from model import GPT, GPTConfig
     parser = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
@@ -534,28 +763,31 @@ def main():
     y = torch.randint(0, config.vocab_size, (args.batch_size, args.block_size), generator=g)
     rows = []
     for cp in [n for n in (1, 2, 4, 8) if world % n == 0]:
-        check_cp_config(config, cp)
         groups = [dist.new_group(list(range(s, s + cp))) for s in range(0, world, cp)] if cp > 1 else None
-        model = GPT(config)
-        if cp > 1:
-            comm = TorchCollectives(groups[rank // cp])
-            apply_ring_attention(model, comm)
-            xl, yl, pos = split_sequence(cp, comm.rank, x, y)
-        else:
-            xl, yl, pos = x, y, None
-        saved = measure_saved_bytes(model, xl, yl, pos)
-        worst = torch.tensor([saved["core"], saved["attention"], saved["model"]], dtype=torch.float64)
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-        rows.append((cp, *worst.tolist()))
+        for cp_type in ("ring", "ulysses") if cp > 1 else ("single",):
+            if cp_type == "ulysses" and config.n_head % cp:
+                continue
+            check_cp_config(config, cp, "ring" if cp_type == "single" else cp_type)
+            model = GPT(config)
+            if cp > 1:
+                comm = TorchCollectives(groups[rank // cp])
+                apply_cp_attention(model, comm, cp_type)
+                xl, yl, pos = split_sequence(cp, comm.rank, x, y)
+            else:
+                xl, yl, pos = x, y, None
+            saved = measure_saved_bytes(model, xl, yl, pos)
+            worst = torch.tensor([saved["core"], saved["attention"], saved["model"]], dtype=torch.float64)
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+            rows.append((cp, cp_type, *worst.tolist()))
     if rank == 0:
         print(f"saved for backward per rank (max over ranks), one micro-batch: B={args.batch_size}, "
               f"T={args.block_size}, {args.n_layer} {args.block} layers, n_embd={args.n_embd}, n_head={args.n_head}")
-        print(f"{'cp':>3} {'attention core':>16} {'x single':>9} {'attention module':>17} {'x single':>9} "
+        print(f"{'cp':>3} {'type':>8} {'attention core':>16} {'x single':>9} {'attention module':>17} {'x single':>9} "
               f"{'whole model':>13} {'x single':>9}")
         base = rows[0]
-        for cp, core, attn, whole in rows:
-            print(f"{cp:>3} {core / 2**20:>13.3f} MiB {core / base[1]:>9.4f} {attn / 2**20:>14.3f} MiB "
-                  f"{attn / base[2]:>9.4f} {whole / 2**20:>10.3f} MiB {whole / base[3]:>9.4f}")
+        for cp, cp_type, core, attn, whole in rows:
+            print(f"{cp:>3} {cp_type:>8} {core / 2**20:>13.3f} MiB {core / base[2]:>9.4f} {attn / 2**20:>14.3f} MiB "
+                  f"{attn / base[3]:>9.4f} {whole / 2**20:>10.3f} MiB {whole / base[4]:>9.4f}")
     teardown()
 
 

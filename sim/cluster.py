@@ -111,18 +111,19 @@ class Cluster:
         return replace(self, nodes=devices // self.gpus_per_node)
 
     def group_link(self, ranks, op=None):
-        """The effective Link of collective `op` (all_reduce, all_gather, reduce_scatter, send) over global
+        """The effective Link of collective `op` (all_reduce, all_gather, reduce_scatter, all_to_all, send) over global
         `ranks` (ranks fill nodes in order, gpus_per_node each).
 
         Inside one node: the intra link, or the link measured for `op` if op_links has one (a backend whose
         collectives are not all rings of the same speed: gloo). Across nodes: the inter link, whose bandwidth
         scales with the group's members per node k (a ring crosses each node boundary once per k members, and the
-        node's k NICs carry it in parallel; capped by the intra link). Bandwidths are scaled by link_efficiency."""
+        node's k NICs carry it in parallel; capped by the intra link), except for all_to_all, whose every rank sends
+        its off-node chunks through its own NIC. Bandwidths are scaled by link_efficiency."""
         nodes = {r // self.gpus_per_node for r in ranks}
         if len(nodes) <= 1:
             link = self.op_links.get(op, self.intra)
             return Link(link.bandwidth * self.link_efficiency, link.latency)
-        per_node = len(ranks) // len(nodes)
+        per_node = len(ranks) // len(nodes) if op != "all_to_all" else 1
         bandwidth = min(self.inter.bandwidth * per_node, self.intra.bandwidth)
         return Link(bandwidth * self.link_efficiency, self.inter.latency)
 

@@ -4,7 +4,8 @@ train.py's defaults), plus the keys below that only the simulator has. So any ru
 simulated first, on this machine's calibration or on a cluster preset.
 
 How train.py's keys map to a layout (sim.cost.Parallel), for N devices (--gpus, or --nodes x devices per node):
-- tp = tp_size, or N/cp for parallel="tp", else 1; pp = pp_size, or N/cp for parallel="pp", else 1;
+- tp = tp_size, or N/cp for parallel="tp", else 1; pp = pp_size, or N/cp for parallel="pp", else 1; cp = cp_size
+  with cp_type (ring or ulysses);
   dp = dp_size, or N / (tp·pp·cp)  (so ddp and fsdp are pure data parallel, single is N = 1);
 - micro_batch = batch_size, micro-batches per pipeline m = gradient_accumulation_steps / dp (train.py's convention:
   the global batch is gradient_accumulation_steps x batch_size sequences for any dp);
@@ -30,7 +31,7 @@ SIM_DEFAULTS = {
     "cluster": "a100-80gb",      # a100-80gb, h100-sxm, cpu-local, or a cluster .json (sim/cluster.py)
     "gpus": 0,                   # devices in all (0: nodes x devices per node; 1 for parallel=single)
     "nodes": 0,
-    "cp_size": 1,                # context parallelism (ring attention), between pp and tp in the rank grid
+    "cp_size": 1,                # context parallelism (cp_type: ring or ulysses), between pp and tp in the grid
     "zero_stage": -1,            # -1: 3 for parallel=fsdp, else 0; 1 and 2 shard optimizer (and gradients)
     "recompute": "none",         # none, selective (attention core), full (every layer's forward)
     "flash_attention": True,     # False: the softmax is memory-bound work and its output is kept (5as/h term)
@@ -99,7 +100,8 @@ def build(cfg, cluster=None):
                   n_kv_head=cfg["n_kv_head"], ffn_hidden=cfg["ffn_hidden"])
     zero = cfg["zero_stage"] if cfg["zero_stage"] >= 0 else (3 if cfg["parallel"] == "fsdp" else 0)
     dtype = cluster.default_dtype if cfg["dtype"] == "auto" else cfg["dtype"]
-    par = Parallel(dp=dp, tp=tp, pp=pp, cp=cp, v=cfg["pp_virtual_stages"], micro_batch=cfg["batch_size"],
+    par = Parallel(dp=dp, tp=tp, pp=pp, cp=cp, cp_type=cfg["cp_type"], v=cfg["pp_virtual_stages"],
+                   micro_batch=cfg["batch_size"],
                    micro_batches=gas // dp, zero=zero, sequence_parallel=cfg["sequence_parallel"] and tp > 1,
                    recompute=cfg["recompute"], schedule=cfg["pp_schedule"],
                    reshard_after_forward=reshard_after_forward(cfg["reshard_after_forward"], pipelined=pp > 1),

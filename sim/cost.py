@@ -26,6 +26,7 @@ bandwidth beta, with S the full buffer (all-gather output, reduce-scatter input)
     ring all-reduce      2(n-1)·alpha + 2(n-1)/n · S/beta
     tree all-reduce      2·ceil(log2 n)·alpha + 2 · S/beta
     ring all-gather / reduce-scatter   (n-1)·alpha + (n-1)/n · S/beta
+    all-to-all           (n-1)·alpha + (n-1)/n · S/beta   (S: one rank's input; n-1 messages of S/n, pairwise)
     point-to-point       alpha + S/beta
 The link a group uses is the slowest its ranks span (sim/cluster.py: TP inside a node, DP/PP across nodes when
 the rank grid puts them there). Rank layout, the trainer's (../shared/DESIGN.md): TP innermost, then CP, then
@@ -34,11 +35,15 @@ PP, then DP, rank = ((dp_rank·p + pp_rank)·c + cp_rank)·t + tp_rank.
 Communication per micro-batch (formulas.md): TP 2 all-reduces of b·s·h in forward and 2 in backward per layer
 (with sequence parallelism all-gather + reduce-scatter, the same volume; Shoeybi et al. 2019, Korthikanti et al.
 2022); PP b·s·h per stage boundary each way (divided by t with sequence parallelism: Megatron's scatter/gather
-optimisation); CP (ring attention, Liu et al. 2023) c-1 passes of the local K and V blocks, overlapped with the
-blockwise attention (gradients of K and V also travel in backward); DP per step one all-reduce of the gradients
-(ZeRO-0), reduce-scatter + all-gather (ZeRO-1/2, ZeRO-2 reduce-scatters every micro-batch), and for ZeRO-3 an
-all-gather of every layer's parameters in forward and again in backward plus a reduce-scatter of its gradients,
-every micro-batch (Rajbhandari et al. 2020).
+optimisation); CP (cp_type "ring": ring attention, Liu et al. 2023) c-1 passes of the local K and V blocks,
+overlapped with the blockwise attention (gradients of K and V also travel in backward); CP (cp_type "ulysses":
+DeepSpeed-Ulysses, Jacobs et al. 2023) four all-to-alls per layer in forward, q, k, v from sequence- to head-sharded
+and the output back, and four in backward (the output's gradient, then q's, k's, v's), each of the rank's
+b·(s/c)·w/t elements (w = h for q and the output, h_kv for k and v), on the critical path (not overlapped); the
+core then runs on whole sequences for a/(t·c) heads, the same FLOPs as the ring's; DP per step one all-reduce of
+the gradients (ZeRO-0), reduce-scatter + all-gather (ZeRO-1/2, ZeRO-2 reduce-scatters every micro-batch), and for
+ZeRO-3 an all-gather of every layer's parameters in forward and again in backward plus a reduce-scatter of its
+gradients, every micro-batch (Rajbhandari et al. 2020).
 
 Memory per device: parameters, gradients, optimizer states per ZeRO stage (formulas.md: mixed precision 2Ψ +
 2Ψ + 12Ψ, ZeRO-1 4Ψ + 12Ψ/N, ZeRO-2 2Ψ + 14Ψ/N, ZeRO-3 16Ψ/N; fp32 4 + 4 + 8), plus activations per layer and
@@ -56,6 +61,7 @@ from types import SimpleNamespace
 from sim.cluster import Link
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+CP_TYPES = ("ring", "ulysses")
 RECOMPUTE = ("none", "selective", "full")
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 ALGORITHMS = ("ring", "tree", "auto")
@@ -164,7 +170,8 @@ def step_flops(model, par):
 class Parallel:
     """A parallel layout and the training settings that change costs.
 
-    dp, tp, pp, cp: sizes of the four dimensions; v: virtual stages (model chunks) per pipeline rank;
+    dp, tp, pp, cp: sizes of the four dimensions; cp_type: "ring" (ring attention) or "ulysses" (all-to-alls);
+    v: virtual stages (model chunks) per pipeline rank;
     micro_batch: b sequences; micro_batches: m per pipeline and step (train.py's gradient_accumulation_steps / dp);
     zero: 0 (DDP), 1, 2, 3 (FSDP), sharded over the dp x cp ranks holding the same parameters;
     recompute: none / selective / full; schedule: gpipe / 1f1b / interleaved_1f1b; algorithm: all-reduce algorithm
@@ -175,6 +182,7 @@ class Parallel:
     tp: int = 1
     pp: int = 1
     cp: int = 1
+    cp_type: str = "ring"
     v: int = 1
     micro_batch: int = 1
     micro_batches: int = 1
@@ -228,6 +236,8 @@ class Parallel:
             s += " sp" if self.sequence_parallel else " no-sp"
         if self.pp > 1:
             s += f" {self.schedule}"
+        if self.cp > 1:
+            s += f" {self.cp_type}"
         return s
 
     def check(self, model):
@@ -248,8 +258,14 @@ class Parallel:
             raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
         if model.n_head % self.tp or model.ffn_hidden % self.tp:
             raise ValueError(f"tp={self.tp} must divide n_head={model.n_head} and ffn_hidden={model.ffn_hidden}")
+        if self.cp_type not in CP_TYPES:
+            raise ValueError(f"cp_type must be one of {', '.join(CP_TYPES)}, got {self.cp_type!r}")
         if self.cp > 1 and model.seq_len % (2 * self.cp):
             raise ValueError(f"cp={self.cp} needs seq_len={model.seq_len} divisible by 2*cp (causal load balance)")
+        if self.cp > 1 and self.cp_type == "ulysses" and (model.n_head % (self.tp * self.cp) or
+                                                          model.n_kv_head % (self.tp * self.cp)):
+            raise ValueError(f"Ulysses needs n_head={model.n_head} and n_kv_head={model.n_kv_head} divisible by "
+                             f"tp x cp = {self.tp * self.cp}")
         if self.sequence_parallel and self.tp > 1 and (model.seq_len // self.cp) % self.tp:
             raise ValueError(f"sequence parallelism needs the sequence per CP rank ({model.seq_len // self.cp}) "
                              f"divisible by tp={self.tp}")
@@ -272,8 +288,9 @@ class Parallel:
 def collective_time(op, nbytes, n, link, algorithm="ring"):
     """Seconds for collective `op` over n ranks on `link` (sim.cluster.Link), alpha-beta model.
 
-    op: all_reduce, all_gather, reduce_scatter, broadcast, send; nbytes: S, the full buffer (all-gather output,
-    reduce-scatter input, the message for send); algorithm for all_reduce: ring, tree or auto (the faster).
+    op: all_reduce, all_gather, reduce_scatter, all_to_all, broadcast, send; nbytes: S, the full buffer (all-gather
+    output, reduce-scatter input, one rank's all-to-all input, the message for send); algorithm for all_reduce: ring,
+    tree or auto (the faster).
     Returns 0 for n == 1 (except send). Raises ValueError for an unknown op or algorithm."""
     alpha, beta = link.latency, link.bandwidth
     if op == "send":
@@ -286,7 +303,7 @@ def collective_time(op, nbytes, n, link, algorithm="ring"):
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown all-reduce algorithm {algorithm!r}")
         return {"ring": ring, "tree": tree, "auto": min(ring, tree)}[algorithm]
-    if op in ("all_gather", "reduce_scatter"):
+    if op in ("all_gather", "reduce_scatter", "all_to_all"):
         return (n - 1) * alpha + (n - 1) / n * nbytes / beta
     if op == "broadcast":
         return (n - 1) * alpha + nbytes / beta
@@ -297,20 +314,38 @@ def collective_time(op, nbytes, n, link, algorithm="ring"):
 # memory
 
 def cp_send_bytes(model, par):
-    """Ring attention's bytes sent per rank, per layer and micro-batch (parallel/cp.py's ring_send_bytes, which
-    tests/test_cp.py checks against what the trainer's Collectives count): {"forward": (c-1) sends of the local K and
-    V blocks, 2·b·(s/c)·h_kv/t elements of B bytes; "backward": the K/V blocks again plus the dK/dV accumulators,
-    which travel in fp32 (max(B, 4) bytes)}. h_kv = n_kv_head·head_dim, split over t by TP."""
+    """Context parallelism's bytes sent per rank, per layer and micro-batch, {"forward", "backward"}.
+    h_kv = n_kv_head·head_dim, split over t by TP (as h is).
+    Ring (parallel/cp.py's ring_send_bytes, which tests/test_cp.py checks against what the trainer's Collectives
+    count): forward (c-1) sends of the local K and V blocks, 2·b·(s/c)·h_kv/t elements of B bytes; backward the K/V
+    blocks again plus the dK/dV accumulators, which travel in fp32 (max(B, 4) bytes).
+    Ulysses (parallel/cp.py's ulysses_send_bytes, checked by tests/test_ulysses.py): each all-to-all of a rank's
+    b·(s/c)·w/t elements sends the (c-1)/c of them that belong to the other ranks' heads; forward q, k, v and the
+    output, (2h + 2h_kv)/t·b·s·(c-1)/c² elements of B bytes; backward as many (the output's gradient, then dq, dk,
+    dv)."""
     c, t, B = par.cp, par.tp, BYTES[par.dtype]
-    block = 2 * par.micro_batch * (model.seq_len // c) * model.n_kv_head * (model.n_embd // model.n_head) // t
+    h_kv = model.n_kv_head * (model.n_embd // model.n_head)
+    if par.cp_type == "ulysses":
+        elements = (c - 1) * par.micro_batch * (model.seq_len // c) * (2 * model.n_embd + 2 * h_kv) // t // c
+        return {"forward": elements * B, "backward": elements * B}
+    block = 2 * par.micro_batch * (model.seq_len // c) * h_kv // t
     return {"forward": (c - 1) * block * B, "backward": (c - 1) * block * (B + max(B, 4))}
+
+
+def ulysses_all_to_all_bytes(model, par):
+    """The inputs S (bytes) of Ulysses' all-to-alls per layer and micro-batch on one rank, in each direction: two of
+    b·(s/c)·h/t elements (q and the output; their gradients) and two of b·(s/c)·h_kv/t (k and v)."""
+    tokens, B = par.micro_batch * model.seq_len // par.cp, BYTES[par.dtype]
+    h_kv = model.n_kv_head * (model.n_embd // model.n_head)
+    return [tokens * w // par.tp * B for w in (model.n_embd, h_kv, h_kv, model.n_embd)]
 
 
 def layer_activation_bytes(model, par, recompute=None):
     """Bytes of activations one block keeps for backward, per micro-batch, on one device (Korthikanti et al. 2022,
     section 4.1 and table 2), generalised to f != 4h, SwiGLU (3 MLP tensors of f), dtype B bytes (the paper's
     constants are for B = 2), 1-byte dropout masks only when dropout > 0, and c-way context parallelism (the
-    sequence divided by c; ring attention keeps no score matrix). recompute: default par.recompute.
+    sequence divided by c; ring attention keeps no score matrix, Ulysses keeps F.sdpa's: a/(t·c) heads of s x s,
+    the same per token). The all-to-alls' buffers are transient. recompute: default par.recompute.
 
     Per token: replicated over TP unless sequence parallel: two norm inputs, the QKV and MLP inputs (4h·B) and
     two dropout masks (2h); split over TP: Q, K, V, the out-projection input (4h·B) and the MLP's hidden
@@ -326,7 +361,8 @@ def layer_activation_bytes(model, par, recompute=None):
         return tokens * h * B / sp
     replicated = 4 * h * B + 2 * h * mask
     split = 4 * h * B + (3 if model.block == "llama" else 2) * model.ffn_hidden * B
-    scores = 0 if (recompute == "selective" or par.flash_attention or par.cp > 1) else a * s * (B + mask * (1 + B))
+    ring = par.cp > 1 and par.cp_type == "ring"
+    scores = 0 if (recompute == "selective" or par.flash_attention or ring) else a * s * (B + mask * (1 + B))
     return tokens * (replicated / sp + (split + scores) / t)
 
 
@@ -408,8 +444,9 @@ def block_kernels(model, par):
     proj: norm (reads and writes T·h), the QKV GEMM [T, (a + 2·kv)·d/t, h], RoPE (llama), the out-projection
     [T, h, h/t], the residual add with dropout (x, residual in, out, 1-byte mask: Megatron's fused
     bias-dropout-add); core: QKᵀ and AV as batched GEMMs over b·a/t heads [s, s, d] and [s, d, s] with the
-    softmax (s² read and written) and its dropout in between, or with flash attention (or CP) one fused kernel
-    whose time is its two GEMMs on the causal half of the tiles; mlp: norm, FC1 [T, f/t (2f/t SwiGLU), h],
+    softmax (s² read and written) and its dropout in between, or with flash attention (or ring CP) one fused kernel
+    whose time is its two GEMMs on the causal half of the tiles; ring CP: queries of s/c tokens; Ulysses: the
+    whole sequence for b·a/(t·c) heads; mlp: norm, FC1 [T, f/t (2f/t SwiGLU), h],
     GeLU (or SiLU·gate), FC2 [T, h, f/t], residual. Backward: each GEMM's input- and weight-gradient GEMMs
     (flash attention: the recomputed scores and four more products, Dao 2023), each memory-bound kernel 1.5x its
     forward bytes (it reads the saved input and the output gradient, writes the input gradient)."""
@@ -437,9 +474,10 @@ def block_kernels(model, par):
     qkv = gemm(tokens, (a + 2 * kv) * d / t, h)
     proj_f = [norm(), qkv] + ([memory(2 * tokens * (a + kv) * d / t * B)] if llama else []) + [
         gemm(tokens, h, h / t), residual()]
-    heads = b * a // t
-    if par.flash_attention or c > 1:
-        sq = s // c
+    ring = c > 1 and par.cp_type == "ring"
+    heads = b * a // t if ring else b * a // (t * c)
+    if par.flash_attention or ring:
+        sq = s // c if ring else s
         scores, values = gemm(sq, s, d, heads, 0.5), gemm(sq, d, s, heads, 0.5)
         core_f = [scores, values]
         core_b = [scores, gemm(s, d, sq, heads, 0.5), gemm(sq, s, d, heads, 0.5), values, gemm(s, d, sq, heads, 0.5)]
@@ -472,7 +510,7 @@ def build_costs(model, par, cluster):
     def coll(op, nbytes, group):
         return collective_time(op, nbytes, len(groups[group]), cluster.group_link(groups[group], op), par.algorithm)
 
-    flash = par.flash_attention or c > 1
+    flash = par.flash_attention or (c > 1 and par.cp_type == "ring")
     if cluster.flat:
         rate = cluster.flop_rate(par.dtype)
 
@@ -512,12 +550,16 @@ def build_costs(model, par, cluster):
     # backward with SP: reduce-scatter + all-gather per half block, and the input all-gathered again for the
     # weight gradient (Korthikanti et al. 2022 section 4.2.2, Megatron keeps only the 1/t shard)
     tp_block_b = tp_block + (coll("all_gather", act, "tp") if par.sequence_parallel else 0.0)
-    ring = cp_send_bytes(model, par)  # per layer and micro-batch: (c-1) K/V messages forward, K/V + dK/dV backward
+    if par.cp_type == "ulysses":  # four all-to-alls each way per layer, not overlapped
+        cp_fwd = cp_bwd = sum(coll("all_to_all", S, "cp") for S in ulysses_all_to_all_bytes(model, par))
+    else:
+        ring = cp_send_bytes(model, par)  # per layer and micro-batch: (c-1) K/V messages forward, K/V + dK/dV back
 
-    def ring_round(nbytes):  # one round's send on the CP link, hidden behind one block's compute
-        return collective_time("send", nbytes / (c - 1), 2, cluster.group_link(groups["cp"], "send")) if c > 1 else 0.0
-    cp_fwd = (c - 1) * max(0.0, ring_round(ring["forward"]) - core / c)
-    cp_bwd = (c - 1) * max(0.0, ring_round(ring["backward"]) - 2 * core / c)
+        def ring_round(nbytes):  # one round's send on the CP link, hidden behind one block's compute
+            return (collective_time("send", nbytes / (c - 1), 2, cluster.group_link(groups["cp"], "send"))
+                    if c > 1 else 0.0)
+        cp_fwd = (c - 1) * max(0.0, ring_round(ring["forward"]) - core / c)
+        cp_bwd = (c - 1) * max(0.0, ring_round(ring["backward"]) - 2 * core / c)
 
     def clean(segments):
         return [(k, d) for k, d in segments if d > 0]

@@ -1,11 +1,12 @@
 """
 The planner: the fastest layouts of a model on N devices for a global batch, found by simulating them.
 
-Searched: tp (dividing the devices of a node, n_head and the MLP: no TP across nodes), cp (1, 2, 4, 8),
-pp (dividing n_layer), dp = N / (tp·cp·pp) dividing the global batch, micro-batch b (1, 2, 4, 8, 16),
-v (1, or 2-8 virtual stages with interleaved 1F1B when m is a multiple of pp), and per layout the pairs
-(recompute, ZeRO stage) that are not dominated: for each recompute level the lowest ZeRO stage that fits,
-dropped if a lighter recompute fits with no higher stage (a higher stage or more recomputation is never faster).
+Searched: tp (dividing the devices of a node, n_head and the MLP: no TP across nodes), cp (1, 2, 4, 8) with
+cp_type ring and, where tp·cp divides the query and key/value heads, ulysses, pp (dividing n_layer),
+dp = N / (tp·cp·pp) dividing the global batch, micro-batch b (1, 2, 4, 8, 16), v (1, or 2-8 virtual stages with
+interleaved 1F1B when m is a multiple of pp), and per layout the pairs (recompute, ZeRO stage) that are not
+dominated: for each recompute level the lowest ZeRO stage that fits, dropped if a lighter recompute fits with no
+higher stage (a higher stage or more recomputation is never faster).
 Sequence parallelism is on whenever tp > 1 (same communication volume, less memory and memory-bound work).
 Other settings (dtype, flash attention, overlap, schedule for v = 1) are the base layout's.
 
@@ -30,13 +31,24 @@ def divisors(n):
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def context_layouts(model, tp):
+    """(cp, cp_type) pairs to search under tp-way TP: cp = 1, and each larger cp of CONTEXT with the ring and, where
+    tp·cp divides the query and the key/value heads, Ulysses."""
+    out = [(1, "ring")]
+    for cp in CONTEXT[1:]:
+        out.append((cp, "ring"))
+        if model.n_head % (tp * cp) == 0 and model.n_kv_head % (tp * cp) == 0:
+            out.append((cp, "ulysses"))
+    return out
+
+
 def layouts(model, base, cluster, global_batch, n):
-    """Every (tp, cp, pp, dp, b, v) layout of n devices for global_batch sequences, as Parallel copies of `base`
-    (recompute and zero still base's)."""
+    """Every (tp, cp, cp_type, pp, dp, b, v) layout of n devices for global_batch sequences, as Parallel copies of
+    `base` (recompute and zero still base's)."""
     for tp in divisors(min(cluster.gpus_per_node, n)):
         if model.n_head % tp or model.ffn_hidden % tp:
             continue
-        for cp in CONTEXT:
+        for cp, cp_type in context_layouts(model, tp):
             if model.seq_len % (2 * cp if cp > 1 else 1) or (model.seq_len // cp) % tp:
                 continue
             for pp in divisors(model.n_layer):
@@ -53,8 +65,8 @@ def layouts(model, base, cluster, global_batch, n):
                     for v in vs:
                         schedule = "interleaved_1f1b" if v > 1 else (
                             base.schedule if base.schedule != "interleaved_1f1b" else "1f1b")
-                        yield replace(base, dp=dp, tp=tp, pp=pp, cp=cp, v=v, micro_batch=b, micro_batches=m,
-                                      schedule=schedule, sequence_parallel=tp > 1)
+                        yield replace(base, dp=dp, tp=tp, pp=pp, cp=cp, cp_type=cp_type, v=v, micro_batch=b,
+                                      micro_batches=m, schedule=schedule, sequence_parallel=tp > 1)
 
 
 def fitting(model, par, cluster):

@@ -18,7 +18,7 @@ COLORS = {
     "all_gather": "#DD8452", "reduce_scatter": "#8172B2", "all_reduce": "#937860", "send": "#64B5CD",
     "tied": "#CCB974",
 }
-LABELS = {"tp": "TP collective", "cp": "CP ring (exposed)", "norm": "grad-norm all-reduce",
+LABELS = {"tp": "TP collective", "cp": "CP ring (exposed) or all-to-all", "norm": "grad-norm all-reduce",
           "all_gather": "all-gather", "reduce_scatter": "reduce-scatter", "all_reduce": "all-reduce",
           "send": "p2p send", "tied": "tied-embedding all-reduce"}
 STREAMS = ("ag", "rs", "p2p")
