@@ -40,10 +40,10 @@ def moe_config(**overrides):
 
 
 # 3d cells (world size -> [(variant, overrides)]): EP carved out of dp x cp, with TP (kv heads split, sequence and loss
-# parallel), PP, CP (ring attention over kv heads, EP across the CP ranks) and FSDP or DDP for the dense weights
+# parallel), PP, CP (ring attention over kv heads, or Ulysses; EP across the CP ranks), FSDP or DDP for the dense weights
 GRIDS = {
     2: [("custom", dict(dp_size=1, cp_size=2, ep_size=2, dp_type="ddp")),
-        ("pytorch", dict(dp_size=1, cp_size=2, ep_size=2, dp_type="fsdp", block="llama"))],
+        ("pytorch", dict(dp_size=1, cp_size=2, cp_type="ulysses", ep_size=2, dp_type="fsdp", block="llama"))],
     4: [("custom", dict(dp_size=2, tp_size=2, ep_size=2, dp_type="fsdp", sequence_parallel=True, loss_parallel=True)),
         ("pytorch", dict(dp_size=2, pp_size=2, ep_size=2, dp_type="ddp")),
         ("custom", dict(dp_size=2, cp_size=2, ep_size=4, dp_type="fsdp", block="llama")),

@@ -366,3 +366,73 @@ def test_hf_llama_with_grouped_query_attention_converts_both_ways(tmp_path):
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="MoE models"):
         hf.hf_config_from(moe_config())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the simulator's MoE and expert parallelism (sim/cost.py)
+
+
+@pytest.mark.parametrize("overrides", [dict(block="gpt2", bias=True, n_shared_expert=1, moe_every=2),
+                                       dict(block="llama", n_expert_per_token=1, moe_every=3),
+                                       dict(block="gpt2", bias=True, n_expert=0)])
+def test_sim_parameters_and_flops_are_model_py(overrides):
+    """The simulator's Model counts model.py's parameters exactly (MoE blocks, grouped-query attention, biases), and
+    its FLOPs per token are model.flops_per_token's (6 x the parameters a token uses: k of the E experts, + attention)
+    without the norms and biases, which it leaves out of the matmul FLOPs."""
+    from sim.cost import Model, Parallel, step_flops
+    config = moe_config(n_layer=5, n_embd=64, vocab_size=100, **overrides)
+    sim = Model(n_layer=5, n_head=4, n_embd=64, seq_len=16, vocab_size=100, block=config.block, bias=config.bias,
+                n_kv_head=2, n_expert=config.n_expert, n_expert_per_token=config.n_expert_per_token,
+                moe_every=config.moe_every, n_shared_expert=config.n_shared_expert)
+    with torch.device("meta"):
+        model = GPT(config)
+        assert sim.params == model.get_num_params(non_embedding=False)
+        vectors = sum(p.numel() for p in model.parameters() if p.dim() == 1)
+    per_token = step_flops(sim, Parallel())["model"] / 16
+    assert abs(per_token / (flops_per_token(config) - 6 * vectors) - 1) < 1e-12
+
+
+def test_sim_expert_parallel_all_to_alls_and_imbalance():
+    """One MoE layer's cost in the simulator (flat compute model): per micro-batch, forward an all-to-all of the E
+    counts plus dispatch and combine of S = k·T·h·B·imbalance bytes each, backward two more, over the EP group's link
+    (the first ep of the dp x cp ranks); the expert compute grows with expert_imbalance by exactly its FLOPs; the
+    expert gradients are all-reduced over edp; memory holds the E/ep experts' full states."""
+    from dataclasses import replace
+    from sim import cluster as clusters
+    from sim.cost import Model, Parallel, build_costs, collective_time
+    from sim.schedule import memory_per_rank, simulate
+    model = Model(n_layer=4, n_head=8, n_embd=512, seq_len=256, vocab_size=1000, block="llama", n_expert=8,
+                  n_expert_per_token=2, moe_every=2)
+    cluster = replace(clusters.get("a100-80gb"), matmul_efficiency=0.5).sized(16)
+    par = Parallel(dp=4, tp=2, pp=1, cp=2, micro_batch=2, micro_batches=4, sequence_parallel=True, ep=4,
+                   dtype="bfloat16")
+    costs = build_costs(model, par, cluster)
+    groups = par.groups()
+    assert groups["ep"] == [0, 2, 4, 6] and groups["edp"] == [0, 8]  # CP innermost, ep 4 of the 8 dp x cp ranks
+    tokens = 2 * 256 / 2 / 2  # b·s/c, over t (SP)
+    S = 2 * tokens * 512 * 2
+
+    def a2a(nbytes):
+        return collective_time("all_to_all", nbytes, 4, cluster.group_link(groups["ep"], "all_to_all"))
+    ep_f = sum(d for k, d in costs.layer_forward if k == "ep")
+    ep_b = sum(d for k, d in costs.layer_backward if k == "ep")
+    assert abs(ep_f - 0.5 * (a2a(8 * 8) + 2 * a2a(S))) < 1e-12 and abs(ep_b - 0.5 * 2 * a2a(S)) < 1e-12
+    heavy = build_costs(model, replace(par, expert_imbalance=1.5), cluster)
+    extra = sum(d for k, d in heavy.layer_forward if k == "forward") - sum(
+        d for k, d in costs.layer_forward if k == "forward")
+    flops = 0.5 * 2 * tokens * 2 * 0.5 * model.mlp_params  # phi x 2·T·k·(1.5 - 1)·expert parameters
+    assert abs(extra / (flops / cluster.flop_rate("bfloat16")) - 1) < 1e-9
+    assert costs.expert_params == 0.5 * 8 * model.mlp_params / 4
+    step = simulate(model, par, cluster)
+    assert any(t.recipe == [("edp", 4 * costs.expert_params * 2)] for t in step.tasks)  # 4 layers' averages, bf16
+    dense = memory_per_rank(replace(par, ep=1), build_costs(model, replace(par, ep=1), cluster), cluster)[0]
+    sharded = memory_per_rank(par, costs, cluster)[0]
+    assert abs((dense["params"] - sharded["params"]) - 2 * 4 * 0.5 * 8 * model.mlp_params * 3 / 4) < 1
+    with pytest.raises(ValueError, match="ep=3 must divide"):
+        replace(par, ep=3).check(model)
+
+
+def test_simulate_py_plans_moe_configs():
+    """simulate.py takes config/mixtral_8x7b.py (experts over 8 ranks) and reports the all-to-alls' share."""
+    code, text = run_command([sys.executable, "simulate.py", "config/mixtral_8x7b.py", "--gpus=128"], 120)
+    assert code == 0 and "46.6B parameters" in text and "ep=8" in text and " ep " in text, text[-3000:]
