@@ -121,8 +121,9 @@ def llama_config_from(c, block_size=0, dropout=0.0, init_seed=1337):
 
 
 LLAMA_NAMES = {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2", "self_attn.q_proj": "attn.q_proj",
-               "self_attn.k_proj": "attn.k_proj", "self_attn.v_proj": "attn.v_proj", "self_attn.o_proj": "attn.out_proj",
-               "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.up_proj", "mlp.down_proj": "mlp.down_proj"}
+               "self_attn.k_proj": "attn.k_proj", "self_attn.v_proj": "attn.v_proj",
+               "self_attn.o_proj": "attn.out_proj", "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.up_proj",
+               "mlp.down_proj": "mlp.down_proj"}
 
 
 def from_hf(hf_state, config):
@@ -131,7 +132,8 @@ def from_hf(hf_state, config):
     embedding cropped to config.block_size). fp32. Raises KeyError naming a tensor the Hugging Face state lacks."""
     if config.block == "llama":
         hf = {k: v.detach().float() for k, v in hf_state.items()}
-        out = {"transformer.wte.weight": hf["model.embed_tokens.weight"], "transformer.ln_f.weight": hf["model.norm.weight"]}
+        out = {"transformer.wte.weight": hf["model.embed_tokens.weight"],
+               "transformer.ln_f.weight": hf["model.norm.weight"]}
         for i in range(config.n_layer):
             for src, dst in LLAMA_NAMES.items():
                 out[f"transformer.h.{i}.{dst}.weight"] = hf[f"model.layers.{i}.{src}.weight"]
@@ -275,7 +277,8 @@ def export_checkpoint(checkpoint, out_dir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write one of our checkpoints as a Hugging Face GPT-2 or Llama directory "
+    parser = argparse.ArgumentParser(description="Write one of our checkpoints as a Hugging Face GPT-2 or Llama "
+                                                 "directory "
                                                  "(model.safetensors + config.json) that transformers loads.")
     parser.add_argument("checkpoint", help="an out_dir (its newest complete checkpoint), a step directory, a ckpt.pt, "
                                            "or a sharded DCP directory")

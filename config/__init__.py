@@ -97,7 +97,8 @@ def check_train_config(config):
     Sizes and counts that something divides by or loops over must be >= 1, iteration counts, learning rates,
     sizes where 0 means "derive it" and the seed >= 0, probabilities (dropout, Adam's betas) in [0, 1), choices
     one of their values, floats finite; and n_embd divisible by n_head, n_head by n_kv_head, n_expert_per_token at
-    most n_expert, lr_decay_iters > warmup_iters when decay_lr (the cosine's length), out_dir not an existing file. Keys absent from `config` are skipped.
+    most n_expert, lr_decay_iters > warmup_iters when decay_lr (the cosine's length), out_dir not an existing file.
+    Keys absent from `config` are skipped.
     Raises ConfigError (one line naming the key, its value and the allowed range) on the first violation.
     """
     def bad(key, want):

@@ -1,7 +1,7 @@
 # Mixtral 8x7B (Jiang et al. 2024, "Mixtral of Experts", table 1; Mistral's released config.json): 32 layers, 4096
 # wide, 32 query heads over 8 key/value heads, every block's feed-forward 8 SwiGLU experts of 14336 of which each
 # token uses 2, vocabulary 32000, RoPE base 1e6, 32768 positions (trained here on 4096). model.py ties the head to the
-# embedding (46.6B parameters; Mistral's 46.7B has a separate 32000 x 4096 head); 12.9B active per token.
+# embedding (46.6B parameters; Mistral's 46.7B has a separate 32000 x 4096 head); 12.7B active per token.
 # A configuration for the simulator (expert parallelism over the data-parallel ranks, TP inside a node):
 #   python simulate.py config/mixtral_8x7b.py --gpus=128
 #   python simulate.py config/mixtral_8x7b.py --gpus=128 --expert_imbalance=1.2     # the busiest rank gets 20% more

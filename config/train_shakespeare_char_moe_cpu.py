@@ -4,7 +4,7 @@
 # The log line and metrics.jsonl carry the load-balancing loss and the tokens each expert got.
 # Same global batch as the single run: 12 sequences = micro-batch 3 x 4 micro-batches over the 2 ranks.
 #   torchrun --standalone --nproc_per_node=2 train.py config/train_shakespeare_char_moe_cpu.py
-# (a single-process run of the same model: --parallel=single)
+# (the same model on one process: --parallel=single --variant=pytorch --eval_batch_size=12)
 from config.train_shakespeare_char_cpu import *  # noqa: F403  (the recipe; below, what differs)
 
 out_dir = "out-shakespeare-char-moe-cpu"

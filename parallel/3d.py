@@ -1,11 +1,13 @@
 """
-3-D (and 4-D) parallelism: data x pipeline x context x tensor parallel on one rank grid (Megatron-LM, Narayanan et
+3-D (4-D, 5-D) parallelism: data x pipeline x context x tensor parallel on one rank grid (Megatron-LM, Narayanan et
 al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", section 3; context
-parallelism as Megatron-core and Llama 3 add it; torchtitan's parallelize_llama; picotron's train.py). The key stays
-`3d`, the name users know; cp_size=1 by default.
+parallelism as Megatron-core and Llama 3 add it; torchtitan's parallelize_llama; picotron's train.py), and expert
+parallelism carved out of data x context parallel for MoE models (torchtitan, Megatron-core). The key stays `3d`,
+the name users know; cp_size=1 and ep_size=1 by default.
 
     torchrun --standalone --nproc_per_node=8 train.py config/train_shakespeare_char_3d_custom_cpu.py
     torchrun --standalone --nproc_per_node=16 train.py config/train_shakespeare_char_4d_custom_cpu.py
+    torchrun --standalone --nproc_per_node=16 train.py config/train_shakespeare_char_5d_custom_cpu.py
 
 The grid (parallel/grid.py): world_size = dp * pp * cp * tp ranks, TP innermost, then CP, then PP, then DP,
 rank = (((dp_rank * pp + pp_rank) * cp + cp_rank) * tp + tp_rank, so a TP group is consecutive ranks (one node on a
@@ -24,8 +26,13 @@ skipped where its size is 1:
    a ring), pytorch torch's context_parallel around each step (`cp_micro_batch`, which also splits every sequence);
    cp_type "ulysses": `apply_ulysses_attention` in both variants (every core between two all-to-alls over "cp",
    our Collectives' or torch's autograd-aware one), on the heads TP left this rank (n_head divisible by tp·cp);
+   MoE layers then sum their balancing statistics over the ranks holding the rest of each sequence (`apply_moe`);
+3b. expert parallel over "ep" (parallel/ep.py, ep_size > 1): each MoE layer keeps E/ep experts and dispatches its
+   tokens by all-to-all over the grid's EP group, ep consecutive ranks of dp x cp (parallel/grid.py);
 4. data parallel on each over "dp" x "cp" (the ranks holding the same weights): pytorch `apply_fsdp` (FSDP2,
-   dp_type="fsdp") or `apply_replicate` (dp_type="ddp"); custom `FullyShardedDataParallel` or `DataParallel`;
+   dp_type="fsdp") or `apply_replicate` (dp_type="ddp"); custom `FullyShardedDataParallel` or `DataParallel`; each
+   leaves expert-parallel experts alone (ignored_params): their gradients are summed over edp and divided by dp·cp
+   in sync_gradients (parallel/ep.py's reduce_expert_grads), their checkpoints Shard(0) over "ep";
 5. materialise: every parameter gets its slice of the full model's init, so every grid starts from single's weights;
 6. pipeline schedule over "pp" (pp > 1): parallel/pp.py's PytorchPipeline or CustomPipeline, which drives the
    data-parallel wrappers' gradient sync (once per step, in each stage's last backward).
@@ -97,6 +104,16 @@ class Parallel3D(Strategy):
         if self.sizes["cp"] > 1:  # this rank's share of every sequence, and its positions (pp.Pipeline uses it too)
             cp_comm = self.collectives(self.grid.group("cp"))
             self.micro_batch = cp_micro_batch(self.variant, self.grid.mesh["cp"], cp_comm, self.cfg.cp_type)
+        # MoE: the Collectives over the ranks holding the rest of each sequence, and expert parallelism's exchange;
+        # made here, once on every rank, since making a group (or a triton heap) is collective
+        self.moe_group = self.ep_exchange = None
+        if model_config.n_expert and self.sizes["cp"] > 1:
+            group = self.grid.sequence_group(with_tp=self.sp and self.variant != "pytorch")
+            self.moe_group = TorchCollectives(group) if self.variant == "pytorch" else self.collectives(group)
+        if self.ep > 1:
+            group = self.grid.expert_mesh.get_group("ep")
+            self.ep_exchange = (TorchExchange(group) if self.variant == "pytorch" else
+                                CollectivesExchange(self.collectives(group)))
         torch.manual_seed(self.cfg.seed + self.rank // self.sizes["tp"])
         if self.sizes["pp"] == 1:
             with torch.device("meta"):
@@ -104,21 +121,17 @@ class Parallel3D(Strategy):
         stages, self.bounds = build_stages(model_config, self.cfg, self.sizes["pp"], self.grid.coord["pp"])
         return stages
 
-    def apply_moe(self, module, collectives):
+    def apply_moe(self, module):
         """The MoE layers of `module` on the grid: under context parallelism their balancing statistics are summed over
         the ranks holding the other tokens of each sequence (with custom SP the cp x tp block) and their loss share
         counts cp times (model.MoE); with ep > 1 expert parallelism over the grid's EP group (apply_ep: this rank's
-        experts, all-to-all dispatch). collectives(group) -> the Collectives the variant uses over a group."""
-        cp = self.sizes["cp"]
-        if cp > 1 and any(isinstance(m, MoE) for m in module.modules()):
-            comm = collectives(self.grid.sequence_group(with_tp=self.sp and self.variant != "pytorch"))
+        experts, all-to-all dispatch)."""
+        if self.moe_group is not None:
             for m in module.modules():
                 if isinstance(m, MoE):
-                    m.token_group, m.loss_average = comm, cp
-        if self.ep > 1:
-            group = self.grid.expert_mesh.get_group("ep")
-            apply_ep(module, self.ep, TorchExchange(group) if self.variant == "pytorch" else
-                     CollectivesExchange(collectives(group)))
+                    m.token_group, m.loss_average = self.moe_group, self.sizes["cp"]
+        if self.ep_exchange is not None:
+            apply_ep(module, self.ep, self.ep_exchange)
 
     def expert_named_parameters(self):
         """(GPT name, tensor) of this rank's expert weights when they are expert-parallel (ep > 1), else []."""
@@ -162,7 +175,7 @@ class Pytorch3D(Parallel3D):
                 apply_tp(module, mesh["tp"], self.sp, self.lp)
             if self.sizes["cp"] > 1 and cfg.cp_type == "ulysses":  # (ring: context_parallel around each step)
                 apply_ulysses_attention(module, group=self.grid.group("cp"))
-            self.apply_moe(module, TorchCollectives)
+            self.apply_moe(module)
             self.apply_ac(module)
             if cfg.compile:  # per block, before FSDP (torchtitan's order)
                 for block in module.transformer.h.values():
@@ -192,7 +205,7 @@ class Pytorch3D(Parallel3D):
         match_grad_placements(p for _, p in self.named_parameters())
         if self.ep > 1:  # the experts, left out of FSDP2 / replicate: summed over edp, over dp x cp's mean
             reduce_expert_grads([p for _, p in self.expert_named_parameters()], self.replicas,
-                                group=self.grid.expert_mesh.get_group("edp"))
+                                group=self.grid.expert_mesh.get_group("edp") if self.replicas > self.ep else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -223,7 +236,7 @@ class Custom3D(Parallel3D):
                 module.loss = head_loss = loss
             if self.sizes["cp"] > 1:
                 apply_cp_attention(module, self.collectives(self.grid.group("cp")), cfg.cp_type)
-            self.apply_moe(module, self.collectives)
+            self.apply_moe(module)
             self.apply_ac(module)
             if self.fsdp:
                 experts = materialize_experts(module, self.device, init) if self.ep > 1 else []
@@ -271,7 +284,8 @@ class Custom3D(Parallel3D):
             experts = [p for _, p in self.expert_named_parameters()]
             if self.sp:
                 all_reduce_flat([p.grad for p in experts if p.grad is not None], self.tp_comm)
-            reduce_expert_grads(experts, self.replicas, comm=self.collectives(self.grid.expert_mesh.get_group("edp")))
+            edp = self.collectives(self.grid.expert_mesh.get_group("edp")) if self.replicas > self.ep else None
+            reduce_expert_grads(experts, self.replicas, comm=edp)
 
     def _sum_sequence_parallel_grads(self, unit):
         """FSDP's pre-reduce-scatter hook: sum over TP the unsharded gradients of the SP parameters of `unit`."""

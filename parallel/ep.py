@@ -80,8 +80,8 @@ def check_ep_config(model_config, ep):
 
 
 def is_expert_param(name):
-    """Whether GPT parameter `name` is a stacked expert weight (sharded by EP), e.g. transformer.h.0.mlp.experts.up_proj.
-    weight."""
+    """Whether GPT parameter `name` is a stacked expert weight (sharded by EP), e.g.
+    transformer.h.0.mlp.experts.up_proj.weight."""
     return ".mlp.experts." in name
 
 
@@ -99,8 +99,8 @@ def ep_local_slice(ep_rank, ep, local_slice=None):
 
 
 def expert_global_tensor(t, expert_mesh, shape):
-    """An expert weight's local shard `t` (E/ep, ...) as a DTensor of the full `shape` on the expert mesh's ("edp", "ep")
-    sub-mesh: Replicate over edp, Shard(0) over ep (no communication)."""
+    """An expert weight's local shard `t` (E/ep, ...) as a DTensor of the full `shape` on the expert mesh's
+    ("edp", "ep") sub-mesh: Replicate over edp, Shard(0) over ep (no communication)."""
     return as_dtensor(t, expert_mesh["edp", "ep"], [Replicate(), Shard(0)], shape)
 
 
@@ -122,7 +122,8 @@ class TorchExchange:
         return recv
 
     def rows(self, x, output_splits, input_splits):
-        """x (Σ input_splits, C): block j to rank j -> (Σ output_splits, C), the blocks every rank sent, in rank order."""
+        """x (Σ input_splits, C): block j to rank j -> (Σ output_splits, C), the blocks every rank sent, in rank
+        order."""
         from torch.distributed._functional_collectives import all_to_all_single_autograd
         return all_to_all_single_autograd(x.contiguous(), output_splits, input_splits, self.group)
 
@@ -300,7 +301,8 @@ class ExpertParallel(Strategy):
             model = GPT(model_config)
         if ep > 1:
             group = self.grid.expert_mesh.get_group("ep")
-            exchange = TorchExchange(group) if self.variant == "pytorch" else CollectivesExchange(self.collectives(group))
+            exchange = (TorchExchange(group) if self.variant == "pytorch" else
+                        CollectivesExchange(self.collectives(group)))
             apply_ep(model, ep, exchange)
         self.apply_ac(model)
         materialize(model, self.device, slice_init(model_config, ep_local_slice(ep_rank, ep), weights))

@@ -537,9 +537,10 @@ def block_kernels(model, par):
     softmax (s² read and written) and its dropout in between, or with flash attention (or ring CP) one fused kernel
     whose time is its two GEMMs on the causal half of the tiles; ring CP: queries of s/c tokens; Ulysses: the
     whole sequence for b·a/(t·c) heads; mlp: norm, FC1 [T, f/t (2f/t SwiGLU), h],
-    GeLU (or SiLU·gate), FC2 [T, h, f/t], residual; with n_expert, "moe": an MoE block's (see the code). Backward: each GEMM's input- and weight-gradient GEMMs
-    (flash attention: the recomputed scores and four more products, Dao 2023), each memory-bound kernel 1.5x its
-    forward bytes (it reads the saved input and the output gradient, writes the input gradient)."""
+    GeLU (or SiLU·gate), FC2 [T, h, f/t], residual; with n_expert, "moe": an MoE block's (see the code). Backward:
+    each GEMM's input- and weight-gradient GEMMs (flash attention: the recomputed scores and four more products, Dao
+    2023), each memory-bound kernel 1.5x its forward bytes (it reads the saved input and the output gradient, writes
+    the input gradient)."""
     from sim.compute import backward_gemms, gemm, memory
     h, a, s, f, V = model.n_embd, model.n_head, model.seq_len, model.ffn_hidden, model.vocab_size
     t, c, B, b = par.tp, par.cp, BYTES[par.dtype], par.micro_batch

@@ -40,12 +40,13 @@ def moe_config(**overrides):
 
 
 # 3d cells (world size -> [(variant, overrides)]): EP carved out of dp x cp, with TP (kv heads split, sequence and loss
-# parallel), PP, CP (ring attention over kv heads, or Ulysses; EP across the CP ranks), FSDP or DDP for the dense weights
+# parallel), PP, CP (ring attention over kv heads, or Ulysses; EP across the CP ranks), FSDP or DDP for the dense
+# weights
 GRIDS = {
     2: [("custom", dict(dp_size=1, cp_size=2, ep_size=2, dp_type="ddp")),
         ("pytorch", dict(dp_size=1, cp_size=2, cp_type="ulysses", ep_size=2, dp_type="fsdp", block="llama"))],
     4: [("custom", dict(dp_size=2, tp_size=2, ep_size=2, dp_type="fsdp", sequence_parallel=True, loss_parallel=True)),
-        ("pytorch", dict(dp_size=2, pp_size=2, ep_size=2, dp_type="ddp")),
+        ("pytorch", dict(dp_size=1, pp_size=2, cp_size=2, ep_size=2, dp_type="ddp", moe_every=4)),  # stage 1: no MoE
         ("custom", dict(dp_size=2, cp_size=2, ep_size=4, dp_type="fsdp", block="llama")),
         ("pytorch", dict(dp_size=4, ep_size=2, dp_type="fsdp", sequence_parallel=True))],  # ep 2 of 4: edp = 2
 }
@@ -77,7 +78,7 @@ class TestExpertParallel(DistributedTestCase):
         """The 3d cells of GRIDS, 2 steps each, equal the single model step by step (train_checked)."""
         for variant, overrides in GRIDS[self.world_size]:
             overrides = dict(overrides)
-            config = moe_config(block=overrides.pop("block", "gpt2"))
+            config = moe_config(block=overrides.pop("block", "gpt2"), moe_every=overrides.pop("moe_every", 2))
             with self.subTest(variant=variant, **overrides):
                 strategy = self.strategy("3d", variant, micro_steps_per_rank=2, dp=overrides["dp_size"], **overrides)
                 self.assertEqual(strategy.grid.sizes["ep"], overrides["ep_size"])

@@ -268,7 +268,8 @@ def test_ring_attention_blocks_take_fewer_kv_heads():
     assert (out - ref).abs().max() < 1e-12 and (lse - torch.logsumexp(scores, -1)).abs().max() < 1e-12
     dq, dk, dv = block_attention_backward(q, k, v, dout, lse, (dout * out).sum(-1), 0.5, causal=True)
     assert dk.shape == k.shape and dv.shape == v.shape
-    for got, want in ((dq, qr.grad), (dk, kr.grad.view(2, 2, 3, 8, 4).sum(2)), (dv, vr.grad.view(2, 2, 3, 8, 4).sum(2))):
+    dk_want, dv_want = (t.grad.view(2, 2, 3, 8, 4).sum(2) for t in (kr, vr))
+    for got, want in ((dq, qr.grad), (dk, dk_want), (dv, dv_want)):
         assert (got - want).abs().max() < 1e-12
 
 
@@ -313,7 +314,8 @@ def test_llama3_8b_config_at_full_size_and_toy_scale(tmp_path, shakespeare_char_
     with torch.device("meta"):
         assert abs(GPT(config).get_num_params(non_embedding=False) - (8.030e9 - 128256 * 4096)) < 0.01e9
     out = str(tmp_path / "out")
-    toy = ["--parallel=single", "--n_layer=2", "--n_embd=64", "--n_head=4", "--n_kv_head=2", "--ffn_hidden=128", "--vocab_size=0",
+    toy = ["--parallel=single", "--n_layer=2", "--n_embd=64", "--n_head=4", "--n_kv_head=2", "--ffn_hidden=128",
+           "--vocab_size=0",
            "--block_size=32", "--batch_size=4", "--gradient_accumulation_steps=1", "--max_iters=30",
            "--eval_interval=1000", "--eval_iters=1", "--warmup_iters=0", "--learning_rate=3e-3", "--decay_lr=False",
            "--compile=False", "--dtype=float32", f"--data_dir={shakespeare_char_dir}", f"--out_dir={out}"]
