@@ -61,7 +61,7 @@ class TestExpertParallel(DistributedTestCase):
         return build_strategy(cfg, CPU)
 
     def test_equals_single(self):
-        """3 steps of 2 micro-batches per rank: every step's loss, clipped gradients and AdamW update equal the single
+        """2 steps of 2 micro-batches per rank: every step's loss, clipped gradients and AdamW update equal the single
         model's (train_checked), for pytorch (GPT-2 block), custom (Llama block) and triton (2 processes: Triton's
         interpreter is slow); each rank holds 8/world experts per MoE layer; the loss falls."""
         cases = [("pytorch", "gpt2"), ("custom", "llama")] + ([("triton", "gpt2")] if self.world_size == 2 else [])
@@ -69,7 +69,7 @@ class TestExpertParallel(DistributedTestCase):
             with self.subTest(variant=variant, block=block):
                 config = moe_config(block=block)
                 strategy = self.strategy("ep", variant)
-                checked = train_checked(strategy, config, global_batches(3, 2 * self.world_size, 2, config))
+                checked = train_checked(strategy, config, global_batches(2, 2 * self.world_size, 2, config))
                 experts = [p for n, p in strategy.named_parameters() if is_expert_param(n)]
                 self.assertEqual({p.shape[0] for p in experts}, {8 // self.world_size})
                 self.assertLess(checked.losses[-1], checked.losses[0])
