@@ -369,6 +369,8 @@ def moe_aux_loss(module):
     `module` (a GPT, or a pipeline stage holding some of them: it has `config`) recorded in this forward, each share
     times its layer's loss_average; taken once (each layer's is cleared). 0-dim, or None when no layer recorded one
     (a dense model, no autograd). GPT.forward adds it to the loss's gradient, a stage with AuxLossToBackward."""
+    if not module.config.n_expert:
+        return None
     losses = []
     for m in module.modules():
         if isinstance(m, MoE) and m.aux_loss is not None:
