@@ -145,6 +145,16 @@ class Collectives:
         self._barrier()
 
 
+class _Done:
+    """The handle of an async call whose result is already in place."""
+
+    def wait(self, timeout=None):
+        return True
+
+    def is_completed(self):
+        return True
+
+
 class TorchCollectives(Collectives):
     """Collectives through torch.distributed (c10d): gloo on CPU, NCCL on CUDA, whatever the group uses."""
 
@@ -160,8 +170,16 @@ class TorchCollectives(Collectives):
         return reduce_scatter_single(output, input, self.OPS[op], group=self.group, async_op=async_op)
 
     def _all_to_all(self, output, input, output_split_sizes, input_split_sizes, async_op):
-        return dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=self.group,
-                                      async_op=async_op)
+        # gloo's all_to_all_single writes a non-contiguous output as if it were contiguous (torch 2.13): through a
+        # contiguous copy, copied back once the exchange is done
+        out = output if output.is_contiguous() else torch.empty_like(output, memory_format=torch.contiguous_format)
+        work = dist.all_to_all_single(out, input.contiguous(), output_split_sizes, input_split_sizes,
+                                      group=self.group, async_op=async_op or out is not output)
+        if out is output:
+            return work
+        work.wait()
+        output.copy_(out)
+        return _Done() if async_op else None
 
     def _broadcast(self, tensor, src, async_op):
         return dist.broadcast(tensor, group=self.group, group_src=src, async_op=async_op)

@@ -1,34 +1,41 @@
 """
-One command that proves, on a machine with one GPU, what the CPU tests cannot: the triton and nccl variants on a
-real GPU, their bandwidth, and GPT-2's speed. Writes one report (Markdown + JSON) and prints its path.
+One command that proves, on a machine with one GPU, what the CPU tests cannot: the triton, nccl and cuda variants
+on a real GPU, through train.py's own setup, their bandwidth, and GPT-2's speed. Writes one report (Markdown + JSON)
+and prints its path.
 
     make gpu-check                  # python gpu_check.py: needs one GPU, takes at most --budget-s (default 450 s)
-    python gpu_check.py --dry-run   # the same orchestration on CPU (gloo, Triton's interpreter, tiny sizes), < 2 min
+    python gpu_check.py --dry-run   # the same orchestration on CPU (gloo, Triton's interpreter, tiny sizes)
     python gpu_check.py --phases tests,bandwidth --out out-gpu-check/mine
+    python gpu_check.py --phases strategies --only pp/nccl,3d/nccl   # some cells again
 
 Phases, in order; every part runs in its own processes (torchrun with 2 ranks sharing GPU 0, or one process) with a
 time limit carved out of the budget, so a part that fails, crashes the GPU context or hangs costs only itself and
-the report says what happened:
-  env         versions, the GPU, libnccl, and every API the kernels and strategies use that the machine's torch /
-              triton might lack (torch 2.11 and triton 3.6 on the lent machines): present, replaced by a fallback,
-              or missing, and then what is skipped because of it, with the reason
+the report says what happened (PYTHONFAULTHANDLER prints a crash's Python frames; faulthandler prints every thread's
+stack 10 s before a part's limit, so a hang names where it waits). Every part starts its process group as train.py
+does (comm.init_distributed: torch's NCCL for CUDA tensors, the ranks sharing the GPU through NANOPARALLEL_SHARE_GPU=1):
+  env         versions, the GPU, libnccl, libnanoccl, and every API the kernels and strategies use that the machine's
+              torch / triton might lack (torch 2.11 and triton 3.6 on the lent machines): present, replaced by a
+              fallback, or missing, and then what is skipped because of it, with the reason
   tests       the GPU test classes: TestTritonCollectives (tests/test_triton_comm.py: triton on CUDA symmetric
-              memory, including its strategies = custom) and TestNCCLOnGPU (tests/test_nccl.py)
-  strategies  ddp, fsdp, tp, pp, cp, 3d (tests/test_triton_comm.py's STRATEGIES) with the custom, triton and nccl
-              variants on 2 ranks sharing the GPU (a different NCCL_HOSTID per rank), 5 fp32 steps, each checked
+              memory, with its strategies), TestNCCLOnGPU (tests/test_nccl.py), TestCudaLibOnGPU (test_cuda_lib.py)
+  strategies  every strategy of tests/test_triton_comm.py's STRATEGIES (ddp, zero, fsdp, tp, pp, cp, ulysses, 3d) x the
+              custom, triton, nccl and cuda variants, each cell its own 2-rank process, 5 fp32 steps each checked
               against the single-device model from the same state (tests/reference.py's train_checked)
-  bandwidth   all-reduce bus bandwidth (nccl-tests: busbw = S/t * 2(N-1)/N) of torch's NCCL, our nccl binding and
-              our triton kernels, 1 MB to 1 GB, each result checked
+  bandwidth   all-reduce bus bandwidth (nccl-tests: busbw = S/t * 2(N-1)/N) of torch's NCCL and ours: the nccl
+              binding, the triton kernels, libnanoccl; 1 MB to 1 GB, each result checked
+  train       train.py itself for each variant (TRAIN_STRATEGY, 2 ranks): 4 iterations with a checkpoint every 2, then
+              a run resumed from the iteration-2 checkpoint, which must log the same losses
   gpt2        GPT-2 124M (block 1024, bf16 autocast) on one GPU through the `single` strategy: tokens/s and MFU
               with torch.compile off, then on
 Two ranks on one GPU need: NCCL_HOSTID different per rank (NCCL otherwise refuses two ranks on one device; they then
 talk through NCCL's network transport, so NCCL's figures here are not NVLink figures) and
-TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1 (torch's CUDA symmetric memory otherwise refuses the rendezvous).
+TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1 (torch's CUDA symmetric memory otherwise refuses the rendezvous):
+comm.share_gpus sets both.
 
 --dry-run runs the same orchestration, workers and report writer on CPU: gloo, the interpreter, a few of the test
-cases, 2 steps, kilobyte sizes, a tiny GPT with compile backend aot_eager; the nccl parts are skipped with the reason.
-Without a GPU and without --dry-run it prints one line and exits with 2. Exit code: 0 when every check that ran
-passed, 1 otherwise.
+cases and cells, 2 steps, kilobyte sizes, a tiny GPT with compile backend aot_eager; the nccl and cuda parts are
+skipped with the reason. Without a GPU and without --dry-run it prints one line and exits with 2. Exit code: 0 when
+every check that ran passed, 1 otherwise.
 """
 
 import argparse
@@ -49,9 +56,10 @@ import unittest
 REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO)
 
-STRATEGY_NAMES = ("ddp", "fsdp", "tp", "pp", "cp", "3d")
-VARIANTS = ("custom", "triton", "nccl")
-BACKENDS = ("torch", "nccl", "triton")  # all-reduce bandwidth: torch's NCCL, our nccl binding, our triton kernels
+STRATEGY_NAMES = ("ddp", "zero", "fsdp", "tp", "pp", "cp", "ulysses", "3d")  # tests/test_triton_comm.py's STRATEGIES
+VARIANTS = ("custom", "triton", "nccl", "cuda")
+BACKENDS = ("torch", "nccl", "triton", "cuda")  # all-reduce bandwidth: torch's NCCL; ours: the nccl binding, the
+#                                                 triton kernels, libnanoccl through the same binding
 PHASES = ("env", "tests", "strategies", "bandwidth", "train", "gpt2")
 TRAIN_STRATEGY = "fsdp"  # the train phase: train.py with a sharded (DCP) checkpoint, DTensor bookkeeping included
 
@@ -71,9 +79,11 @@ def plan(dry_run):
         ("env", "env", ["env"], 1, 60),
         ("tests", "triton", ["tests", "--suite", triton_tests], 2, 150),
         ("tests", "nccl", ["tests", "--suite", "tests.test_nccl:TestNCCLOnGPU"], 2, 90),
+        ("tests", "cuda", ["tests", "--suite", "tests.test_cuda_lib:TestCudaLibOnGPU"], 2, 120),
     ]
-    # a dry run proves the orchestration on a few cells (tests/test_triton_comm.py covers every strategy on CPU)
-    cells = [(n, v) for v in VARIANTS for n in STRATEGY_NAMES if not dry_run or n in ("ddp", "pp")]
+    # a dry run proves the orchestration on a few cells (tests/test_triton_comm.py covers every strategy on CPU);
+    # custom, which ran on a GPU before, comes last
+    cells = [(n, v) for v in (*VARIANTS[1:], VARIANTS[0]) for n in STRATEGY_NAMES if not dry_run or n in ("ddp", "pp")]
     for name, variant in cells:
         parts.append(("strategies", f"{name}/{variant}", ["strategies", "--strategy", name, "--variant", variant,
                                                             "--steps", steps], 2, 90 if variant == "triton" else 60))
@@ -153,9 +163,9 @@ def worker_env(args):
     except Exception as e:
         probe("torch.distributed._symmetric_memory", "missing", f"{type(e).__name__}: {e}",
               "the triton variant fails on CUDA")
-    probe("TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES", "ok" if os.environ.get(
-          "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES") == "1" else "missing", "set to 1 by gpu_check.py for its parts: "
-          "torch's CUDA symmetric memory (2.11 included) refuses two ranks' allocations on one device without it")
+    probe("TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES, NCCL_HOSTID", "ok", "set per rank by comm.share_gpus when ranks "
+          "share a GPU (NANOPARALLEL_SHARE_GPU=1, which gpu_check sets): torch's CUDA symmetric memory (2.11 included) "
+          "refuses two ranks' allocations on one device, and NCCL two ranks on one device, without them")
     probe("TORCH_SYMMMEM", "ok", f"{os.environ.get('TORCH_SYMMMEM', 'unset')}: the symmetric-memory allocator "
           "(gpu_check.py defaults it to CUDA, the cuMem one whose peer pointers the kernels use)")
     try:
@@ -166,6 +176,15 @@ def worker_env(args):
     except Exception as e:
         probe("libnccl (kernels/nccl.py)", "missing", f"{type(e).__name__}: {str(e)[:300]}",
               "the nccl variant, TestNCCLOnGPU and the nccl bandwidth fail")
+    try:
+        from kernels.cuda import build
+        built, nvcc = build.library_path(build_if_missing=False), build.find_nvcc()
+        info["libnanoccl"] = built or f"not built yet (nvcc: {nvcc})"
+        probe("libnanoccl (kernels/cuda)", "ok" if built or nvcc else "missing", info["libnanoccl"],
+              "" if built or nvcc else "no nvcc to build it: the cuda variant, its tests and bandwidth fail")
+    except Exception as e:
+        probe("libnanoccl (kernels/cuda)", "missing", f"{type(e).__name__}: {str(e)[:300]}",
+              "the cuda variant, its tests and bandwidth fail")
     if cuda:
         probe("torch's NCCL", "ok" if dist.is_nccl_available() else "missing",
               f"torch.cuda.nccl.version() = {torch.cuda.nccl.version()}" if dist.is_nccl_available() else "",
@@ -223,13 +242,15 @@ class _Collect(unittest.TextTestResult):
 
 def worker_tests(args):
     """Run one unittest class (module:Class[:test,test]) on every rank; rank 0 records every test's outcome. The
-    classes set up their own process group (gloo, GPU 0 shared) as they do under torchrun."""
+    classes set up their process group as they do under torchrun (comm.init_distributed, GPU 0 shared). Without
+    test names, every test of the class but its test_strategies_* ones: the strategies phase runs those cells, each
+    in its own process."""
     from comm import teardown
     module, cls, *names = args.suite.split(":")
     case = getattr(importlib.import_module(module), cls)
-    loader = unittest.TestLoader()
-    suite = (unittest.TestSuite([case(n) for n in names[0].split(",")]) if names
-             else loader.loadTestsFromTestCase(case))
+    names = names[0].split(",") if names else [n for n in unittest.TestLoader().getTestCaseNames(case)
+                                                if not n.startswith("test_strategies")]
+    suite = unittest.TestSuite([case(n) for n in names])
     result = unittest.TextTestRunner(stream=sys.stderr, verbosity=2, resultclass=_Collect).run(suite)
     for record in result.records:
         _emit(args.result, dict(kind="test", suite=f"{module}:{cls}", **record))
@@ -253,7 +274,7 @@ def worker_strategies(args):
     record = dict(kind="strategy", strategy=args.strategy, variant=args.variant, world_size=N, steps=args.steps,
                   device=str(device))
     try:
-        cfg = dict(parallel=args.strategy, **STRATEGIES[args.strategy](N))
+        cfg = {"parallel": args.strategy, **STRATEGIES[args.strategy](N)}
         model_config = tiny_config(n_head=4, n_layer=cfg["n_layer"])
         batches = global_batches(args.steps, cfg["gradient_accumulation_steps"], 2, model_config)
         strategy = build_strategy(train_config(variant=args.variant, **cfg), device)
@@ -326,17 +347,10 @@ def worker_bandwidth(args):
     """All-reduce bus bandwidth of one backend over --sizes (kernels/bench_comm.py's bus_bandwidth): one record per
     size. torch: TorchCollectives over a process group whose CUDA backend is NCCL (gloo in a dry run)."""
     import torch
-    from comm import TorchCollectives, teardown
-    from kernels.bench_comm import bus_bandwidth, parse_size
+    from comm import teardown
+    from kernels.bench_comm import bus_bandwidth, make_backend, parse_size
     device = _start(args.dry_run)
-    if args.backend == "torch":
-        comm = TorchCollectives()
-    elif args.backend == "triton":
-        from kernels.triton_comm import TritonCollectives
-        comm = TritonCollectives(device=device)
-    else:
-        from kernels.nccl import NCCLCollectives
-        comm = NCCLCollectives(device=device)
+    comm = make_backend(args.backend, device, "auto")
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     failed = False
     for size in sizes:  # one call per size, so a size that is too slow still leaves the smaller ones recorded
@@ -520,7 +534,7 @@ def orchestrate(args):
             f.write(PYTEST_SHIM)
     env = child_env(args.dry_run, shim_dir)
     extra = ["--gpt2-batch", str(args.gpt2_batch)]
-    only = set(args.only.split(",")) if args.only else None
+    only = set(args.only.split(",")) if getattr(args, "only", None) else None
     parts = [p for p in plan(args.dry_run) if p[0] in args.phases and (only is None or p[1] in only or p[0] == "env")]
     deadline = start + args.budget_s
     reserve = 5  # seconds kept for each part still to come

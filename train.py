@@ -96,6 +96,7 @@ min_lr = 6e-5
 parallel = "single"  # strategy: single, ddp, ...
 variant = "pytorch"  # pytorch (the native API) or custom (the algorithm written out)
 bucket_cap_mb = 25.0  # ddp: gradient bucket size in MiB
+zero_stage = 0  # ddp and 3d (dp_type="ddp"): ZeRO stage, 0 DDP, 1 optimizer states sharded, 2 and gradients (3: fsdp)
 reshard_after_forward = "default"  # fsdp: "always" free a unit's gathered parameters after its forward, "never" keep
 # them to backward (1x DDP traffic), "default": always, but never inside a pipeline (torchtitan's policy)
 sequence_parallel = False  # tp: shard activations outside attention/MLP along the sequence (Korthikanti et al. 2022)

@@ -96,9 +96,10 @@ def check_train_config(config):
 
     Sizes and counts that something divides by or loops over must be >= 1, iteration counts, learning rates,
     sizes where 0 means "derive it" and the seed >= 0, probabilities (dropout, Adam's betas) in [0, 1), choices
-    one of their values, floats finite; and n_embd divisible by n_head, n_head by n_kv_head, n_expert_per_token at
-    most n_expert, lr_decay_iters > warmup_iters when decay_lr (the cosine's length), out_dir not an existing file.
-    Keys absent from `config` are skipped.
+    one of their values, floats finite; zero_stage 0-2 and only where data parallelism replicates the parameters
+    (ddp, 3d with dp_type=ddp); and n_embd divisible by n_head, n_head by n_kv_head, n_expert_per_token at most
+    n_expert, lr_decay_iters > warmup_iters when decay_lr (the cosine's length), out_dir not an existing file. Keys
+    absent from `config` are skipped.
     Raises ConfigError (one line naming the key, its value and the allowed range) on the first violation.
     """
     def bad(key, want):
@@ -125,6 +126,18 @@ def check_train_config(config):
                 continue  # a Hugging Face model directory
             bad(key, "one of " + ", ".join(allowed) + (" or a Hugging Face model directory" if key == "init_from"
                                                          else ""))
+    stage = config.get("zero_stage", 0)
+    if stage == 3:
+        raise ConfigError("zero_stage=3 shards the parameters too: that is ZeRO-3, use parallel=fsdp "
+                          "(in 3d: dp_type=fsdp)")
+    if stage not in (0, 1, 2):
+        bad("zero_stage", "0 (DDP), 1 (optimizer states sharded) or 2 (and gradients)")
+    parallel = config.get("parallel")
+    replicated_dp = parallel == "ddp" or (parallel == "3d" and config.get("dp_type") == "ddp")
+    if stage and not replicated_dp:
+        raise ConfigError(f"zero_stage={stage} applies to parallel=ddp and to 3d with dp_type=ddp, not to "
+                          f"parallel={parallel!r}" + (" with dp_type='fsdp' (ZeRO-3 already)" if parallel == "3d"
+                                                      else ""))
     if {"n_embd", "n_head"} <= config.keys() and config["n_embd"] % config["n_head"]:
         raise ConfigError(f"n_embd={config['n_embd']} must be divisible by n_head={config['n_head']}")
     if config.get("n_kv_head") and config.get("n_head", 1) % config["n_kv_head"]:

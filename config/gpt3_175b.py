@@ -23,6 +23,7 @@ tp_size = 8
 pp_size = 8
 dp_size = 0                         # the rest: 1024 / (8 * 8) = 16 on 1024 GPUs
 pp_schedule = "1f1b"
+dp_type = "ddp"                     # Megatron-LM 2021: plain data parallelism, no ZeRO (zero_stage 0)
 sequence_parallel = False           # Megatron-LM 2021 had no sequence parallelism (Korthikanti et al. 2022 came later)
 loss_parallel = True                # vocab-parallel cross-entropy
 dtype = "bfloat16"                  # the paper used fp16 mixed precision: the same peak (312 TFLOP/s)

@@ -3,10 +3,12 @@ All-reduce latency and bus bandwidth of the Collectives backends, by nccl-tests'
 for S bytes all-reduced in t seconds over N ranks, algbw = S / t and busbw = algbw · 2(N-1)/N.
 
     torchrun --standalone --nproc_per_node=2 kernels/bench_comm.py                       # CPU: gloo vs triton
-    torchrun --standalone --nproc_per_node=2 kernels/bench_comm.py --sizes=1M,16M,256M,1G --backends=triton,nccl
+    torchrun --standalone --nproc_per_node=2 kernels/bench_comm.py --sizes=1M,16M,256M,1G --backends=triton,nccl,cuda
 
 Backends: torch (comm.TorchCollectives over the process group: gloo), triton (kernels/triton_comm.py:
-the Triton interpreter over /dev/shm on CPU, CUDA symmetric memory on a GPU), nccl (kernels/nccl.py, GPU only).
+the Triton interpreter over /dev/shm on CPU, CUDA symmetric memory on a GPU), nccl (kernels/nccl.py over libnccl, GPU
+only), cuda (the same binding over libnanoccl, kernels/cuda/: our own NCCL, GPU only; built with nvcc at first use;
+its one-shot/ring threshold and FIFO sizes come from NANOCCL_* variables, kernels/cuda/plan.h).
 The process group is gloo everywhere; on a GPU every rank uses GPU 0 (one GPU is what the device tool lends) with its
 own NCCL_HOSTID, so NCCL accepts several ranks on it, and TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1, without which
 torch's symmetric memory refuses two ranks' allocations on one device ("detected allocations from overlapping
@@ -53,7 +55,10 @@ def make_backend(name, device, algorithm):
     if name == "nccl":
         from kernels.nccl import NCCLCollectives
         return NCCLCollectives(device=device)
-    raise ValueError(f"unknown backend {name!r}: torch, triton or nccl")
+    if name == "cuda":
+        from kernels.nccl import CudaCollectives
+        return CudaCollectives(device=device)
+    raise ValueError(f"unknown backend {name!r}: torch, triton, nccl or cuda")
 
 
 def time_all_reduce(comm, tensor, warmup, iters):
@@ -93,6 +98,8 @@ def bus_bandwidth(comm, sizes, dtype, device, warmup, iters):
         correct = all_reduce_is_correct(comm, numel, dtype, device)
         tensor = torch.ones(numel, dtype=dtype, device=device)
         t = time_all_reduce(comm, tensor, warmup, iters)
+        if hasattr(comm, "check"):  # nccl, cuda: an error the device reported after the calls returned
+            comm.check()
         del tensor
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
         algbw = nbytes / t / 1e9
@@ -103,7 +110,7 @@ def bus_bandwidth(comm, sizes, dtype, device, warmup, iters):
 def main(argv):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--backends", default="triton,nccl" if cuda else "torch,triton")
+    p.add_argument("--backends", default="triton,nccl,cuda" if cuda else "torch,triton")
     p.add_argument("--sizes", default="1M,4M,16M,64M,256M,1G" if cuda else "4,1K,64K,1M,4M")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--algorithm", default="auto", help="triton all-reduce: auto, one_shot or two_shot")

@@ -1,5 +1,6 @@
 """
-The NCCL API called directly, through ctypes: the backend of the `nccl` variant of every strategy.
+The NCCL API called directly, through ctypes: the backend of the `nccl` variant of every strategy, and of the `cuda`
+variant, which loads libnanoccl (kernels/cuda/: our own implementation of the same API) instead of libnccl.
 
 torch.distributed's NCCL process group wraps these same C functions (ProcessGroupNCCL.cpp); here they are called by
 hand, so the lowest level of the project's four is a few lines per collective: a pointer, a count, an NCCL data
@@ -26,6 +27,10 @@ type and reduction, the communicator and the current CUDA stream (nccl.h, NCCL 2
   receive with it connects both directions at once, at the same point on both sides (_connect).
 - Two ranks on one GPU: NCCL refuses them unless they believe they are on different hosts; set NCCL_HOSTID to a
   different value per rank before the first communicator is made (tests/test_nccl.py does).
+
+- One binding, two libraries: CudaCollectives is NCCLCollectives with library=libnanoccl (built by nvcc at first
+  use, kernels/cuda/build.py); every line of Python below runs against both, so the two libraries differ only
+  below the C API.
 
 Every NCCL error becomes an NCCLError naming the call, the ncclResult_t, ncclGetErrorString's text and, where the
 library has it (NCCL >= 2.13), ncclGetLastError's message (e.g. "Cuda failure 'CUDA driver version is insufficient
@@ -77,6 +82,7 @@ SIGNATURES = {
     "ncclRecv": [_p, _size, _int, _int, _p, _p],
     "ncclGroupStart": [],
     "ncclGroupEnd": [],
+    "ncclCommGetAsyncError": [_p, ctypes.POINTER(_int)],                         # comm, ncclResult_t*
 }
 
 
@@ -243,7 +249,7 @@ class NCCLCollectives(Collectives):
         super().__init__(group, stats)
         device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
         self.check_available(device)
-        self.device, self.nccl = device, library or NCCLLibrary()
+        self.device, self.nccl = device, library or self.load_library()
         uid = [bytes(bytearray(self.nccl.unique_id().internal)) if self.rank == 0 else None]
         dist.broadcast_object_list(uid, group=group, group_src=0)
         self.comm = ctypes.c_void_p()
@@ -253,6 +259,11 @@ class NCCLCollectives(Collectives):
         self._queued = []  # sends not issued yet: (tensor, dst, work)
         self._connected = set()  # peers whose point-to-point channels are connected both ways (_connect)
         _OPEN.append(self)
+
+    @staticmethod
+    def load_library():
+        """The NCCLLibrary this backend calls when none is given: libnccl (load_library's search)."""
+        return NCCLLibrary()
 
     @staticmethod
     def check_available(device):
@@ -266,6 +277,17 @@ class NCCLCollectives(Collectives):
             load_library()
         except OSError as e:
             raise ValueError(f"variant 'nccl': {e}") from None
+
+    def check(self):
+        """Raise NCCLError if an operation of this communicator failed on the device after its call had returned
+        (ncclCommGetAsyncError: how NCCL reports a peer's failure or, in libnanoccl, a wait that timed out), with the
+        library's message."""
+        result = ctypes.c_int()
+        self.nccl.call("ncclCommGetAsyncError", self.comm, ctypes.byref(result))
+        if result.value != 0:
+            detail = self.nccl.last_error()
+            raise NCCLError("ncclCommGetAsyncError", result.value,
+                            self.nccl.error_string(result.value) + (f"; {detail}" if detail else ""))
 
     def close(self):
         """Destroy the communicator (after the device finished its work)."""
@@ -373,6 +395,7 @@ class NCCLCollectives(Collectives):
         """The NCCL User Guide's all-to-all ("Point-to-point communication"): in one group, an ncclSend of chunk j
         to every rank j and an ncclRecv of chunk j from it, at the split sizes' offsets (zero-size chunks skipped)."""
         self._flush()
+        self._connect(range(self.world_size))  # uneven chunks may go one way only: connect both ways first
         src, out = self._contiguous(input), self._contiguous(output)
         dtype, es, N = nccl_dtype(src.dtype), src.element_size(), self.world_size
         chunks = []
@@ -414,3 +437,37 @@ class NCCLCollectives(Collectives):
         one = torch.ones(1, device=self.device)
         self._all_reduce(one, "sum", False)
         torch.cuda.synchronize(self.device)
+        self.check()
+
+
+class CudaCollectives(NCCLCollectives):
+    """The `cuda` variant's backend: NCCLCollectives, the same binding line for line, over libnanoccl instead of
+    libnccl: our own implementation of the NCCL API it calls (kernels/cuda/; README "The fifth level"), compiled with
+    nvcc at first use into a cache (kernels/cuda/build.py; $NANOPARALLEL_NANOCCL_LIB names a prebuilt one).
+
+    Arguments as NCCLCollectives (library: an NCCLLibrary of libnanoccl, default: built or found by
+    kernels.cuda.build.library_path). The communicator reads its settings from NANOCCL_* environment variables when
+    it is made (kernels/cuda/plan.h's Config: channels, FIFO slots and their size, the one-shot all-reduce's
+    threshold, NANOCCL_TIMEOUT_S for every wait); every rank needs the same. Ranks may share a GPU (no NCCL_HOSTID
+    needed) or sit on different GPUs of one host with peer access.
+    """
+
+    @staticmethod
+    def load_library():
+        from kernels.cuda.build import library_path
+        return NCCLLibrary(library_path())
+
+    @staticmethod
+    def check_available(device):
+        """Raise ValueError (one line) unless `device` is a CUDA device and libnanoccl is built or nvcc can build it."""
+        device = torch.device(device)
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise ValueError("variant 'cuda' runs libnanoccl's kernels on CUDA tensors, and this process has no GPU "
+                             f"(device {device}, torch.cuda.is_available()={torch.cuda.is_available()}); "
+                             "use variant 'triton' or 'custom' on CPU")
+        from kernels.cuda import build
+        try:
+            if build.library_path(build_if_missing=False) is None and build.find_nvcc() is None:
+                raise build.nvcc_missing()
+        except (build.NvccNotFound, FileNotFoundError) as e:
+            raise ValueError(f"variant 'cuda': {e}") from None

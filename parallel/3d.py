@@ -30,9 +30,12 @@ skipped where its size is 1:
 3b. expert parallel over "ep" (parallel/ep.py, ep_size > 1): each MoE layer keeps E/ep experts and dispatches its
    tokens by all-to-all over the grid's EP group, ep consecutive ranks of dp x cp (parallel/grid.py);
 4. data parallel on each over "dp" x "cp" (the ranks holding the same weights): pytorch `apply_fsdp` (FSDP2,
-   dp_type="fsdp") or `apply_replicate` (dp_type="ddp"); custom `FullyShardedDataParallel` or `DataParallel`; each
-   leaves expert-parallel experts alone (ignored_params): their gradients are summed over edp and divided by dp·cp
-   in sync_gradients (parallel/ep.py's reduce_expert_grads), their checkpoints Shard(0) over "ep";
+   dp_type="fsdp") or `apply_replicate` (dp_type="ddp"); custom `FullyShardedDataParallel` or `DataParallel`;
+   with dp_type="ddp", zero_stage 1 or 2 (parallel/ddp.py) shards the optimizer state (and the gradients): custom
+   `ZeroDataParallel`, pytorch FSDP2 without resharding after forward for stage 2 (no stage 1: PyTorch's
+   ZeroRedundancyOptimizer takes no DTensor parameters); each leaves expert-parallel experts alone (ignored_params):
+   their gradients are summed over edp and divided by dp·cp in sync_gradients (parallel/ep.py's
+   reduce_expert_grads), their checkpoints Shard(0) over "ep" (ZeRO-1/2 with ep > 1: a one-line error);
 5. materialise: every parameter gets its slice of the full model's init, so every grid starts from single's weights;
 6. pipeline schedule over "pp" (pp > 1): parallel/pp.py's PytorchPipeline or CustomPipeline, which drives the
    data-parallel wrappers' gradient sync (once per step, in each stage's last backward).
@@ -58,7 +61,7 @@ from model import GPT, MoE
 from parallel import Strategy, as_dtensor, full_shapes, is_first_replica, materialize, register, slice_init
 from parallel.checkpoint import HEAD, load_parameters_state, parameters_state
 from parallel.cp import apply_cp_attention, apply_ulysses_attention, check_cp_config, cp_micro_batch
-from parallel.ddp import DataParallel, apply_replicate
+from parallel.ddp import DataParallel, ZeroDataParallel, apply_replicate, check_zero_stage, gather_after_step
 from parallel.ep import (CollectivesExchange, TorchExchange, apply_ep, check_ep_config, ep_local_slice,
                          expert_global_tensor, is_expert_param, materialize_experts, reduce_expert_grads)
 from parallel.fsdp import (LOW_PRECISION, FullyShardedDataParallel, apply_fsdp, flat_state, fsdp2_no_sync,
@@ -72,9 +75,10 @@ from parallel.tp import (all_reduce_flat, apply_custom_tp, apply_tp, check_tp_co
 
 class Parallel3D(Strategy):
     """What both variants share: the grid's sizes from cfg.dp_size / pp_size / cp_size / tp_size (0: dp takes the
-    rest, the others are 1), checked with dp_type, sequence and context parallelism and the pipeline config before any
-    collective (one-line ValueErrors), then the grid; the stages (or the GPT) this rank builds. Data parallelism's
-    wrapper runs over the dp x cp ranks (`replicas`: they hold the same weights)."""
+    rest, the others are 1), checked with dp_type and zero_stage, sequence and context parallelism and the pipeline
+    config before any collective (one-line ValueErrors), then the grid; the stages (or the GPT) this rank builds.
+    Data parallelism's wrapper runs over the dp x cp ranks (`replicas`: they hold the same weights). `zero`: the ZeRO
+    stage of dp_type="ddp" (0, 1, 2); with dp_type="fsdp" it is 0 and the wrapper ZeRO-3."""
 
     sharded = True
 
@@ -85,6 +89,12 @@ class Parallel3D(Strategy):
         self.replicas, self.ep = dp * cp, self.sizes["ep"]
         if cfg.dp_type not in ("ddp", "fsdp"):
             raise ValueError(f"dp_type must be 'ddp' or 'fsdp', got {cfg.dp_type!r}")
+        if cfg.dp_type == "fsdp" and cfg.zero_stage:
+            raise ValueError(f"zero_stage={cfg.zero_stage} applies to dp_type='ddp'; dp_type='fsdp' is ZeRO-3 already")
+        self.zero = check_zero_stage(cfg, custom=self.variant != "pytorch") if cfg.dp_type == "ddp" else 0
+        if self.zero and self.ep > 1:
+            raise ValueError(f"zero_stage={self.zero} with ep_size={self.ep} is not supported: ZeRO-1/2 would shard the "
+                             f"expert-parallel experts too; use dp_type='fsdp' (the experts stay whole) or zero_stage=0")
         self.sp, self.lp = cfg.sequence_parallel and tp > 1, cfg.loss_parallel and tp > 1
         if self.sp and cfg.block_size % (tp * cp):
             split = f" x cp_size={cp} (each rank's share of the sequence is split over tp)" if cp > 1 else ""
@@ -161,7 +171,15 @@ class Parallel3D(Strategy):
 @register("3d", "pytorch")
 class Pytorch3D(Parallel3D):
     """The composition of the module docstring with PyTorch's APIs. Not counted in stats: the collectives inside
-    DTensor (TP), the pipelining schedules' send/recv, and replicate's all-reduce (no counting hook)."""
+    DTensor (TP), the pipelining schedules' send/recv, and replicate's all-reduce (no counting hook). ZeRO-2
+    (dp_type="ddp", zero_stage=2) is FSDP2 with reshard_after_forward=False, as ddp/pytorch's (PytorchZero2); a
+    one-line ValueError for ZeRO-1."""
+
+    def __init__(self, cfg, device):
+        super().__init__(cfg, device)
+        if self.zero == 1:
+            raise ValueError("3d/pytorch has no zero_stage=1: torch's ZeroRedundancyOptimizer takes no DTensor "
+                             "(tensor-parallel) parameters; use variant=custom, or zero_stage=2 (FSDP2)")
 
     def build_model(self, model_config, weights=None):
         cfg = self.cfg
@@ -181,8 +199,9 @@ class Pytorch3D(Parallel3D):
                 for block in module.transformer.h.values():
                     block.compile(backend=cfg.compile_backend)
             experts = {p for n, p in module.named_parameters() if is_expert_param(n)} if self.ep > 1 else None
-            if self.replicas > 1 and cfg.dp_type == "fsdp":
-                apply_fsdp(module, self.grid.replicas, self.stats, cfg.dtype, self.reshard_after_forward, experts)
+            if self.replicas > 1 and (cfg.dp_type == "fsdp" or self.zero == 2):  # ZeRO-2: gathered to backward
+                reshard = self.reshard_after_forward and cfg.dp_type == "fsdp"
+                apply_fsdp(module, self.grid.replicas, self.stats, cfg.dtype, reshard, experts)
             elif self.replicas > 1:
                 for unit in [*module.transformer.h.values(), module]:
                     apply_replicate(unit, self.grid.replicas, mixed_precision(cfg.dtype), experts)
@@ -211,17 +230,20 @@ class Pytorch3D(Parallel3D):
 # ----------------------------------------------------------------------------------------------------------
 # custom variant: parallel/tp.py's layers, parallel/ddp.py's or parallel/fsdp.py's wrapper, parallel/pp.py's schedules
 
-@register("3d", "custom", "triton", "nccl")
+@register("3d", "custom", "triton", "nccl", "cuda")
 class Custom3D(Parallel3D):
-    """The composition of the module docstring written out, over this variant's Collectives. With FSDP the tied
-    embedding and head are units of their own on the first and last stage, so the two copies have the same flat
-    layout and their sharded gradients are summed shard by shard."""
+    """The composition of the module docstring written out, over this variant's Collectives. With FSDP (or ZeRO-1/2)
+    the tied embedding and head are units (buckets) of their own on the first and last stage, so the two copies have
+    the same flat layout and their sharded gradients are summed shard by shard. `flat`: the DP wrapper keeps flat
+    shards (FullyShardedDataParallel or ZeroDataParallel), whose optimizer views, norm pieces and checkpoint state
+    the strategy exposes."""
 
     def build_model(self, model_config, weights=None):
         cfg, tp = self.cfg, self.sizes["tp"]
         stages = self.build_modules(model_config)
         self.tp_comm, self.dp_comm = self.collectives(self.grid.group("tp")), self.collectives(self.dp_group)
         self.fsdp = cfg.dp_type == "fsdp" and self.replicas > 1
+        self.flat = (self.fsdp or self.zero > 0) and self.replicas > 1
         self.shapes = full_shapes(model_config)
         # sequence-parallel gradients summed over TP (expert-parallel experts: with the expert reduction instead)
         self.sp_names = {n for n in self.shapes if self.sp and is_sequence_parallel_param(n)
@@ -248,6 +270,12 @@ class Custom3D(Parallel3D):
                     reshard_after_forward=self.reshard_after_forward, init_fn=init, device=self.device,
                     ignored_params=experts)
                 modules[s].pre_reduce_scatter = self._sum_sequence_parallel_grads
+            elif self.flat:  # ZeRO-1/2: a pipeline's tied embedding / head copy in a bucket of its own
+                materialize(module, self.device, init)
+                tied = [m.weight for m in (getattr(module.transformer, "wte", None), getattr(module, "lm_head", None))
+                        if m is not None and self.sizes["pp"] > 1]
+                modules[s] = ZeroDataParallel(module, self.dp_comm, self.zero, cfg.bucket_cap_mb, alone=tied)
+                modules[s].pre_reduce_scatter = self._sum_sequence_parallel_grads
             else:
                 materialize(module, self.device, init)
                 experts = [p for n, p in module.named_parameters() if is_expert_param(n)] if self.ep > 1 else []
@@ -257,27 +285,33 @@ class Custom3D(Parallel3D):
         self.run(model_config, stages, modules, CustomPipeline)
         if self.pipeline is not None:
             self.pipeline.loss_fn = head_loss or self.pipeline.loss_fn
-            if self.fsdp and self.pipeline.holds_tied:  # the unit of the embedding / head copy
+            if self.flat and self.pipeline.holds_tied:  # the unit (bucket) of the embedding / head copy
                 first = self.pipeline.pp_rank == self.pipeline.first_rank
-                unit = modules[min(stages)].units[0] if first else modules[max(stages)].units[-1]
+                wrapper = modules[min(stages)] if first else modules[max(stages)]
+                unit = ((wrapper.units[0] if first else wrapper.units[-1]) if self.fsdp
+                        else wrapper.bucket_of(self.pipeline.tied_param))
                 self.pipeline.tied_param = unit.opt_params[0] if unit.opt_params else None
         return self.model
 
     def named_parameters(self):
-        if self.fsdp:  # the flat shards, and the expert-parallel experts FSDP leaves alone
+        if self.flat:  # the flat shards, and the expert-parallel experts FSDP leaves alone
             return [(unit.name, p) for w in self.wrappers for unit in w.all_units() for p in unit.opt_params] + \
                 self.expert_named_parameters()
         return super().named_parameters()
+
+    def configure_optimizer(self):
+        optimizer = super().configure_optimizer()
+        return gather_after_step(optimizer, self.wrappers) if self.flat and not self.fsdp else optimizer
 
     # --- one step: sequence-parallel gradients, summed over TP ------------------------------------------------
 
     def sync_gradients(self):
         """After the DP wrapper's reductions: DDP (or no DP), the gradients of the SP parameters, DP-averaged, summed
-        over TP in one all-reduce (FSDP sums them before its reduce-scatter: _sum_sequence_parallel_grads); then the
-        expert-parallel experts' (parallel/ep.py): with SP summed over TP (each TP rank routed its part of the
-        sequence), summed over edp, divided by dp·cp."""
+        over TP in one all-reduce (FSDP and ZeRO sum them before their reduce-scatter: _sum_sequence_parallel_grads);
+        then the expert-parallel experts' (parallel/ep.py): with SP summed over TP (each TP rank routed its part of
+        the sequence), summed over edp, divided by dp·cp."""
         super().sync_gradients()
-        if self.sp_names and not self.fsdp:
+        if self.sp_names and not self.flat:
             all_reduce_flat([p.grad for n, p in self.named_parameters() if n in self.sp_names and p.grad is not None],
                             self.tp_comm)
         if self.ep > 1:
@@ -288,7 +322,8 @@ class Custom3D(Parallel3D):
             reduce_expert_grads(experts, self.replicas, comm=edp)
 
     def _sum_sequence_parallel_grads(self, unit):
-        """FSDP's pre-reduce-scatter hook: sum over TP the unsharded gradients of the SP parameters of `unit`."""
+        """FSDP's (ZeRO's) pre-reduce-scatter hook: sum over TP the unsharded gradients of the SP parameters of `unit`
+        (a bucket)."""
         all_reduce_flat([unit.grad_acc[i["offset"]:i["offset"] + i["numel"]]
                          for i in unit.infos if i["name"] in self.sp_names], self.tp_comm)
 
@@ -303,7 +338,7 @@ class Custom3D(Parallel3D):
         return as_dtensor(t, self.grid.mesh["dp", "tp"], [Replicate(), tp_placement(name)], self.shapes[name])
 
     def gradients(self):
-        if not self.fsdp:
+        if not self.flat:
             return super().gradients()
         tp_rank = self.grid.coord["tp"]
         return [(g, name != HEAD and (shard_dim(name) is not None or tp_rank == 0))  # every DP shard counts
@@ -312,7 +347,7 @@ class Custom3D(Parallel3D):
              for n, p in self.expert_named_parameters() if p.grad is not None]
 
     def state_dict(self, optimizer):
-        if not self.fsdp:
+        if not self.flat:
             return super().state_dict(optimizer)
         state = parameters_state(self.expert_named_parameters(), optimizer, self.global_tensor, tied_head=False)
         for w in self.wrappers:
@@ -322,8 +357,10 @@ class Custom3D(Parallel3D):
         return state
 
     def load_state_dict(self, state, optimizer):
-        if not self.fsdp:
+        if not self.flat:
             return super().load_state_dict(state, optimizer)
         load_parameters_state(self.expert_named_parameters(), state, optimizer)
         for w in self.wrappers:
             load_flat_state(w, state, optimizer, lambda t: t.to_local())
+            if not self.fsdp:
+                w.all_gather_params()

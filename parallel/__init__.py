@@ -5,7 +5,7 @@ Each file parallel/<strategy>.py first exports the functions that apply its para
 stage) on a process group or DeviceMesh dimension, the PyTorch-native way and then written out by hand, and then
 registers a thin Strategy for its 1-D use:
 
-    @register("ddp", "custom", "triton", "nccl")
+    @register("ddp", "custom", "triton", "nccl", "cuda")
     class CustomDDP(Strategy): ...
 
 parallel/3d.py composes the same functions on one rank grid (parallel/grid.py). The config picks a strategy with
@@ -44,7 +44,8 @@ _REGISTRY = {}
 
 
 def register(strategy, *variants):
-    """Class decorator: the Strategy subclass implements `strategy` in each of `variants`."""
+    """Decorator: the Strategy subclass implements `strategy` in each of `variants` (or a function (cfg, device) ->
+    Strategy does, choosing the class from the config: ddp's zero_stage, parallel/ddp.py)."""
     def decorate(cls):
         for variant in variants:
             _REGISTRY[(strategy, variant)] = cls
@@ -82,13 +83,17 @@ def build_strategy(cfg, device):
 
 def backend(variant):
     """The Collectives class of a variant: comm.TorchCollectives for "custom", kernels/triton_comm.py's for "triton",
-    kernels/nccl.py's for "nccl" (imported only when asked for: triton and libnccl are heavy or absent)."""
+    kernels/nccl.py's for "nccl" (libnccl) and "cuda" (the same binding over libnanoccl, our own NCCL in
+    kernels/cuda/); imported only when asked for: triton, libnccl and nvcc are heavy or absent."""
     if variant == "triton":
         from kernels.triton_comm import TritonCollectives
         return TritonCollectives
     if variant == "nccl":
         from kernels.nccl import NCCLCollectives
         return NCCLCollectives
+    if variant == "cuda":
+        from kernels.nccl import CudaCollectives
+        return CudaCollectives
     return TorchCollectives
 
 
@@ -326,8 +331,8 @@ class Strategy:
     def __init__(self, cfg, device):
         self.cfg, self.device, self.variant = cfg, device, cfg.variant
         check_backend_serves(device)  # no CUDA tensor through gloo (DTensor bookkeeping, torch collectives)
-        if self.variant in ("triton", "nccl"):
-            backend(self.variant).check_available(device)  # one line (nccl without a GPU), before any collective
+        if self.variant in ("triton", "nccl", "cuda"):
+            backend(self.variant).check_available(device)  # one line (nccl, cuda without a GPU), before any collective
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.dp_rank, self.dp_size, self.dp_group = self.rank, self.world_size, None

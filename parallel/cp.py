@@ -661,7 +661,7 @@ def cp_micro_batch(variant, mesh, comm, cp_type="ring"):
     return micro_batch
 
 
-@register("cp", "pytorch", "custom", "triton", "nccl")
+@register("cp", "pytorch", "custom", "triton", "nccl", "cuda")
 class ContextParallel(Strategy):
     """Context parallelism over every process (a grid with only a "cp" dimension): the whole model on every rank,
     every micro-batch's sequence split over the ranks (zigzag), attention by ring (cfg.cp_type="ring": torch's

@@ -52,7 +52,7 @@ Two variants, top to bottom:
   is deprecated in 2.13 for torch.distributed._functional_collectives.all_to_all_single_autograd, which torchtitan's
   MoE calls: the one private import here, in `TorchExchange`. DDP's ignore list is set through its static
   _set_params_and_buffers_to_ignore_for_model (no public argument), in `apply_ddp_except`. Not counted in stats.
-- `custom`: the all-to-alls through Collectives.all_to_all (`CollectivesExchange`; triton and nccl run the same over
+- `custom`: the all-to-alls through Collectives.all_to_all (`CollectivesExchange`; triton, nccl and cuda run it over
   their backends), our DataParallel for the dense part, and the expert gradients reduced by hand.
 """
 
@@ -278,12 +278,12 @@ def apply_ddp_except(module, ignored_names, group, stats, bucket_cap_mb, device)
 # the 1-D strategy: one EP group of every rank
 
 
-@register("ep", "pytorch", "custom", "triton", "nccl")
+@register("ep", "pytorch", "custom", "triton", "nccl", "cuda")
 class ExpertParallel(Strategy):
     """Expert parallelism over every process: data parallel for the dense part (each rank its own micro-batches),
     each MoE layer's experts sharded over all ranks (ep = world, so there is no expert replica to reduce with), tokens
     dispatched by all-to-all (module docstring). pytorch: TorchExchange and DistributedDataParallel; custom (triton,
-    nccl): CollectivesExchange over this variant's Collectives and our DataParallel."""
+    nccl, cuda): CollectivesExchange over this variant's Collectives and our DataParallel."""
 
     sharded = True
 

@@ -169,6 +169,83 @@ class PytorchFSDP(FullySharded):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# flat buffers: ZeRO's partitioning, shared by FSDP's units here and ZeRO-1/2's buckets (parallel/ddp.py)
+
+def flat_layout(named_params):
+    """Where each parameter of a group lies in one flat buffer: [(GPT name, tensor)], a tied tensor listed under each
+    of its names -> (infos, tensors, numel). Each distinct tensor once, those with weight decay (>= 2 dims) first, then
+    the others, each kind in the given order; infos[i] = {"name": its first name, "fqns": all its names, "shape",
+    "offset", "numel", "decay"} of tensors[i]; numel: the elements of all of them. Padded up to a multiple of N ranks,
+    rank r owns the elements [r·S, (r+1)·S), S = ceil(numel / N) (Rajbhandari et al. 2020, section 5)."""
+    distinct = {}
+    for fqn, param in named_params:
+        distinct.setdefault(id(param), (param, []))[1].append(fqn)
+    entries = sorted(distinct.values(), key=lambda e: e[0].dim() < 2)  # stable: decay first, in order
+    infos, offset = [], 0
+    for param, fqns in entries:
+        infos.append(dict(name=fqns[0], fqns=fqns, shape=param.shape, offset=offset, numel=param.numel(),
+                          decay=param.dim() >= 2))
+        offset += param.numel()
+    return infos, [param for param, _ in entries], offset
+
+
+def flat_view(flat, info):
+    """The parameter of flat_layout's `info` as a view of the flat buffer `flat`, in its shape."""
+    return flat[info["offset"]:info["offset"] + info["numel"]].view(info["shape"])
+
+
+def shard_parameters(shard, infos, numel, rank):
+    """The optimizer's view of rank `rank`'s shard (S elements of a flat buffer of flat_layout's `infos`): at most two
+    nn.Parameters sharing the shard's memory, split at the decay/no-decay boundary, padding excluded, so AdamW's
+    weight-decay groups are those of the single-device model. Each has .decay (its group) and .shard_range, its
+    (lo, hi) within the shard. A shard of padding only has none."""
+    S = shard.numel()
+    n_decay = sum(i["numel"] for i in infos if i["decay"])
+    start, end = rank * S, (rank + 1) * S
+    out = []
+    for lo, hi, decay in ((0, n_decay, True), (n_decay, numel, False)):
+        lo, hi = max(lo, start), min(hi, end)
+        if lo < hi:
+            p = nn.Parameter(shard[lo - start:hi - start])  # shares the shard's memory
+            p.decay, p.shard_range = decay, (lo - start, hi - start)
+            out.append(p)
+    return out
+
+
+@torch.no_grad()
+def gather_flat(unit, flat_shard, comm):
+    """All-gather a shard-sized fp32 tensor of a flat unit or bucket (its parameters or an optimizer moment) over the
+    data-parallel Collectives `comm` -> {name: full tensor}."""
+    full = torch.empty(unit.shard_numel * comm.world_size, device=flat_shard.device)
+    comm.all_gather(full, flat_shard.contiguous())
+    return {i["name"]: flat_view(full, i).clone() for i in unit.infos}
+
+
+def scatter_flat(unit, full_by_name, rank, world_size):
+    """The inverse of gather_flat, without communication: rank's shard-sized slice of the unit's flat buffer built
+    from full tensors by name."""
+    full = torch.zeros(unit.shard_numel * world_size, device=unit.shard.device)
+    for i in unit.infos:
+        flat_view(full, i).copy_(full_by_name[i["name"]].reshape(i["shape"]))
+    return full[rank * unit.shard_numel:(rank + 1) * unit.shard_numel]
+
+
+def flat_gradient_pieces(units, rank):
+    """(parameter name, the part of its gradient inside this rank's shard) for every parameter of every flat unit:
+    a view of the shard's gradient, so scaling it scales the gradient the optimizer reads."""
+    for unit in units:
+        base = rank * unit.shard_numel
+        for p in unit.opt_params:
+            if p.grad is None:
+                continue
+            lo, hi = base + p.shard_range[0], base + p.shard_range[1]
+            for info in unit.infos:
+                a, b = max(lo, info["offset"]), min(hi, info["offset"] + info["numel"])
+                if a < b:
+                    yield info["name"], p.grad[a - lo:b - lo]
+
+
+# ----------------------------------------------------------------------------------------------------------
 # custom variant: ZeRO-3 with flat parameters
 
 class LeafSet(list):
@@ -180,10 +257,10 @@ class FlatParamUnit:
     """One ZeRO-3 unit: the parameters that `module` owns (not those of other units), flattened into one padded
     flat tensor of which this rank keeps the 1/N shard.
 
-    Layout: the unit's distinct parameters (tied ones once) one after another, those with weight decay (>= 2 dims)
-    first, then zero padding up to a multiple of N; rank r keeps elements [r·S, (r+1)·S), S = padded/N, fp32.
-    The optimizer sees the shard as at most two Parameters (`opt_params`), views of it split at the decay/no-decay
-    boundary, so AdamW's weight-decay groups are those of the single-device model.
+    Layout (flat_layout): the unit's distinct parameters (tied ones once) one after another, those with weight decay
+    (>= 2 dims) first, then zero padding up to a multiple of N; rank r keeps elements [r·S, (r+1)·S), S = padded/N,
+    fp32. The optimizer sees the shard as at most two Parameters (`opt_params`, shard_parameters), views of it split
+    at the decay/no-decay boundary, so AdamW's weight-decay groups are those of the single-device model.
 
     While gathered, `full` (padded,) in the compute dtype holds every rank's shard, and each of the module's
     parameter attributes is a view of it: a leaf tensor whose gradient a hook collects. Meta parameters are
@@ -192,49 +269,33 @@ class FlatParamUnit:
 
     def __init__(self, name, module, named_params, comm, compute_dtype, init_fn, device):
         self.name, self.module, self.comm, self.compute_dtype = name, module, comm, compute_dtype
-        distinct = {}
-        for fqn, slot, param in named_params:  # slot: (module, attribute) that holds param
-            entry = distinct.setdefault(id(param), (fqn, param, [], []))
-            entry[2].append(slot)
-            entry[3].append(fqn)
-        if not distinct:
+        if not named_params:
             raise ValueError(f"FSDP unit {name!r} has no parameters")
-        entries = sorted(distinct.values(), key=lambda e: e[1].dim() < 2)  # stable: decay first, in order
-        self.infos, offset = [], 0
-        for fqn, param, slots, fqns in entries:
-            self.infos.append(dict(name=fqn, fqns=fqns, shape=param.shape, offset=offset, numel=param.numel(),
-                                   slots=slots, decay=param.dim() >= 2))
-            offset += param.numel()
-        self.numel = offset
+        self.infos, params, self.numel = flat_layout([(fqn, param) for fqn, _, param in named_params])
+        slots = {}
+        for fqn, slot, param in named_params:  # slot: (module, attribute) that holds param
+            slots.setdefault(id(param), []).append(slot)
+        for info, param in zip(self.infos, params):
+            info["slots"] = slots[id(param)]
         N, r = comm.world_size, comm.rank
-        self.shard_numel = math.ceil(offset / N)
-        padded = self.shard_numel * N
+        self.shard_numel = math.ceil(self.numel / N)
         # the one-unit peak of init: build the full flat unit, keep this rank's shard, drop the rest
-        flat = torch.zeros(padded, device=device)
+        flat = torch.zeros(self.shard_numel * N, device=device)
         with torch.no_grad():
-            for info, (_, param, _, _) in zip(self.infos, entries):
-                view = flat[info["offset"]:info["offset"] + info["numel"]].view(info["shape"])
+            for info, param in zip(self.infos, params):
+                view = flat_view(flat, info)
                 if param.is_meta:
                     init_fn(info["name"], view)
                 else:
                     view.copy_(param)
         self.shard = flat[r * self.shard_numel:(r + 1) * self.shard_numel].clone()
         del flat
-        # the optimizer's view of the shard: [decay part, no-decay part], padding excluded
-        n_decay = sum(i["numel"] for i in self.infos if i["decay"])
-        start, end = r * self.shard_numel, (r + 1) * self.shard_numel
-        self.opt_params = []
-        for lo, hi, decay in ((0, n_decay, True), (n_decay, self.numel, False)):
-            lo, hi = max(lo, start), min(hi, end)
-            if lo < hi:
-                p = nn.Parameter(self.shard[lo - start:hi - start])  # shares the shard's memory
-                p.decay, p.shard_range = decay, (lo - start, hi - start)
-                self.opt_params.append(p)
+        self.opt_params = shard_parameters(self.shard, self.infos, self.numel, r)
         # the parameters leave their modules; a gather puts views of `full` in their place
         for info in self.infos:
             for mod, attr in info["slots"]:
                 del mod._parameters[attr]
-        self.full = torch.empty(padded, dtype=compute_dtype, device=device)
+        self.full = torch.empty(self.shard_numel * N, dtype=compute_dtype, device=device)
         self.full.untyped_storage().resize_(0)
         self.gathered, self.handle = False, None
         self.grad_acc, self.reduce = None, None
@@ -455,37 +516,21 @@ class FullyShardedDataParallel(nn.Module):
             unit.finish_reduce()
 
     def gradient_pieces(self):
-        """(parameter name, the part of its gradient inside this rank's shard) for every parameter of every unit:
-        a view of the flat shard's gradient, so scaling it scales the gradient the optimizer reads."""
-        for unit in self.all_units():
-            base = self.comm.rank * unit.shard_numel
-            for p in unit.opt_params:
-                if p.grad is None:
-                    continue
-                lo, hi = base + p.shard_range[0], base + p.shard_range[1]
-                for info in unit.infos:
-                    a, b = max(lo, info["offset"]), min(hi, info["offset"] + info["numel"])
-                    if a < b:
-                        yield info["name"], p.grad[a - lo:b - lo]
+        """(parameter name, the part of its gradient inside this rank's shard): flat_gradient_pieces of every unit."""
+        return flat_gradient_pieces(self.all_units(), self.comm.rank)
 
-    @torch.no_grad()
     def gather_full(self, unit, flat_shard):
         """All-gather a shard-sized fp32 tensor of `unit` (its parameters or optimizer state) -> {name: full tensor}."""
-        full = torch.empty(unit.shard_numel * self.comm.world_size, device=flat_shard.device)
-        self.comm.all_gather(full, flat_shard.contiguous())
-        return {i["name"]: full[i["offset"]:i["offset"] + i["numel"]].view(i["shape"]).clone() for i in unit.infos}
+        return gather_flat(unit, flat_shard, self.comm)
 
     def shard_of(self, unit, full_by_name):
         """The inverse of gather_full: this rank's shard-sized slice of the unit built from full tensors by name."""
-        full = torch.zeros(unit.shard_numel * self.comm.world_size, device=unit.shard.device)
-        for i in unit.infos:
-            full[i["offset"]:i["offset"] + i["numel"]].copy_(full_by_name[i["name"]].reshape(-1))
-        r = self.comm.rank
-        return full[r * unit.shard_numel:(r + 1) * unit.shard_numel]
+        return scatter_flat(unit, full_by_name, self.comm.rank, self.comm.world_size)
 
 
 def flat_state(fsdp, optimizer, global_tensor):
-    """The checkpoint state (parallel/checkpoint.py's form) of a FullyShardedDataParallel's flat shards: one unit at a
+    """The checkpoint state (parallel/checkpoint.py's form) of the flat shards of `fsdp`, a FullyShardedDataParallel
+    or parallel/ddp.py's ZeroDataParallel (all_units(), gather_full, shard_of): one unit (or bucket) at a
     time, its parameters and AdamW's moments are all-gathered over the data-parallel group, and each tensor, keyed by
     its GPT name (tied ones under both), is handed to global_tensor(name, full) for the layout it is saved in.
     optimizer None: the "model" part only."""
@@ -522,7 +567,7 @@ def load_flat_state(fsdp, state, optimizer, full_tensor):
             optimizer.state[p] = {"step": step.clone(), **{k: v[lo:hi].clone() for k, v in moments.items()}}
 
 
-@register("fsdp", "custom", "triton", "nccl")
+@register("fsdp", "custom", "triton", "nccl", "cuda")
 class CustomFSDP(FullySharded):
     """FullyShardedDataParallel (ZeRO-3 with flat parameters) around a meta-device GPT: units are the blocks and
     the root (embeddings, final norm, tied head). Mixed precision: fp32 shards, bf16/fp16 gathered parameters and

@@ -535,7 +535,7 @@ class CustomPipeline(Pipeline):
 # ----------------------------------------------------------------------------------------------------------
 # the strategy: one pipeline over the world
 
-@register("pp", "pytorch", "custom", "triton", "nccl")
+@register("pp", "pytorch", "custom", "triton", "nccl", "cuda")
 class PipelineParallel(Strategy):
     """One pipeline over all processes (a grid with only a "pp" dimension): this rank's stages, materialised with
     the full model's values, run by PytorchPipeline (variant pytorch) or CustomPipeline (custom and its backends)."""

@@ -595,7 +595,7 @@ def all_reduce_flat(tensors, comm):
         offset += t.numel()
 
 
-@register("tp", "custom", "triton", "nccl")
+@register("tp", "custom", "triton", "nccl", "cuda")
 class CustomTP(TensorParallel):
     """Megatron-style TP written out: the GPT's linears and embedding swapped for the layers above (apply_custom_tp;
     same names, so state_dict keys are the single model's), hooks that enter the TP region once per attention and

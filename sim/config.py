@@ -9,7 +9,9 @@ How train.py's keys map to a layout (sim.cost.Parallel), for N devices (--gpus, 
   dp = dp_size, or N / (tp·pp·cp)  (so ddp and fsdp are pure data parallel, single is N = 1);
 - micro_batch = batch_size, micro-batches per pipeline m = gradient_accumulation_steps / dp (train.py's convention:
   the global batch is gradient_accumulation_steps x batch_size sequences for any dp);
-- zero = zero_stage, or 3 for parallel="fsdp", else 0; schedule = pp_schedule, v = pp_virtual_stages;
+- zero = the trainer's ZeRO stage: 3 for parallel="fsdp" and 3d's dp_type="fsdp", else zero_stage (0 DDP, 1, 2;
+  parallel/ddp.py), unless the simulator's zero_stage key (-1 by default) sets it; schedule = pp_schedule,
+  v = pp_virtual_stages;
   sequence_parallel, loss_parallel, reshard_after_forward, bucket_cap_mb, pp_split as train.py;
 - dtype "auto" is the cluster's (bfloat16 on the GPU presets, float32 on cpu-local); n_layer, n_head, n_embd,
   block_size, block, bias, dropout, n_kv_head, ffn_hidden, n_expert, n_expert_per_token, moe_every,
@@ -34,7 +36,7 @@ SIM_DEFAULTS = {
     "gpus": 0,                   # devices in all (0: nodes x devices per node; 1 for parallel=single)
     "nodes": 0,
     "cp_size": 1,                # context parallelism (cp_type: ring or ulysses), between pp and tp in the grid
-    "zero_stage": -1,            # -1: 3 for parallel=fsdp, else 0; 1 and 2 shard optimizer (and gradients)
+    "zero_stage": -1,            # -1: the trainer's (3 for fsdp and 3d's dp_type=fsdp, else train.py's zero_stage)
     "recompute": "none",         # none, selective (attention core), full (every layer's forward)
     "flash_attention": True,     # False: the softmax is memory-bound work and its output is kept (5as/h term)
     "overlap_grad_reduce": True,  # gradient buckets reduced during backward (False: after it, Megatron-LM 2021)
@@ -104,7 +106,8 @@ def build(cfg, cluster=None):
                   n_expert_per_token=cfg["n_expert_per_token"], moe_every=cfg["moe_every"],
                   n_shared_expert=cfg["n_shared_expert"])
     ep = cfg["ep_size"] or (dp * cp if cfg["parallel"] == "ep" else 1)
-    zero = cfg["zero_stage"] if cfg["zero_stage"] >= 0 else (3 if cfg["parallel"] == "fsdp" else 0)
+    fsdp = cfg["parallel"] == "fsdp" or (cfg["parallel"] == "3d" and cfg["dp_type"] == "fsdp")
+    zero = cfg["zero_stage"] if cfg["zero_stage"] >= 0 else (3 if fsdp else 0)
     dtype = cluster.default_dtype if cfg["dtype"] == "auto" else cfg["dtype"]
     par = Parallel(dp=dp, tp=tp, pp=pp, cp=cp, cp_type=cfg["cp_type"], v=cfg["pp_virtual_stages"],
                    micro_batch=cfg["batch_size"],

@@ -40,10 +40,12 @@ overlapped with the blockwise attention (gradients of K and V also travel in bac
 DeepSpeed-Ulysses, Jacobs et al. 2023) four all-to-alls per layer in forward, q, k, v from sequence- to head-sharded
 and the output back, and four in backward (the output's gradient, then q's, k's, v's), each of the rank's
 b·(s/c)·w/t elements (w = h for q and the output, h_kv for k and v), on the critical path (not overlapped); the
-core then runs on whole sequences for a/(t·c) heads, the same FLOPs as the ring's; DP per step one all-reduce of
-the gradients (ZeRO-0), reduce-scatter + all-gather (ZeRO-1/2, ZeRO-2 reduce-scatters every micro-batch), and for
-ZeRO-3 an all-gather of every layer's parameters in forward and again in backward plus a reduce-scatter of its
-gradients, every micro-batch (Rajbhandari et al. 2020).
+core then runs on whole sequences for a/(t·c) heads, the same FLOPs as the ring's; DP per step, the gradients
+reduced in buckets during the last micro-batch's backward (the others accumulate locally): one all-reduce (ZeRO-0,
+2(n-1)/n·Ψ·B bytes sent), or a reduce-scatter ((n-1)/n·Ψ·B) and, after the optimizer step on the 1/n shard, an
+all-gather of the updated parameters ((n-1)/n·Ψ·B) for ZeRO-1 and ZeRO-2 (parallel/ddp.py's zero_stage: the same
+bytes as ZeRO-0's all-reduce, Rajbhandari et al. 2020 section 7.2.1); for ZeRO-3 an all-gather of every layer's
+parameters in forward and again in backward plus a reduce-scatter of its gradients, every micro-batch.
 
 Mixture of experts and expert parallelism (model.py's MoE, parallel/ep.py): a fraction moe_fraction of the blocks
 have, instead of the MLP, a router (h x E, replicated), E experts of the MLP's shape of which each token uses k (and
@@ -468,13 +470,16 @@ def output_activation_bytes(model, par):
     return tokens * (2 * model.n_embd * BYTES[par.dtype] / sp + 4 * model.vocab_size / par.tp)
 
 
-def state_bytes(params, shards, zero, mixed=True):
-    """{"params", "grads", "optimizer"} bytes for `params` parameters held on a device, ZeRO stage `zero` over
-    `shards` ranks. Mixed precision (formulas.md): 16-bit params 2, 16-bit grads 2, fp32 master + Adam m, v 12;
-    fp32: 4, 4, 8. ZeRO-1 shards the optimizer, ZeRO-2 also the gradients, ZeRO-3 also the parameters."""
+def state_bytes(params, shards, zero, mixed=True, accumulating=False):
+    """{"params", "grads", "optimizer"} bytes for `params` parameters Ψ held on a device, ZeRO stage `zero` over
+    N = `shards` ranks (Rajbhandari et al. 2020, section 5). Mixed precision (formulas.md): 16-bit params 2, 16-bit
+    grads 2, fp32 master + Adam m, v K = 12; fp32: 4, 4, 8. ZeRO-1 (P_os) shards the optimizer, 2Ψ + 2Ψ + KΨ/N;
+    ZeRO-2 (P_os+g) also the gradients, 2Ψ + (2 + K)Ψ/N; ZeRO-3 (P_os+g+p) also the parameters, (4 + K)Ψ/N.
+    accumulating: several micro-batches per step, whose gradients the trainer accumulates locally before the last
+    one's reduce-scatter (parallel/ddp.py), so ZeRO-2's gradients peak at the full 2Ψ, ZeRO-1's."""
     p, g, o = (2, 2, 12) if mixed else (4, 4, 8)
     return {"params": p * params / (shards if zero >= 3 else 1),
-            "grads": g * params / (shards if zero >= 2 else 1),
+            "grads": g * params / (shards if zero >= 3 or (zero == 2 and not accumulating) else 1),
             "optimizer": o * params / (shards if zero >= 1 else 1)}
 
 

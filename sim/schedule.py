@@ -212,8 +212,8 @@ class StepBuilder:
     def backward(self, stage, mb):
         """Backward of micro-batch mb through a stage, last unit first: after the next stage's gradient send,
         each unit's task (ZeRO-3: after its all-gather, then its reduce-scatter; ZeRO 0-2: its gradients join
-        a bucket, reduced when full, on the last micro-batch only for ZeRO 0/1), then the send to the previous
-        stage."""
+        a bucket, reduced when full, on the last micro-batch only: the others accumulate locally, as the trainer's
+        no_sync), then the send to the previous stage."""
         costs, par, action, r = self.costs, self.par, ("B", stage, mb), self.rank
         first, last, us = stage == 0, stage == self.n_stages - 1, self.units(stage)
         recv = ("send", "B", stage + 1, mb) if not last else None
@@ -233,7 +233,7 @@ class StepBuilder:
             if par.zero == 3:
                 self.gathered_users.append(self.last_compute)
                 self.reduce_grads("reduce_scatter", params, action)
-            elif par.zero == 2 or mb == par.micro_batches - 1:
+            elif mb == par.micro_batches - 1:
                 self.bucket = [self.bucket[0] + params, self.last_compute]
                 if self.bucket[0] * costs.grad_bytes >= par.bucket_mb * 2**20:
                     self.flush(action)
@@ -241,7 +241,7 @@ class StepBuilder:
             self.flush(action)
         if not first:
             # gradient collectives of this micro-batch in flight: the send shares the NICs with them
-            reducing = (costs.p2p_shared and (par.zero >= 2 or mb == par.micro_batches - 1)
+            reducing = (costs.p2p_shared and (par.zero == 3 or mb == par.micro_batches - 1)
                         and par.overlap_grad_reduce)
             self.keyed[("send", "B", stage, mb)] = self.send("p2p_shared" if reducing else "p2p_seconds", stage - 1,
                                                              action)
@@ -279,7 +279,8 @@ class StepBuilder:
             self.deferred.append((op, nbytes, action))
 
     def flush(self, action):
-        """Reduce the open gradient bucket (all-reduce for ZeRO-0, reduce-scatter for ZeRO-1/2)."""
+        """Reduce the open gradient bucket: all-reduce for ZeRO-0, reduce-scatter for ZeRO-1/2 (each rank receives
+        the average of its shard; Rajbhandari et al. 2020, section 7.2.1)."""
         if self.bucket[0] > 0:
             self.reduce_grads("all_reduce" if self.par.zero == 0 else "reduce_scatter", self.bucket[0], action)
         self.bucket = [0.0, None]
@@ -460,11 +461,13 @@ def memory_per_rank(par, costs, cluster):
 
 def memory(par, costs, cluster, rank, activations):
     """{"params", "grads", "optimizer", "gathered", "activations", "reserved", "total"} bytes on pipeline rank
-    `rank`: states per ZeRO stage (sim.cost.state_bytes), ZeRO-3's gathered units (two in flight, or all of
+    `rank`: states per ZeRO stage (sim.cost.state_bytes; ZeRO-2's gradients at their peak, full while m > 1
+    micro-batches accumulate), ZeRO-3's gathered units (two in flight, or all of
     the rank's units when parameters stay gathered from forward to backward), the activation peak."""
     params = rank_params(par, costs, rank)
-    out = state_bytes(params, costs.dp_shards, par.zero, par.mixed)
-    for k, v in state_bytes(rank_expert_params(par, costs, rank), 1, 0, par.mixed).items():  # experts: not ZeRO'd
+    out = state_bytes(params, costs.dp_shards, par.zero, par.mixed, accumulating=par.micro_batches > 1)
+    for k, v in state_bytes(rank_expert_params(par, costs, rank), 1, 0, par.mixed,
+                            accumulating=par.micro_batches > 1).items():  # experts: not ZeRO-sharded
         out[k] += v
     gathered = 0.0
     if par.zero == 3 and costs.dp_shards > 1:

@@ -7,7 +7,9 @@ Global batch layout (the same as train.py's get_batch): a step has `micro_steps`
 data-parallel ranks together; micro-batch k of data-parallel rank r is global micro-batch k * dp_size + r.
 """
 
-import math
+import copy
+import json
+import os
 from collections import namedtuple
 from types import SimpleNamespace
 
@@ -137,7 +139,7 @@ class Reference:
         """Start from a checkpoint in the single model's layout, as load_checkpoint_file returns it (a DCP checkpoint
         converted): {"model": {name: tensor}, "optimizer": the state_dict of configure_optimizers' AdamW, ...}."""
         self.set_parameters(checkpoint["model"])
-        self.opt.load_state_dict(checkpoint["optimizer"])
+        self.opt.load_state_dict(copy.deepcopy(checkpoint["optimizer"]))  # AdamW steps its state in place
 
     def assert_optimizer_state(self, state):
         """A torch AdamW state ({index: {"step", "exp_avg", "exp_avg_sq"}}, configure_optimizers' order, as a converted
@@ -245,4 +247,19 @@ def train_checked(strategy, model_config, batches, reference=None):
     optimizer = strategy.configure_optimizer()
     reference.assert_initial(full_parameters(strategy))
     losses = [checked_step(strategy, optimizer, reference, step) for step in batches]
+    log_margins(strategy, reference)
     return Checked(losses, full_parameters(strategy), reference.margins, optimizer)
+
+
+def log_margins(strategy, reference):
+    """Append this check's margins and tolerances to $NANOPARALLEL_MARGINS (a JSON-lines file), from rank 0, when it
+    is set: how the machine-independence of the rule is measured (the largest margins under other summation orders:
+    threads, ATEN_CPU_CAPABILITY)."""
+    path = os.environ.get("NANOPARALLEL_MARGINS")
+    if path and strategy.rank == 0:
+        record = {"strategy": strategy.strategy, "variant": strategy.variant, "world_size": strategy.world_size,
+                  "dtype": strategy.cfg.dtype, "threads": torch.get_num_threads(),
+                  "isa": torch.backends.cpu.get_cpu_capability(), "loss_tol": reference.loss_tol,
+                  "grad_tol": reference.grad_tol, **reference.margins}
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")

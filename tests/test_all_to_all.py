@@ -116,20 +116,21 @@ class TestAllToAll(DistributedTestCase):
                     self.check(name, kind, dtype, row_shape, scale=scale, seed=1)
 
     def test_non_contiguous_output_and_async(self):
-        """Triton: a transposed (non-contiguous) output receives the right rows. (Not torch: gloo's
-        all_to_all_single writes a non-contiguous output as if it were contiguous, measured in torch 2.13, and
-        TorchCollectives passes the output through as is.) Both: async_op=True returns a handle whose wait() leaves
-        the result in place."""
+        """A transposed (non-contiguous) output receives the right rows, sync and async (gloo's all_to_all_single
+        writes a non-contiguous output as if it were contiguous, measured in torch 2.13: TorchCollectives goes
+        through a contiguous copy); async_op=True returns a handle whose wait() leaves the result in place."""
         N, r = self.world_size, self.rank
         rows = split_matrix(N, "equal")
         xs = inputs(rows, (4,), torch.float32, seed=3)
         want = expected_output(xs, rows, r)
         for name, comm in self.backends.items():
             with self.subTest(backend=name):
-                if name == "triton":
+                for async_op in (False, True):
                     out = torch.empty(4, want.shape[0]).t()
                     self.assertFalse(out.is_contiguous())
-                    comm.all_to_all(out, xs[r])
+                    handle = comm.all_to_all(out, xs[r], async_op=async_op)
+                    if async_op:
+                        handle.wait()
                     self.assertTrue(torch.equal(out, want))
                 out2 = torch.empty_like(want)
                 handle = comm.all_to_all(out2, xs[r], async_op=True)

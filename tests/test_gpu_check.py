@@ -43,7 +43,7 @@ def test_dry_run(tmp_path):
 
     env = parts["env", "env"]["records"][0]
     assert env["info"]["torch"] == torch.__version__ and {p["api"] for p in env["probes"]} >= {
-        "torch.distributed.all_gather_single", "libnccl (kernels/nccl.py)", "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"}
+        "torch.distributed.all_gather_single", "libnccl (kernels/nccl.py)", "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES, NCCL_HOSTID", "libnanoccl (kernels/cuda)"}
     tests = parts["tests", "triton"]["records"]
     assert len(tests) == 3 and all(t["outcome"] == "passed" for t in tests)
     for variant in ("custom", "triton"):
@@ -64,7 +64,7 @@ def test_dry_run(tmp_path):
     for heading in ("## Environment", "## APIs the kernels and strategies need", "## GPU test classes",
                     "## Strategies vs single", "## All-reduce bus bandwidth", "## GPT-2 on one device", "## Parts"):
         assert heading in md
-    assert "| tp | ok " in md and "skipped: dry run: libnccl needs a GPU" in md
+    assert "| pp | ok " in md and "skipped: dry run: libnccl needs a GPU" in md
 
 
 @pytest.mark.skipif(CUDA, reason="checks the message of a machine without a GPU")
@@ -97,12 +97,19 @@ def test_markdown_of_gpu_records():
              log_tail="Traceback ...\nRuntimeError: boom", records=[
                  dict(suite=suite, test="t.test_a", outcome="passed", message=""),
                  dict(suite=suite, test="t.test_b", outcome="failed", message="Traceback\nAssertionError: 1 != 2")]),
-        dict(phase="strategies", part="custom", status="failed", seconds=60, records=[
-            dict(strategy, strategy="ddp"), dict(strategy, strategy="tp", outcome="failed", message="gradient of x differs"),
-            dict(kind="strategy", strategy="pp", variant="custom", steps=5, outcome="error",
-                 message="RuntimeError: NCCL error")]),
-        dict(phase="strategies", part="nccl", status="timeout", seconds=90, log="parts/n.log", log_tail="waiting",
+        dict(phase="strategies", part="ddp/custom", status="passed", seconds=6, records=[dict(strategy, strategy="ddp")]),
+        dict(phase="strategies", part="tp/custom", status="failed", seconds=6, records=[
+            dict(strategy, strategy="tp", outcome="failed", message="gradient of x differs")]),
+        dict(phase="strategies", part="pp/custom", status="failed", seconds=6, records=[dict(
+            kind="strategy", strategy="pp", variant="custom", steps=5, outcome="error", message="RuntimeError: NCCL error")]),
+        dict(phase="strategies", part="ddp/nccl", status="timeout", seconds=60, log="parts/n.log", log_tail="waiting",
              records=[]),
+        dict(phase="strategies", part="ddp/cuda", status="failed", seconds=9, log="parts/c.log",
+             log_tail="Fatal Python error: Segmentation fault", records=[]),
+        dict(phase="train", part="custom", status="passed", seconds=30, records=[dict(
+            kind="train", variant="custom", strategy="fsdp", outcome="passed", exit_codes=[0, 0],
+            losses={"0": 4.2, "1": 4.1, "2": 4.0, "3": 3.9}, resumed_losses={"2": 4.0, "3": 3.9}, resume_diff=0.0,
+            mfu_line=["MFU against NVIDIA H200's dense float32 peak, 66.9 TFLOP/s"])]),
     ]
     parts += [dict(phase="bandwidth", part=b, status="passed", seconds=20, records=[dict(
         kind="bandwidth", backend=b, bytes=2**30, seconds=0.01, busbw=107.4, algbw=107.4, correct=True)])
@@ -118,8 +125,10 @@ def test_markdown_of_gpu_records():
     assert "| torch.distributed.all_gather_single | fallback | older name |" in md
     assert "| tests.test_triton_comm:TestTritonCollectives | 1 | 1 | 0 | 50 | failed |" in md
     assert "`t.test_b` (failed): AssertionError: 1 != 2" in md
-    assert "| ddp | ok 2.00e-07 / 3.00e-08 / 0.00 | not reported (not run) | not reported (timeout) |" in md
-    assert "| tp | FAIL gradient of x differs |" in md and "| pp | ERROR RuntimeError: NCCL error |" in md
+    assert ("| ddp | ok 2.00e-07 / 3.00e-08 / 0.00 | not run | HANG (timeout) (parts/n.log) | CRASH (parts/c.log) |"
+            in md)
+    assert "| tp | FAIL gradient of x differs | not run |" in md and "| pp | ERROR RuntimeError: NCCL error |" in md
+    assert "| custom | passed | 4.2000, 4.1000, 4.0000, 3.9000 | 4.0000, 3.9000 | 0.00e+00 | MFU against NVIDIA H200" in md
     assert "| 1 GB | 107.400 (10 ms) | 107.400 (10 ms) |  |" in md
     assert "| inductor | 612,345 | 43.0% | 425.0 | 26.8 | 16 x 1024 | 124.4M | 61.0 | 10.990 -> 7.500 |" in md
-    assert "### strategies/nccl: timeout (end of parts/n.log)" in md
+    assert "### strategies/ddp/nccl: timeout (end of parts/n.log)" in md

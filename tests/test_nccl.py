@@ -65,6 +65,7 @@ int ncclGroupEnd(void) { return record(4, 0, 0, 0, 0); }
 int stubCalls(long long *out) {
   for (int i = 0; i < ncalls; i++) for (int k = 0; k < 5; k++) out[5 * i + k] = calls[i][k];
   int n = ncalls; ncalls = 0; return n; }
+int ncclCommGetAsyncError(ncclComm_t c, int *e) { *e = 0; return 0; }
 """
 
 
@@ -138,24 +139,32 @@ def test_all_to_all_through_a_stub_library(stub_library):
     """NCCLCollectives' all-to-all, on rank 1 of 3 with uneven chunks (rows [2, 0, 4] sent, [1, 3, 1] received, rows
     of 2 fp32): one group, and for every peer an ncclSend of its chunk and an ncclRecv into its place, each with the
     chunk's address, element count, ncclFloat32 and the peer, as the stub received them (zero-size chunks skipped).
+    Before the first one, a group of one 1-element send and receive with each peer connects both directions (a
+    silent direction would otherwise be set up later than its peer's); a second all-to-all has no such group.
     The backend is built without a communicator or a GPU (the stub never touches the buffers)."""
     lib = nccl.NCCLLibrary(stub_library)
     backend = nccl.NCCLCollectives.__new__(nccl.NCCLCollectives)
     backend.nccl, backend.comm, backend.world_size, backend.rank, backend._queued = lib, ctypes.c_void_p(1), 3, 1, []
-    backend._stream = lambda: ctypes.c_void_p(0)
+    backend._stream, backend._connected, backend.device = lambda: ctypes.c_void_p(0), set(), torch.device("cpu")
     lib.lib.stubCalls.argtypes, lib.lib.stubCalls.restype = [ctypes.POINTER(ctypes.c_longlong)], ctypes.c_int
     log = (ctypes.c_longlong * (5 * 64))()
     lib.lib.stubCalls(log)  # clear
     x, out = torch.zeros(6, 2), torch.zeros(5, 2)
-    assert backend._all_to_all(out, x, [1, 3, 1], [2, 0, 4], False) is None
-    n = lib.lib.stubCalls(log)
-    calls = [tuple(log[5 * i:5 * i + 5]) for i in range(n)]
     send, recv, f32, row = 1, 2, nccl.DATA_TYPES[torch.float32], 2 * 4
-    assert calls == [(3, 0, 0, 0, 0),
-                     (send, x.data_ptr(), 4, f32, 0), (recv, out.data_ptr(), 2, f32, 0),
-                     (recv, out.data_ptr() + 1 * row, 6, f32, 1),
-                     (send, x.data_ptr() + 2 * row, 8, f32, 2), (recv, out.data_ptr() + 4 * row, 2, f32, 2),
-                     (4, 0, 0, 0, 0)]
+    exchange = [(3, 0, 0, 0, 0),
+                (send, x.data_ptr(), 4, f32, 0), (recv, out.data_ptr(), 2, f32, 0),
+                (recv, out.data_ptr() + 1 * row, 6, f32, 1),
+                (send, x.data_ptr() + 2 * row, 8, f32, 2), (recv, out.data_ptr() + 4 * row, 2, f32, 2),
+                (4, 0, 0, 0, 0)]
+    for first in (True, False):
+        assert backend._all_to_all(out, x, [1, 3, 1], [2, 0, 4], False) is None
+        n = lib.lib.stubCalls(log)
+        calls = [tuple(log[5 * i:5 * i + 5]) for i in range(n)]
+        if first:  # the connecting group: kind, count, type, peer (its 4-byte buffers are the backend's own)
+            assert [(c[0], c[2], c[3], c[4]) for c in calls[:6]] == [
+                (3, 0, 0, 0), (send, 1, f32, 0), (recv, 1, f32, 0), (send, 1, f32, 2), (recv, 1, f32, 2), (4, 0, 0, 0)]
+            calls = calls[6:]
+        assert calls == exchange
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -348,7 +357,7 @@ class TestNCCLOnGPU(DistributedTestCase):
         N = self.world_size
         for name, overrides in STRATEGIES.items():
             with self.subTest(strategy=name):
-                cfg = dict(parallel=name, **overrides(N))
+                cfg = {"parallel": name, **overrides(N)}
                 model_config = tiny_config(n_head=4, n_layer=cfg["n_layer"])
                 batches = global_batches(3, cfg["gradient_accumulation_steps"], 2, model_config)
                 run = train_checked(build_strategy(train_config(variant="nccl", **cfg), self.device), model_config,

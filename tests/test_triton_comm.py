@@ -23,14 +23,17 @@ DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.
     torch.device("cpu")
 
 # The strategy x config cases whose triton (and nccl, cuda) variant must train the single model: overrides of
-# train_config, as a function of the world size N; the model is tests/reference.py's tiny GPT with 4 heads and
-# cfg["n_layer"] layers (pp: a stage per rank). Add a strategy by adding a line.
+# train_config, as a function of the world size N (`parallel` is the key unless they say otherwise); the model is
+# tests/reference.py's tiny GPT with 4 heads and cfg["n_layer"] layers (pp: a stage per rank). Add a line for a case.
 STRATEGIES = {
     "ddp": lambda N: dict(n_layer=2, gradient_accumulation_steps=N, bucket_cap_mb=0.01),
+    "zero": lambda N: dict(parallel="ddp", zero_stage=2, n_layer=2, gradient_accumulation_steps=N,
+                           bucket_cap_mb=0.01),  # in-place reduce-scatter and all-gather of flat buckets
     "fsdp": lambda N: dict(n_layer=2, gradient_accumulation_steps=N),
     "tp": lambda N: dict(n_layer=max(2, N), gradient_accumulation_steps=1, sequence_parallel=True, loss_parallel=True),
     "pp": lambda N: dict(n_layer=N, gradient_accumulation_steps=4, pp_schedule="1f1b"),
     "cp": lambda N: dict(n_layer=2, gradient_accumulation_steps=2),  # ring attention's async K/V passes
+    "ulysses": lambda N: dict(parallel="cp", cp_type="ulysses", n_layer=2, gradient_accumulation_steps=2),  # all-to-alls
     # N=2: a pipeline of 2 (DDP wrapper over a group of 1); N=4: dp2 x tp2 with FSDP (TP and DP groups side by side)
     "3d": lambda N: dict(n_layer=2, gradient_accumulation_steps=2, dp_size=N // 2, pp_size=2 if N == 2 else 1,
                          tp_size=1 if N == 2 else 2, dp_type="ddp" if N == 2 else "fsdp"),
@@ -254,7 +257,7 @@ class TestTritonCollectives(DistributedTestCase):
         N = self.world_size
         for name, overrides in STRATEGIES.items():
             with self.subTest(strategy=name):
-                cfg = dict(parallel=name, **overrides(N))
+                cfg = {"parallel": name, **overrides(N)}
                 model_config = tiny_config(n_head=4, n_layer=cfg["n_layer"])
                 batches = global_batches(3, cfg["gradient_accumulation_steps"], 2, model_config)
                 stats = {}
