@@ -46,8 +46,8 @@ eval_only = False  # if True, evaluate once and exit
 always_save_checkpoint = True  # if False, save only when the val loss improves
 init_from = "scratch"  # "scratch", "resume" (the newest complete checkpoint in out_dir), or "auto": resume if there
 # is one, else scratch (for torchrun --max-restarts: a restarted job continues from its last checkpoint); or GPT-2
-# weights (hf.py): "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" or a local Hugging Face model directory, which the
-# model then takes its sizes and vocabulary from (n_layer, n_head, n_embd, bias, vocab_size are not used); a run
+# weights (hf.py): "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" or a local Hugging Face model directory (GPT-2 or
+# Llama), which the model then takes its sizes and vocabulary from (the model keys are not used); a run
 # started from them resumes its own newest checkpoint when out_dir has one (torchtitan's initial_load_path)
 checkpoint_interval = 0  # also save every this many iterations, whatever eval does (0: only at eval, as nanoGPT)
 keep_checkpoints = 2  # keep the newest k complete checkpoints in out_dir/checkpoints (0: all)
@@ -145,7 +145,7 @@ def main(argv):
     data_dir = cfg.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg.dataset)
     vocab_size = cfg.vocab_size or read_vocab_size(data_dir)
     weights = None
-    if is_hf_source(cfg.init_from):  # GPT-2 weights (hf.py): their sizes and vocabulary, GPT-2's tanh GELU
+    if is_hf_source(cfg.init_from):  # GPT-2 or Llama weights (hf.py): their sizes and vocabulary (GPT-2's tanh GELU)
         pretrained_config, weights = load_pretrained(cfg.init_from, cfg.block_size, cfg.dropout, cfg.seed)
         vocab_size = check_data_vocab(data_dir, pretrained_config.vocab_size)
     tokens = {split: open_tokens(data_dir, split, cfg.dataset, cfg.block_size, vocab_size) for split in ("train", "val")}
@@ -188,8 +188,9 @@ def main(argv):
             raise ValueError(f"checkpoint {resume_path} holds another model: {', '.join(diff)}")
         weights = None  # the checkpoint holds the weights
     elif weights is not None and master:
-        print(f"initialising from {cfg.init_from}: n_layer={model_config.n_layer}, n_head={model_config.n_head}, "
-              f"n_embd={model_config.n_embd}, vocab_size={model_config.vocab_size}, bias=True (GPT-2's)")
+        print(f"initialising from {cfg.init_from}: block={model_config.block}, n_layer={model_config.n_layer}, "
+              f"n_head={model_config.n_head}, n_kv_head={model_config.n_kv_head}, n_embd={model_config.n_embd}, "
+              f"vocab_size={model_config.vocab_size}, bias={model_config.bias}")
     model = strategy.build_model(model_config, weights)
     del weights
     optimizer = strategy.configure_optimizer()
