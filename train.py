@@ -181,7 +181,7 @@ def main(argv):
     # None: from scratch (or GPT-2's weights); a run started from GPT-2's weights resumes its own newest checkpoint
     resume_path = checkpoints.resume_path("auto" if weights is not None else cfg.init_from)
     if resume_path is not None:  # a checkpoint of another model is refused before anything is built or loaded
-        saved = load_extra(resume_path)["model_args"]
+        saved = asdict(GPTConfig(**load_extra(resume_path)["model_args"]))  # keys newer than the checkpoint: defaults
         diff = [f"{k} {saved.get(k)!r} (checkpoint) vs {v!r} (config)" for k, v in asdict(model_config).items()
                 if saved.get(k) != v]
         if diff:
