@@ -2,7 +2,7 @@
 Simulate a training run before renting the cluster: step time, tokens/s, MFU, memory per device, a timeline,
 or a search for the fastest layout. Takes train.py's config files and --key=value overrides, plus the
 simulator's keys (sim/config.py): cluster, gpus / nodes, cp_size, zero_stage, recompute, flash_attention,
-overlap_grad_reduce, matmul_efficiency, vocab_size, timeline, plan, global_batch, top.
+overlap_grad_reduce, matmul_efficiency, timeline, plan, global_batch, top (vocab_size is train.py's key).
 
     python simulate.py config/gpt3_175b.py --cluster=a100-80gb --gpus=1024          # Megatron-LM's GPT-3 run
     python simulate.py config/gpt3_175b.py --gpus=1024 --pp_size=16 --timeline=out.png

@@ -46,8 +46,8 @@ eval_only = False  # if True, evaluate once and exit
 always_save_checkpoint = True  # if False, save only when the val loss improves
 init_from = "scratch"  # "scratch", "resume" (the newest complete checkpoint in out_dir), or "auto": resume if there
 # is one, else scratch (for torchrun --max-restarts: a restarted job continues from its last checkpoint); or GPT-2
-# weights (hf.py): "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" or a local Hugging Face model directory, which the
-# model then takes its sizes and vocabulary from (n_layer, n_head, n_embd, bias, vocab_size are not used); a run
+# weights (hf.py): "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" or a local Hugging Face model directory (GPT-2 or
+# Llama), which the model then takes its sizes and vocabulary from (the model keys are not used); a run
 # started from them resumes its own newest checkpoint when out_dir has one (torchtitan's initial_load_path)
 checkpoint_interval = 0  # also save every this many iterations, whatever eval does (0: only at eval, as nanoGPT)
 keep_checkpoints = 2  # keep the newest k complete checkpoints in out_dir/checkpoints (0: all)
@@ -66,10 +66,20 @@ block_size = 1024
 # model
 n_layer = 12
 n_head = 12
+n_kv_head = 0  # key/value heads: fewer than n_head is grouped-query attention (Llama 3: 8 of 32); 0: n_head
 n_embd = 768
+ffn_hidden = 0  # MLP hidden size (and each expert's); 0: 4 x n_embd (gpt2), 8/3 x n_embd rounded up to 64 (llama)
+vocab_size = 0  # 0: the dataset's (data_dir/meta.pkl; GPT-2's 50304 without one)
 dropout = 0.0
 bias = False
 block = "gpt2"  # "gpt2", or "llama" (RMSNorm, RoPE, SwiGLU, no biases)
+rope_theta = 10000.0  # llama block: RoPE's base (Llama 3: 500000)
+# mixture of experts (model.py's MoE: dropless top-k routing, Switch Transformer's load-balancing loss)
+n_expert = 0  # routed experts in each MoE block; 0: a dense model
+n_expert_per_token = 2  # top-k: the experts each token goes to
+moe_every = 1  # block i is an MoE block iff i % moe_every == 0 (2: every other block, as Switch Transformer)
+n_shared_expert = 0  # always-on experts beside the routed ones (DeepSeekMoE), an MLP of n_shared_expert x ffn_hidden
+moe_aux_loss_coef = 0.01  # weight of the load-balancing loss in the gradient (logged apart from the loss)
 # AdamW
 learning_rate = 6e-4
 max_iters = 600000
@@ -99,6 +109,8 @@ pp_size = 0  # 3d: pipeline-parallel size (0: the whole world for pp, 1 for 3d)
 tp_size = 0  # 3d: tensor-parallel size (0: the whole world for tp, 1 for 3d)
 cp_size = 0  # 3d: context-parallel size (0: the whole world for cp, 1 for 3d); block_size divisible by 2 * cp_size
 cp_type = "ring"  # cp, 3d: "ring" (ring attention, any head count) or "ulysses" (all-to-all; heads divisible by tp*cp)
+ep_size = 0  # ep, 3d: expert-parallel size, ranks of dp x cp over which each MoE layer's experts are sharded (0: the
+# whole world for ep, 1 for 3d); n_expert divisible by ep_size
 dp_type = "fsdp"  # 3d: data parallelism over the dp dimension: "fsdp" (ZeRO-3) or "ddp"
 timeout_s = 300  # a collective that waits longer than this fails instead of hanging
 # system
@@ -131,9 +143,9 @@ def main(argv):
 
     # data: uint16 token files written by data/<dataset>/prepare.py, read through np.memmap
     data_dir = cfg.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg.dataset)
-    vocab_size = read_vocab_size(data_dir)
+    vocab_size = cfg.vocab_size or read_vocab_size(data_dir)
     weights = None
-    if is_hf_source(cfg.init_from):  # GPT-2 weights (hf.py): their sizes and vocabulary, GPT-2's tanh GELU
+    if is_hf_source(cfg.init_from):  # GPT-2 or Llama weights (hf.py): their sizes and vocabulary (GPT-2's tanh GELU)
         pretrained_config, weights = load_pretrained(cfg.init_from, cfg.block_size, cfg.dropout, cfg.seed)
         vocab_size = check_data_vocab(data_dir, pretrained_config.vocab_size)
     tokens = {split: open_tokens(data_dir, split, cfg.dataset, cfg.block_size, vocab_size) for split in ("train", "val")}
@@ -159,22 +171,26 @@ def main(argv):
 
     # model, optimizer, and the state a checkpoint restores
     model_config = GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                             n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, block=cfg.block, init_seed=cfg.seed)
+                             n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, block=cfg.block, init_seed=cfg.seed,
+                             n_kv_head=cfg.n_kv_head, ffn_hidden=cfg.ffn_hidden, rope_theta=cfg.rope_theta,
+                             n_expert=cfg.n_expert, n_expert_per_token=cfg.n_expert_per_token, moe_every=cfg.moe_every,
+                             n_shared_expert=cfg.n_shared_expert, moe_aux_loss_coef=cfg.moe_aux_loss_coef)
     if weights is not None:
         model_config = pretrained_config
     checkpoints = Checkpointer(cfg.out_dir, strategy, keep=cfg.keep_checkpoints, asynchronous=cfg.async_checkpoint)
     # None: from scratch (or GPT-2's weights); a run started from GPT-2's weights resumes its own newest checkpoint
     resume_path = checkpoints.resume_path("auto" if weights is not None else cfg.init_from)
     if resume_path is not None:  # a checkpoint of another model is refused before anything is built or loaded
-        saved = load_extra(resume_path)["model_args"]
+        saved = asdict(GPTConfig(**load_extra(resume_path)["model_args"]))  # keys newer than the checkpoint: defaults
         diff = [f"{k} {saved.get(k)!r} (checkpoint) vs {v!r} (config)" for k, v in asdict(model_config).items()
                 if saved.get(k) != v]
         if diff:
             raise ValueError(f"checkpoint {resume_path} holds another model: {', '.join(diff)}")
         weights = None  # the checkpoint holds the weights
     elif weights is not None and master:
-        print(f"initialising from {cfg.init_from}: n_layer={model_config.n_layer}, n_head={model_config.n_head}, "
-              f"n_embd={model_config.n_embd}, vocab_size={model_config.vocab_size}, bias=True (GPT-2's)")
+        print(f"initialising from {cfg.init_from}: block={model_config.block}, n_layer={model_config.n_layer}, "
+              f"n_head={model_config.n_head}, n_kv_head={model_config.n_kv_head}, n_embd={model_config.n_embd}, "
+              f"vocab_size={model_config.vocab_size}, bias={model_config.bias}")
     model = strategy.build_model(model_config, weights)
     del weights
     optimizer = strategy.configure_optimizer()
@@ -281,6 +297,7 @@ def main(argv):
         loss = strategy.forward_backward(batches, scaler)
         scaler.unscale_(optimizer)
         grad_norm = strategy.clip_grad_norm_(cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        model_metrics = strategy.model_metrics()  # what the model recorded this step (MoE routing); {} if nothing
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -293,12 +310,13 @@ def main(argv):
             tflops = flops_per_iter / dt / strategy.world_size / 1e12  # achieved, per process
             if master:
                 mfu = f", mfu {100 * tflops * 1e12 / peak:.1f}%" if peak else ""
+                extra = "".join(f", {k} {v:.4g}" for k, v in model_metrics.items() if isinstance(v, float))
                 print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f}ms, "
                       f"{tokens_per_iter / dt:,.0f} tok/s, {tflops:.3f} TFLOP/s per process{mfu}, "
-                      f"peak mem {'/'.join(f'{m:.0f}' for m in peak_mib)} MiB")
+                      f"peak mem {'/'.join(f'{m:.0f}' for m in peak_mib)} MiB{extra}")
                 log({"iter": iter_num, "train/loss": lossf, "lr": lr, "grad_norm": grad_normf, "ms_per_iter": dt * 1000,
                      "tokens_per_s": tokens_per_iter / dt, "tflops_per_process": tflops, "peak_mem_mib": peak_mib,
-                     **strategy.stats.as_dict()})
+                     **model_metrics, **strategy.stats.as_dict()})
         profiler.step(iter_num)
         iter_num += 1
 

@@ -71,11 +71,13 @@ def load_config(defaults, argv):
 # ranges of train.py's keys, checked before any process group starts
 
 AT_LEAST_ONE = ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps",
-                "eval_interval", "log_interval", "eval_iters", "pp_virtual_stages", "timeout_s")
+                "eval_interval", "log_interval", "eval_iters", "pp_virtual_stages", "timeout_s", "n_expert_per_token",
+                "moe_every")
 NOT_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "eval_batch_size", "dp_size", "pp_size", "tp_size",
                 "checkpoint_interval", "keep_checkpoints", "seed", "learning_rate", "min_lr", "weight_decay",
-                "grad_clip")
-POSITIVE = ("bucket_cap_mb",)
+                "grad_clip", "n_kv_head", "ffn_hidden", "vocab_size", "n_expert", "n_shared_expert",
+                "moe_aux_loss_coef", "ep_size")
+POSITIVE = ("bucket_cap_mb", "rope_theta")
 PROBABILITIES = ("dropout", "beta1", "beta2")  # in [0, 1)
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # GPT-2 checkpoints init_from may name (hf.py loads)
 CHOICES = {
@@ -95,8 +97,9 @@ def check_train_config(config):
     Sizes and counts that something divides by or loops over must be >= 1, iteration counts, learning rates,
     sizes where 0 means "derive it" and the seed >= 0, probabilities (dropout, Adam's betas) in [0, 1), choices
     one of their values, floats finite; zero_stage 0-2 and only where data parallelism replicates the parameters
-    (ddp, 3d with dp_type=ddp); and n_embd divisible by n_head, lr_decay_iters > warmup_iters when
-    decay_lr (the cosine's length), out_dir not an existing file. Keys absent from `config` are skipped.
+    (ddp, 3d with dp_type=ddp); and n_embd divisible by n_head, n_head by n_kv_head, n_expert_per_token at most
+    n_expert, lr_decay_iters > warmup_iters when decay_lr (the cosine's length), out_dir not an existing file. Keys
+    absent from `config` are skipped.
     Raises ConfigError (one line naming the key, its value and the allowed range) on the first violation.
     """
     def bad(key, want):
@@ -137,6 +140,11 @@ def check_train_config(config):
                                                       else ""))
     if {"n_embd", "n_head"} <= config.keys() and config["n_embd"] % config["n_head"]:
         raise ConfigError(f"n_embd={config['n_embd']} must be divisible by n_head={config['n_head']}")
+    if config.get("n_kv_head") and config.get("n_head", 1) % config["n_kv_head"]:
+        raise ConfigError(f"n_head={config['n_head']} must be a multiple of n_kv_head={config['n_kv_head']}")
+    if config.get("n_expert") and config.get("n_expert_per_token", 1) > config["n_expert"]:
+        raise ConfigError(f"n_expert_per_token={config['n_expert_per_token']} must be at most "
+                          f"n_expert={config['n_expert']}")
     if config.get("decay_lr") and config.get("lr_decay_iters", 1) <= config.get("warmup_iters", 0):
         raise ConfigError(f"lr_decay_iters={config['lr_decay_iters']} must be greater than warmup_iters="
                           f"{config['warmup_iters']} when decay_lr (or set decay_lr=False)")

@@ -1,11 +1,13 @@
 """
-3-D (and 4-D) parallelism: data x pipeline x context x tensor parallel on one rank grid (Megatron-LM, Narayanan et
+3-D (4-D, 5-D) parallelism: data x pipeline x context x tensor parallel on one rank grid (Megatron-LM, Narayanan et
 al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", section 3; context
-parallelism as Megatron-core and Llama 3 add it; torchtitan's parallelize_llama; picotron's train.py). The key stays
-`3d`, the name users know; cp_size=1 by default.
+parallelism as Megatron-core and Llama 3 add it; torchtitan's parallelize_llama; picotron's train.py), and expert
+parallelism carved out of data x context parallel for MoE models (torchtitan, Megatron-core). The key stays `3d`,
+the name users know; cp_size=1 and ep_size=1 by default.
 
     torchrun --standalone --nproc_per_node=8 train.py config/train_shakespeare_char_3d_custom_cpu.py
     torchrun --standalone --nproc_per_node=16 train.py config/train_shakespeare_char_4d_custom_cpu.py
+    torchrun --standalone --nproc_per_node=16 train.py config/train_shakespeare_char_5d_custom_cpu.py
 
 The grid (parallel/grid.py): world_size = dp * pp * cp * tp ranks, TP innermost, then CP, then PP, then DP,
 rank = (((dp_rank * pp + pp_rank) * cp + cp_rank) * tp + tp_rank, so a TP group is consecutive ranks (one node on a
@@ -24,11 +26,16 @@ skipped where its size is 1:
    a ring), pytorch torch's context_parallel around each step (`cp_micro_batch`, which also splits every sequence);
    cp_type "ulysses": `apply_ulysses_attention` in both variants (every core between two all-to-alls over "cp",
    our Collectives' or torch's autograd-aware one), on the heads TP left this rank (n_head divisible by tp·cp);
+   MoE layers then sum their balancing statistics over the ranks holding the rest of each sequence (`apply_moe`);
+3b. expert parallel over "ep" (parallel/ep.py, ep_size > 1): each MoE layer keeps E/ep experts and dispatches its
+   tokens by all-to-all over the grid's EP group, ep consecutive ranks of dp x cp (parallel/grid.py);
 4. data parallel on each over "dp" x "cp" (the ranks holding the same weights): pytorch `apply_fsdp` (FSDP2,
    dp_type="fsdp") or `apply_replicate` (dp_type="ddp"); custom `FullyShardedDataParallel` or `DataParallel`;
    with dp_type="ddp", zero_stage 1 or 2 (parallel/ddp.py) shards the optimizer state (and the gradients): custom
    `ZeroDataParallel`, pytorch FSDP2 without resharding after forward for stage 2 (no stage 1: PyTorch's
-   ZeroRedundancyOptimizer takes no DTensor parameters);
+   ZeroRedundancyOptimizer takes no DTensor parameters); each leaves expert-parallel experts alone (ignored_params):
+   their gradients are summed over edp and divided by dp·cp in sync_gradients (parallel/ep.py's
+   reduce_expert_grads), their checkpoints Shard(0) over "ep" (ZeRO-1/2 with ep > 1: a one-line error);
 5. materialise: every parameter gets its slice of the full model's init, so every grid starts from single's weights;
 6. pipeline schedule over "pp" (pp > 1): parallel/pp.py's PytorchPipeline or CustomPipeline, which drives the
    data-parallel wrappers' gradient sync (once per step, in each stage's last backward).
@@ -49,11 +56,14 @@ Communication per step = the sum of the 1-D formulas on each group (tests/test_3
 import torch
 from torch.distributed.tensor import Replicate
 
-from model import GPT
-from parallel import Strategy, as_dtensor, full_shapes, materialize, register, slice_init
-from parallel.checkpoint import HEAD
+from comm import TorchCollectives
+from model import GPT, MoE
+from parallel import Strategy, as_dtensor, full_shapes, is_first_replica, materialize, register, slice_init
+from parallel.checkpoint import HEAD, load_parameters_state, parameters_state
 from parallel.cp import apply_cp_attention, apply_ulysses_attention, check_cp_config, cp_micro_batch
 from parallel.ddp import DataParallel, ZeroDataParallel, apply_replicate, check_zero_stage, gather_after_step
+from parallel.ep import (CollectivesExchange, TorchExchange, apply_ep, check_ep_config, ep_local_slice,
+                         expert_global_tensor, is_expert_param, materialize_experts, reduce_expert_grads)
 from parallel.fsdp import (LOW_PRECISION, FullyShardedDataParallel, apply_fsdp, flat_state, fsdp2_no_sync,
                            load_flat_state, mixed_precision, reshard_after_forward, reshard_fsdp2)
 from parallel.grid import print_grid, resolve_sizes  # noqa: F401 (print_grid: for the command line)
@@ -74,14 +84,17 @@ class Parallel3D(Strategy):
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
-        self.sizes = resolve_sizes(self.world_size, cfg.dp_size, cfg.pp_size, cfg.cp_size, cfg.tp_size)
+        self.sizes = resolve_sizes(self.world_size, cfg.dp_size, cfg.pp_size, cfg.cp_size, cfg.tp_size, cfg.ep_size)
         dp, pp, cp, tp = (self.sizes[d] for d in ("dp", "pp", "cp", "tp"))
-        self.replicas = dp * cp
+        self.replicas, self.ep = dp * cp, self.sizes["ep"]
         if cfg.dp_type not in ("ddp", "fsdp"):
             raise ValueError(f"dp_type must be 'ddp' or 'fsdp', got {cfg.dp_type!r}")
         if cfg.dp_type == "fsdp" and cfg.zero_stage:
             raise ValueError(f"zero_stage={cfg.zero_stage} applies to dp_type='ddp'; dp_type='fsdp' is ZeRO-3 already")
         self.zero = check_zero_stage(cfg, custom=self.variant != "pytorch") if cfg.dp_type == "ddp" else 0
+        if self.zero and self.ep > 1:
+            raise ValueError(f"zero_stage={self.zero} with ep_size={self.ep} is not supported: ZeRO-1/2 would shard the "
+                             f"expert-parallel experts too; use dp_type='fsdp' (the experts stay whole) or zero_stage=0")
         self.sp, self.lp = cfg.sequence_parallel and tp > 1, cfg.loss_parallel and tp > 1
         if self.sp and cfg.block_size % (tp * cp):
             split = f" x cp_size={cp} (each rank's share of the sequence is split over tp)" if cp > 1 else ""
@@ -97,9 +110,20 @@ class Parallel3D(Strategy):
         agree), and return this rank's {stage: StageModule} on the meta device ({0: GPT} at pp=1)."""
         check_tp_config(model_config, self.sizes["tp"], self.sp)
         check_cp_config(model_config, self.sizes["cp"], self.cfg.cp_type, self.sizes["tp"])
+        check_ep_config(model_config, self.ep)
         if self.sizes["cp"] > 1:  # this rank's share of every sequence, and its positions (pp.Pipeline uses it too)
             cp_comm = self.collectives(self.grid.group("cp"))
             self.micro_batch = cp_micro_batch(self.variant, self.grid.mesh["cp"], cp_comm, self.cfg.cp_type)
+        # MoE: the Collectives over the ranks holding the rest of each sequence, and expert parallelism's exchange;
+        # made here, once on every rank, since making a group (or a triton heap) is collective
+        self.moe_group = self.ep_exchange = None
+        if model_config.n_expert and self.sizes["cp"] > 1:
+            group = self.grid.sequence_group(with_tp=self.sp and self.variant != "pytorch")
+            self.moe_group = TorchCollectives(group) if self.variant == "pytorch" else self.collectives(group)
+        if self.ep > 1:
+            group = self.grid.expert_mesh.get_group("ep")
+            self.ep_exchange = (TorchExchange(group) if self.variant == "pytorch" else
+                                CollectivesExchange(self.collectives(group)))
         torch.manual_seed(self.cfg.seed + self.rank // self.sizes["tp"])
         if self.sizes["pp"] == 1:
             with torch.device("meta"):
@@ -107,8 +131,32 @@ class Parallel3D(Strategy):
         stages, self.bounds = build_stages(model_config, self.cfg, self.sizes["pp"], self.grid.coord["pp"])
         return stages
 
+    def apply_moe(self, module):
+        """The MoE layers of `module` on the grid: under context parallelism their balancing statistics are summed over
+        the ranks holding the other tokens of each sequence (with custom SP the cp x tp block) and their loss share
+        counts cp times (model.MoE); with ep > 1 expert parallelism over the grid's EP group (apply_ep: this rank's
+        experts, all-to-all dispatch)."""
+        if self.moe_group is not None:
+            for m in module.modules():
+                if isinstance(m, MoE):
+                    m.token_group, m.loss_average = self.moe_group, self.sizes["cp"]
+        if self.ep_exchange is not None:
+            apply_ep(module, self.ep, self.ep_exchange)
+
+    def expert_named_parameters(self):
+        """(GPT name, tensor) of this rank's expert weights when they are expert-parallel (ep > 1), else []."""
+        if self.ep == 1:
+            return []
+        return [(n, p) for m in self.stage_modules for n, p in m.named_parameters() if is_expert_param(n)]
+
+    def global_tensor(self, name, t):
+        if self.ep > 1 and is_expert_param(name):
+            return expert_global_tensor(t, self.grid.expert_mesh, self.shapes[name])
+        return t
+
     def run(self, model_config, stages, modules, runner):
         """self.model, and the module a step calls (pp=1) or the pipeline that runs the steps (pp > 1)."""
+        self.stage_modules = list(stages.values())
         if self.sizes["pp"] == 1:
             self.model, self.module = stages[0], modules[0]
             return
@@ -137,22 +185,27 @@ class Pytorch3D(Parallel3D):
         cfg = self.cfg
         stages = self.build_modules(model_config)
         mesh = self.grid.mesh
+        self.shapes = full_shapes(model_config)
+        init = slice_init(model_config, ep_local_slice(self.grid.coord["ep"], self.ep) if self.ep > 1 else None,
+                          weights)
         for module in stages.values():
             if self.sizes["tp"] > 1:
                 apply_tp(module, mesh["tp"], self.sp, self.lp)
             if self.sizes["cp"] > 1 and cfg.cp_type == "ulysses":  # (ring: context_parallel around each step)
                 apply_ulysses_attention(module, group=self.grid.group("cp"))
+            self.apply_moe(module)
             self.apply_ac(module)
             if cfg.compile:  # per block, before FSDP (torchtitan's order)
                 for block in module.transformer.h.values():
                     block.compile(backend=cfg.compile_backend)
+            experts = {p for n, p in module.named_parameters() if is_expert_param(n)} if self.ep > 1 else None
             if self.replicas > 1 and (cfg.dp_type == "fsdp" or self.zero == 2):  # ZeRO-2: gathered to backward
                 reshard = self.reshard_after_forward and cfg.dp_type == "fsdp"
-                apply_fsdp(module, self.grid.replicas, self.stats, cfg.dtype, reshard)
+                apply_fsdp(module, self.grid.replicas, self.stats, cfg.dtype, reshard, experts)
             elif self.replicas > 1:
                 for unit in [*module.transformer.h.values(), module]:
-                    apply_replicate(unit, self.grid.replicas, mixed_precision(cfg.dtype))
-            materialize(module, self.device, slice_init(model_config, weights=weights))
+                    apply_replicate(unit, self.grid.replicas, mixed_precision(cfg.dtype), experts)
+            materialize(module, self.device, init)
         self.run(model_config, stages, stages, PytorchPipeline)
         return self.model
 
@@ -169,6 +222,9 @@ class Pytorch3D(Parallel3D):
 
     def sync_gradients(self):
         match_grad_placements(p for _, p in self.named_parameters())
+        if self.ep > 1:  # the experts, left out of FSDP2 / replicate: summed over edp, over dp x cp's mean
+            reduce_expert_grads([p for _, p in self.expert_named_parameters()], self.replicas,
+                                group=self.grid.expert_mesh.get_group("edp") if self.replicas > self.ep else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -189,8 +245,12 @@ class Custom3D(Parallel3D):
         self.fsdp = cfg.dp_type == "fsdp" and self.replicas > 1
         self.flat = (self.fsdp or self.zero > 0) and self.replicas > 1
         self.shapes = full_shapes(model_config)
-        self.sp_names = {n for n in self.shapes if self.sp and is_sequence_parallel_param(n)}
-        init = slice_init(model_config, tp_local_slice(self.tp_comm) if tp > 1 else None, weights)
+        # sequence-parallel gradients summed over TP (expert-parallel experts: with the expert reduction instead)
+        self.sp_names = {n for n in self.shapes if self.sp and is_sequence_parallel_param(n)
+                         and not (self.ep > 1 and is_expert_param(n))}
+        local_slice = tp_local_slice(self.tp_comm) if tp > 1 else None
+        init = slice_init(model_config, ep_local_slice(self.grid.coord["ep"], self.ep, local_slice)
+                          if self.ep > 1 else local_slice, weights)
         modules, head_loss = {}, None
         for s, module in stages.items():
             loss = apply_custom_tp(module, self.tp_comm, self.sp, self.lp) if tp > 1 else None
@@ -198,14 +258,17 @@ class Custom3D(Parallel3D):
                 module.loss = head_loss = loss
             if self.sizes["cp"] > 1:
                 apply_cp_attention(module, self.collectives(self.grid.group("cp")), cfg.cp_type)
+            self.apply_moe(module)
             self.apply_ac(module)
             if self.fsdp:
+                experts = materialize_experts(module, self.device, init) if self.ep > 1 else []
                 first, last = "wte" in module.transformer, hasattr(module, "lm_head")
                 units = ([module.transformer.wte] if first and not last else []) + list(module.transformer.h.values()) \
                     + ([module.lm_head] if last and not first else [])
                 modules[s] = FullyShardedDataParallel(
                     module, units, self.dp_comm, compute_dtype=LOW_PRECISION.get(cfg.dtype, torch.float32),
-                    reshard_after_forward=self.reshard_after_forward, init_fn=init, device=self.device)
+                    reshard_after_forward=self.reshard_after_forward, init_fn=init, device=self.device,
+                    ignored_params=experts)
                 modules[s].pre_reduce_scatter = self._sum_sequence_parallel_grads
             elif self.flat:  # ZeRO-1/2: a pipeline's tied embedding / head copy in a bucket of its own
                 materialize(module, self.device, init)
@@ -215,7 +278,9 @@ class Custom3D(Parallel3D):
                 modules[s].pre_reduce_scatter = self._sum_sequence_parallel_grads
             else:
                 materialize(module, self.device, init)
-                modules[s] = DataParallel(module, self.dp_comm, cfg.bucket_cap_mb) if self.replicas > 1 else module
+                experts = [p for n, p in module.named_parameters() if is_expert_param(n)] if self.ep > 1 else []
+                modules[s] = DataParallel(module, self.dp_comm, cfg.bucket_cap_mb, ignored_params=experts) \
+                    if self.replicas > 1 else module
         self.wrappers = list(modules.values())
         self.run(model_config, stages, modules, CustomPipeline)
         if self.pipeline is not None:
@@ -229,8 +294,9 @@ class Custom3D(Parallel3D):
         return self.model
 
     def named_parameters(self):
-        if self.flat:
-            return [(unit.name, p) for w in self.wrappers for unit in w.all_units() for p in unit.opt_params]
+        if self.flat:  # the flat shards, and the expert-parallel experts FSDP leaves alone
+            return [(unit.name, p) for w in self.wrappers for unit in w.all_units() for p in unit.opt_params] + \
+                self.expert_named_parameters()
         return super().named_parameters()
 
     def configure_optimizer(self):
@@ -241,11 +307,19 @@ class Custom3D(Parallel3D):
 
     def sync_gradients(self):
         """After the DP wrapper's reductions: DDP (or no DP), the gradients of the SP parameters, DP-averaged, summed
-        over TP in one all-reduce (FSDP and ZeRO sum them before their reduce-scatter: _sum_sequence_parallel_grads)."""
+        over TP in one all-reduce (FSDP and ZeRO sum them before their reduce-scatter: _sum_sequence_parallel_grads);
+        then the expert-parallel experts' (parallel/ep.py): with SP summed over TP (each TP rank routed its part of
+        the sequence), summed over edp, divided by dp·cp."""
         super().sync_gradients()
         if self.sp_names and not self.flat:
             all_reduce_flat([p.grad for n, p in self.named_parameters() if n in self.sp_names and p.grad is not None],
                             self.tp_comm)
+        if self.ep > 1:
+            experts = [p for _, p in self.expert_named_parameters()]
+            if self.sp:
+                all_reduce_flat([p.grad for p in experts if p.grad is not None], self.tp_comm)
+            edp = self.collectives(self.grid.expert_mesh.get_group("edp")) if self.replicas > self.ep else None
+            reduce_expert_grads(experts, self.replicas, comm=edp)
 
     def _sum_sequence_parallel_grads(self, unit):
         """FSDP's (ZeRO's) pre-reduce-scatter hook: sum over TP the unsharded gradients of the SP parameters of `unit`
@@ -257,7 +331,10 @@ class Custom3D(Parallel3D):
 
     def global_tensor(self, name, t):
         """t (this rank's TP piece of `name`) as a DTensor on the dp x tp sub-mesh: Replicate over dp (DDP replicas, or
-        an FSDP unit gathered for a checkpoint), Shard(d) or Replicate over tp."""
+        an FSDP unit gathered for a checkpoint), Shard(d) or Replicate over tp; an expert-parallel expert weight on the
+        expert mesh (parallel/ep.py)."""
+        if self.ep > 1 and is_expert_param(name):
+            return super().global_tensor(name, t)
         return as_dtensor(t, self.grid.mesh["dp", "tp"], [Replicate(), tp_placement(name)], self.shapes[name])
 
     def gradients(self):
@@ -265,12 +342,14 @@ class Custom3D(Parallel3D):
             return super().gradients()
         tp_rank = self.grid.coord["tp"]
         return [(g, name != HEAD and (shard_dim(name) is not None or tp_rank == 0))  # every DP shard counts
-                for w in self.wrappers for name, g in w.gradient_pieces()]
+                for w in self.wrappers for name, g in w.gradient_pieces()] + \
+            [(p.grad, is_first_replica(self.global_tensor(n, p), self.grid))
+             for n, p in self.expert_named_parameters() if p.grad is not None]
 
     def state_dict(self, optimizer):
         if not self.flat:
             return super().state_dict(optimizer)
-        state = {"model": {}, "optim": {}}
+        state = parameters_state(self.expert_named_parameters(), optimizer, self.global_tensor, tied_head=False)
         for w in self.wrappers:
             part = flat_state(w, optimizer, self.global_tensor)
             state["model"] |= part["model"]
@@ -280,6 +359,7 @@ class Custom3D(Parallel3D):
     def load_state_dict(self, state, optimizer):
         if not self.flat:
             return super().load_state_dict(state, optimizer)
+        load_parameters_state(self.expert_named_parameters(), state, optimizer)
         for w in self.wrappers:
             load_flat_state(w, state, optimizer, lambda t: t.to_local())
             if not self.fsdp:

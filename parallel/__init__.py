@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor
 
 from comm import CommStats, TorchCollectives, check_backend_serves  # noqa: F401
 from comm import init_distributed, teardown  # noqa: F401 (re-exported for entry points)
-from model import GPT, init_parameter_
+from model import GPT, init_parameter_, moe_stats
 from parallel import checkpoint
 from parallel.checkpoint import HEAD, WTE, load_checkpoint_file  # noqa: F401 (re-exported)
 from parallel.grid import RankGrid
@@ -127,11 +127,14 @@ def is_first_replica(tensor, grid):
     """Whether this rank counts `tensor` (a DTensor, or a plain tensor) once in a sum over all ranks of a grid: it is
     split over the mesh dims where its placement is not Replicate, and replicated over every other dim of the grid
     but pp (a plain tensor: over all of them), so it counts on coordinate 0 of those. The pipeline dimension holds
-    different stages, not copies."""
+    different stages, not copies. A tensor split over "ep" (an expert weight, parallel/ep.py) is split over dp x cp's
+    EP groups and replicated over the rest of dp x cp ("edp")."""
     split = set()
     if isinstance(tensor, DTensor):  # a flattened mesh dim ("dp_cp") splits over each of its dims
         for name, placement in zip(tensor.device_mesh.mesh_dim_names, tensor.placements):
             split |= set() if placement.is_replicate() else set(name.split("_"))
+    if "ep" in split:
+        return all(grid.coord[dim] == 0 for dim in ("edp", "tp") if dim not in split)
     return all(grid.coord[dim] == 0 for dim in ("dp", "cp", "tp") if dim not in split)
 
 
@@ -480,6 +483,26 @@ class Strategy:
         pieces = self.gradients()
         comm = self.collectives(None) if self.sharded else None
         return clip_grad_norm_([g for g, _ in pieces], max_norm, [g for g, c in pieces if c], comm, self.device)
+
+    def model_metrics(self):
+        """What the model recorded in this step's backwards, summed over the ranks, for train.py's log; {} for a dense
+        model (no communication). With MoE layers (model.moe_stats): {"moe/aux_loss": the load-balancing loss, mean
+        over micro-batches and MoE layers; "moe/load_imbalance": the most tokens an expert got over the mean;
+        "moe/tokens_per_expert": [tokens routed to each expert, summed over the MoE layers]}, the same on every rank;
+        collective (every rank calls it once per step), and it starts the next step's count."""
+        config = self.model.config
+        if not config.n_expert:
+            return {}
+        stats = moe_stats([self.model])
+        local = torch.zeros(config.n_expert + 2, dtype=torch.float64, device=self.device)
+        if stats is not None:
+            local[:-2], local[-2], local[-1] = stats
+        if self.world_size > 1:
+            dist.all_reduce(local)
+        tokens, aux, calls = local[:-2], local[-2].item(), local[-1].item()
+        return {"moe/aux_loss": aux / calls if calls else 0.0,
+                "moe/load_imbalance": (tokens.max() / tokens.mean()).item() if tokens.sum() else 0.0,
+                "moe/tokens_per_expert": [round(t) for t in tokens.tolist()]}
 
     def memory_bytes(self, optimizer):
         """{"params", "grads", "optimizer"}: bytes this rank holds in each between steps (after backward and the

@@ -133,7 +133,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from model import CausalSelfAttention
+from model import CausalSelfAttention, repeat_kv
 from parallel import Strategy, register
 from parallel.ddp import DataParallel, apply_ddp
 
@@ -201,11 +201,13 @@ def accumulation_dtype(dtype):
 
 
 def block_attention(q, k, v, scale, causal):
-    """Attention of queries q (B, H, Tq, D) over one block of keys/values k, v (B, H, Tk, D), in fp32 (fp64 for fp64
-    inputs). causal: Tq == Tk and query i attends to keys 0..i only. Returns (out (B, H, Tq, D), lse (B, H, Tq)):
+    """Attention of queries q (B, H, Tq, D) over one block of keys/values k, v (B, Hkv, Tk, D), in fp32 (fp64 for fp64
+    inputs); Hkv divides H (grouped-query attention: query head i reads key/value head i // (H/Hkv), model.repeat_kv).
+    causal: Tq == Tk and query i attends to keys 0..i only. Returns (out (B, H, Tq, D), lse (B, H, Tq)):
     out = softmax(q kᵀ·scale) v and lse = log sum_j exp(q k_jᵀ·scale), the normaliser `merge_partials` needs."""
     acc_dtype = accumulation_dtype(q.dtype)
-    q, k, v = q.to(acc_dtype), k.to(acc_dtype), v.to(acc_dtype)
+    n_rep = q.shape[1] // k.shape[1]
+    q, k, v = q.to(acc_dtype), repeat_kv(k.to(acc_dtype), n_rep), repeat_kv(v.to(acc_dtype), n_rep)
     s = torch.matmul(q, k.transpose(-2, -1)) * scale
     if causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
@@ -224,18 +226,24 @@ def merge_partials(out, lse, block_out, block_lse):
 
 def block_attention_backward(q, k, v, dout, lse, delta, scale, causal):
     """Gradients of one block's share of attention (FlashAttention-2's backward): q, dout (B, H, Tq, D); k, v
-    (B, H, Tk, D); lse, delta (B, H, Tq): the merged output's log-sum-exp and rowsum(dout ∘ out). Recomputes
-    P = exp(q kᵀ·scale - lse) and returns (dq (B, H, Tq, D), dk, dv (B, H, Tk, D)), this block's parts, in fp32
-    (fp64 for fp64 inputs)."""
+    (B, Hkv, Tk, D); lse, delta (B, H, Tq): the merged output's log-sum-exp and rowsum(dout ∘ out). Recomputes
+    P = exp(q kᵀ·scale - lse) and returns (dq (B, H, Tq, D), dk, dv (B, Hkv, Tk, D)), this block's parts, in fp32
+    (fp64 for fp64 inputs); with grouped-query attention a key/value head's gradient sums its query heads'."""
     acc_dtype = accumulation_dtype(q.dtype)
-    q, k, v, dout = q.to(acc_dtype), k.to(acc_dtype), v.to(acc_dtype), dout.to(acc_dtype)
+    B, Hkv, Tk, D = k.shape
+    n_rep = q.shape[1] // Hkv
+    q, dout = q.to(acc_dtype), dout.to(acc_dtype)
+    k, v = repeat_kv(k.to(acc_dtype), n_rep), repeat_kv(v.to(acc_dtype), n_rep)
     s = torch.matmul(q, k.transpose(-2, -1)) * scale
     if causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     p = torch.exp(s - lse.unsqueeze(-1))
     dv = torch.matmul(p.transpose(-2, -1), dout)
     ds = p * (torch.matmul(dout, v.transpose(-2, -1)) - delta.unsqueeze(-1))
-    return torch.matmul(ds, k) * scale, torch.matmul(ds.transpose(-2, -1), q) * scale, dv
+    dk = torch.matmul(ds.transpose(-2, -1), q) * scale
+    if n_rep > 1:
+        dk, dv = dk.view(B, Hkv, n_rep, Tk, D).sum(2), dv.view(B, Hkv, n_rep, Tk, D).sum(2)
+    return torch.matmul(ds, k) * scale, dk, dv
 
 
 def _pairs(rank, src, c):
@@ -328,7 +336,9 @@ def _ring_backward(q, k, v, out, lse, dout, comm, scale):
 class RingAttention(torch.autograd.Function):
     """Causal ring attention over the CP group of `comm` (module docstring: forward, merge, backward, bytes).
 
-    q, k, v: (B, H, T/cp, D), this rank's tokens in the zigzag layout (chunk r, then chunk 2cp-1-r); comm: a
+    q (B, H, T/cp, D), k, v (B, Hkv, T/cp, D): this rank's tokens in the zigzag layout (chunk r, then chunk 2cp-1-r),
+    Hkv dividing H (grouped-query attention: the ring carries the Hkv key/value heads, H/Hkv times fewer bytes than
+    multi-head attention's, and each rank repeats them for its query heads); comm: a
     Collectives over the CP group (its rank is the CP rank); scale: the softmax scale (1/sqrt(D) for SDPA's).
     Returns (B, H, T/cp, D) in q's dtype: this rank's rows of causal attention over the full sequence.
     Every rank of the group must call it with the same shapes (it sends and receives cp-1 blocks each way).

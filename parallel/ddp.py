@@ -91,13 +91,14 @@ def apply_ddp(module, group, stats, bucket_cap_mb=25.0, device=None):
     return ddp
 
 
-def apply_replicate(module, mesh, mp_policy):
+def apply_replicate(module, mesh, mp_policy, ignored_params=None):
     """DDP for a module whose parameters are DTensors (tensor-parallel ones), which DistributedDataParallel cannot
     take: FSDP2's machinery without sharding (gradients all-reduced over `mesh`, a 1-D DeviceMesh), which the
     pipelining schedules drive like FSDP2. PyTorch has no public API for it yet: this is the one place that imports
-    the private torch.distributed._composable.replicate_with_fsdp. Its all-reduce has no counting hook."""
+    the private torch.distributed._composable.replicate_with_fsdp. Its all-reduce has no counting hook.
+    ignored_params: a set of parameters it leaves alone (expert parallelism's)."""
     from torch.distributed._composable.replicate_with_fsdp import replicate
-    replicate(module, mesh=mesh, mp_policy=mp_policy)
+    replicate(module, mesh=mesh, mp_policy=mp_policy, ignored_params=ignored_params)
 
 
 class PytorchDDP(Strategy):
@@ -206,6 +207,8 @@ class DataParallel(nn.Module):
     module: the model, identical in structure on every rank; its parameters and buffers are overwritten with
     rank 0's (broadcast) so every replica starts equal. comm: comm.Collectives over the data-parallel
     group. bucket_cap_mb: a bucket is closed once it holds at least this many MiB of gradients (DDP's rule).
+    ignored_params: parameters left alone, neither broadcast nor reduced (expert parallelism's experts, which differ
+    per rank: DistributedDataParallel's params_and_buffers_to_ignore).
 
     Buckets take the parameters in reverse registration order, the order in which backward produces their
     gradients. A post-accumulate-grad hook copies each final gradient into its bucket; when a bucket is full it
@@ -217,14 +220,16 @@ class DataParallel(nn.Module):
     finish_gradient_sync() raises RuntimeError naming those that did not.
     """
 
-    def __init__(self, module, comm, bucket_cap_mb=25.0):
+    def __init__(self, module, comm, bucket_cap_mb=25.0, ignored_params=()):
         super().__init__()
         self.module, self.comm = module, comm
+        ignored = {id(p) for p in ignored_params}
         with torch.no_grad():
             for t in [*module.parameters(), *module.buffers()]:
-                comm.broadcast(t, src=0)
+                if id(t) not in ignored:
+                    comm.broadcast(t, src=0)
 
-        params = [p for p in module.parameters() if p.requires_grad]
+        params = [p for p in module.parameters() if p.requires_grad and id(p) not in ignored]
         self.buckets = [Bucket(group) for group in bucket_groups(params, bucket_cap_mb)]
         self.names = {p: name for name, p in module.named_parameters()}
 

@@ -94,12 +94,14 @@ class CountingReduceScatter:
         return reduce_scatter_single(output_tensor, input_tensor, op, group=group, async_op=async_op)
 
 
-def apply_fsdp(module, mesh, stats, dtype="float32", reshard_after_forward=True):
+def apply_fsdp(module, mesh, stats, dtype="float32", reshard_after_forward=True, ignored_params=None):
     """FSDP2 (torch.distributed.fsdp.fully_shard) on a GPT or a pipeline stage, torchtitan's way: every transformer
     block is a unit, then the module itself (embeddings, final norm, tied head). mesh: the 1-D "dp" DeviceMesh (or
-    sub-mesh). Parameters become DTensors sharded along dim 0 (Shard(0)); the collectives count into `stats`."""
+    sub-mesh). Parameters become DTensors sharded along dim 0 (Shard(0)); the collectives count into `stats`.
+    ignored_params: a set of parameters FSDP2 leaves alone (expert parallelism's, reduced by parallel/ep.py)."""
     for unit in [*module.transformer.h.values(), module]:
-        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mixed_precision(dtype))
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mixed_precision(dtype),
+                    ignored_params=ignored_params)
         unit.set_custom_all_gather(CountingAllGather(stats))
         unit.set_custom_reduce_scatter(CountingReduceScatter(stats))
 
@@ -388,14 +390,15 @@ class FullyShardedDataParallel(nn.Module):
 
     module: built on the meta device (init_fn(name, tensor) then initialises each parameter) or real; comm: the
     Collectives of the data-parallel group; compute_dtype: the dtype of gathered parameters (fp32 shards are kept,
-    gradients are reduced in fp32). Raises ValueError if a parameter is shared by two units.
+    gradients are reduced in fp32); ignored_params: parameters left in their modules, unsharded and unreduced
+    (expert parallelism's; the caller materialises them). Raises ValueError if a parameter is shared by two units.
     Several micro-batches may be in flight (forwards before backwards, as in a pipeline): each forward gets its
     own leaf views. `pre_reduce_scatter(unit)`, if set, runs on a unit's unsharded fp32 gradient (unit.grad_acc)
     just before its reduce-scatter (3d uses it to sum sequence-parallel gradients over TP).
     """
 
     def __init__(self, module, units, comm, *, compute_dtype=torch.float32, reshard_after_forward=True,
-                 init_fn=None, device=torch.device("cpu")):
+                 init_fn=None, device=torch.device("cpu"), ignored_params=()):
         super().__init__()
         self.module, self.comm, self.reshard_after_forward = module, comm, reshard_after_forward
         self.require_sync = True
@@ -404,10 +407,11 @@ class FullyShardedDataParallel(nn.Module):
         prefixes = {name: i for i, unit in enumerate(units) for name, m in module.named_modules() if m is unit}
         names = sorted(prefixes, key=prefixes.get)
         owned = [[] for _ in units] + [[]]
+        ignored = {id(p) for p in ignored_params}
         for mod_name, mod in module.named_modules(remove_duplicate=False):
             owner = max((p for p in prefixes if mod_name == p or mod_name.startswith(p + ".")), key=len, default=None)
             for attr, param in mod._parameters.items():
-                if param is not None:
+                if param is not None and id(param) not in ignored:
                     fqn = f"{mod_name}.{attr}" if mod_name else attr
                     owned[prefixes[owner] if owner is not None else -1].append((fqn, (mod, attr), param))
         where = {}

@@ -55,7 +55,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import GPT
+from model import GPT, AuxLossToBackward, moe_aux_loss
 from parallel import Strategy, materialize, register, slice_init
 from parallel.checkpoint import HEAD, WTE
 
@@ -154,7 +154,8 @@ class StageModule(nn.Module):
     """Virtual stage `stage` of n_stages of the GPT: blocks [lo, hi), plus the embeddings if first, plus ln_f and
     lm_head if last, built on the meta device (parallel.materialize gives it the full model's values). Parameter
     names are the full GPT's (transformer.h.5.attn...). forward: token ids (B, T) (first stage) or activations
-    (B, T, n_embd) -> activations, or logits (B, T, vocab) on the last stage."""
+    (B, T, n_embd) -> activations, or logits (B, T, vocab) on the last stage. The load-balancing loss of its MoE
+    layers joins the stage's backward through its output (model.AuxLossToBackward)."""
 
     def __init__(self, config, stage, n_stages, lo, hi):
         super().__init__()
@@ -184,6 +185,9 @@ class StageModule(nn.Module):
             x = tr.drop(x)
         for block in tr.h.values():
             x = block(x, pos=self.pos)
+        aux = moe_aux_loss(self)  # MoE layers' load-balancing loss: into this stage's backward (model.py)
+        if aux is not None:
+            x = AuxLossToBackward.apply(x, aux)
         if self.last:
             x = self.lm_head(tr.ln_f(x))
         return x

@@ -47,6 +47,20 @@ Two variants, top to bottom, each a function that applies TP to a GPT or a pipel
   gather / scatter along the last dimension, their sequence-parallel twins, ColumnParallelLinear,
   RowParallelLinear, VocabParallelEmbedding, and vocab-parallel cross-entropy.
 
+Grouped-query attention: k_proj and v_proj are column-parallel like q_proj, each rank holding n_kv_head/t key/value
+heads, those its n_head/t query heads read (n_kv_head must be divisible by t; Megatron replicates kv heads when t is
+larger, not done here).
+
+Mixture of experts (model.MoE): the router and the experts are not split by TP (expert tensor parallelism 1, as
+torchtitan's default; Megatron-core's ETP = TP is the alternative). Without sequence parallelism every TP rank
+routes and computes the same (replicated) tokens, as it does the norms, so its MoE gradients agree on every rank.
+With it, the custom layers run the MoE on each rank's own part of the sequence (the MoE is per token), sum the router
+and expert gradients over TP like the norms', and the balancing statistics over the TP group (`moe_token_group`);
+the DTensor plan gathers the sequence for the MoE and keeps its part of the output (PrepareModuleInputOutput), so
+the MoE runs replicated there, as without SP (its plain-tensor gradients need no sum over TP, which FSDP2 could not
+do before its reduce-scatter). A shared expert is split like the dense MLP. Expert parallelism (parallel/ep.py)
+shards the experts over dp x cp.
+
 Both variants: every shard is the slice of the full model's init (model.init_parameter_ on the full tensor), so
 TP=1 and TP=t start from identical weights; the embedding and the head stay tied; clipping measures each
 parameter once (sharded ones' squares summed over TP, replicated ones counted once). The vocabulary may be split
@@ -69,11 +83,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from model import GPT
+from model import GPT, MoE
 from parallel import Strategy, as_dtensor, full_shapes, materialize, register, slice_init
 
-COLUMN = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.up_proj", "mlp.gate_proj")
-ROW = ("attn.out_proj", "mlp.down_proj")
+COLUMN = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.up_proj", "mlp.gate_proj", "mlp.shared_expert.up_proj",
+          "mlp.shared_expert.gate_proj")
+ROW = ("attn.out_proj", "mlp.down_proj", "mlp.shared_expert.down_proj")
 VOCAB = ("transformer.wte", "lm_head")
 
 
@@ -99,6 +114,12 @@ def check_tp_config(model_config, tp, sequence_parallel):
     c = model_config
     if c.n_head % tp:
         raise ValueError(f"tensor parallel: n_head={c.n_head} is not divisible by the TP size {tp}")
+    if c.n_kv_head % tp:
+        raise ValueError(f"tensor parallel: n_kv_head={c.n_kv_head} (key/value heads) is not divisible by the TP size "
+                         f"{tp}")
+    if c.n_shared_expert and c.n_shared_expert * c.ffn_hidden % tp:
+        raise ValueError(f"tensor parallel: the shared expert's hidden size {c.n_shared_expert * c.ffn_hidden} is not "
+                         f"divisible by the TP size {tp}")
     if c.ffn_hidden % tp:
         raise ValueError(f"tensor parallel: the MLP hidden size ffn_hidden={c.ffn_hidden} is not divisible by the "
                          f"TP size {tp}")
@@ -121,8 +142,8 @@ def pytorch_tp_plan(module, sequence_parallel, loss_parallel):
     The residual stream between blocks is replicated, or with sequence_parallel sharded along the sequence
     (Shard(1)): a stage then takes and returns its local (B, T/t, n_embd) piece. With loss_parallel the head's
     logits stay a DTensor sharded over the vocabulary (Shard(-1)) for loss_parallel()'s cross-entropy."""
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                                   SequenceParallel)
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleInputOutput,
+                                                   RowwiseParallel, SequenceParallel)
     sp, lp = sequence_parallel, loss_parallel
     residual = Shard(1) if sp else Replicate()  # layout of the residual stream between blocks
     modules = dict(module.named_modules())
@@ -141,16 +162,23 @@ def pytorch_tp_plan(module, sequence_parallel, loss_parallel):
         plan["transformer.ln_f"] = SequenceParallel()
     for i in blocks:
         p = f"transformer.h.{i}"
-        for name in COLUMN:
-            if f"{p}.{name}" in modules:  # mlp.gate_proj only in the Llama block
-                plan[f"{p}.{name}"] = ColwiseParallel()
-        for name in ROW:
-            plan[f"{p}.{name}"] = RowwiseParallel(output_layouts=residual)
+        moe = isinstance(modules[f"{p}.mlp"], MoE)
+        for name in COLUMN + ROW:
+            if f"{p}.{name}" not in modules:  # mlp.gate_proj only in the Llama block, shared_expert only in MoE ones
+                continue
+            # an MoE's shared expert is split as the dense MLP; its output joins the MoE's, which is replicated
+            output = Replicate() if "shared_expert" in name else residual
+            plan[f"{p}.{name}"] = ColwiseParallel() if name in COLUMN else RowwiseParallel(output_layouts=output)
         if sp:
             plan[f"{p}.ln_1"] = SequenceParallel()
             plan[f"{p}.ln_2"] = SequenceParallel()
-            for name in ("attn", "mlp"):
-                plan[f"{p}.{name}"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+            plan[f"{p}.attn"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+            if moe:  # the MoE on the gathered sequence (plain tensors, replicated), this rank's part of its output
+                plan[f"{p}.mlp"] = PrepareModuleInputOutput(
+                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
+                    output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True)
+            else:
+                plan[f"{p}.mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
     return plan
 
 
@@ -162,6 +190,25 @@ def apply_tp(module, mesh, sequence_parallel=False, loss_parallel=False):
     parallelize_module(module, mesh, pytorch_tp_plan(module, sequence_parallel, loss_parallel))
     if "wte" in module.transformer and hasattr(module, "lm_head"):
         module.lm_head.weight = module.transformer.wte.weight
+    if loss_parallel and isinstance(module, GPT):  # the replicated DTensor loss as a plain tensor, to which GPT.forward
+        module.loss = lambda logits, targets, loss=module.loss: loss(logits, targets).full_tensor()  # adds MoE terms
+    for m in module.modules():
+        if isinstance(m, MoE):  # every TP rank routes the same tokens (with SP too: the plan gathers them)
+            m.replicas = mesh.size()
+
+
+def moe_token_group(module, comm, sequence_parallel):
+    """Tell the MoE layers of `module` how the custom TP over `comm` shares their tokens: with sequence parallelism each
+    rank holds its part of the sequence (the balancing statistics are summed over `comm`); without it every rank
+    routes the same tokens (the statistics count them once: `replicas`). See model.MoE."""
+    for m in module.modules():
+        if isinstance(m, MoE):
+            if sequence_parallel:
+                m.token_group = comm
+            else:
+                m.replicas = comm.world_size
+
+
 
 
 def match_grad_placements(params):
@@ -504,7 +551,8 @@ def apply_custom_tp(model, comm, sequence_parallel=False, loss_parallel=False):
             model.lm_head = ColumnParallelLinear(c.n_embd, c.vocab_size, comm, bias=False, sequence_parallel=sp,
                                                  gather_output=not loss_parallel)
         for block in tr.h.values():
-            for parent in (block.attn, block.mlp):
+            mlp = block.mlp.shared_expert if isinstance(block.mlp, MoE) else block.mlp  # None: an MoE without one
+            for parent in (block.attn, mlp) if mlp is not None else (block.attn,):
                 for name, child in list(parent.named_children()):
                     if not isinstance(child, nn.Linear):
                         continue
@@ -518,6 +566,7 @@ def apply_custom_tp(model, comm, sequence_parallel=False, loss_parallel=False):
                                                      prepare_input=False)
                     setattr(parent, name, layer)
                 parent.register_forward_pre_hook(lambda m, args: (enter_tp_region(args[0], comm, sp),))
+    moe_token_group(model, comm, sp)
     if sp and "0" in tr.h:  # the residual stream is sequence-sharded from the first block to the head
         tr.h["0"].register_forward_pre_hook(lambda m, args: (ScatterToSequenceParallelRegion.apply(args[0], comm),))
     if "wte" in tr and hasattr(model, "lm_head"):  # the two new layers share the embedding's weight again

@@ -14,8 +14,10 @@ How train.py's keys map to a layout (sim.cost.Parallel), for N devices (--gpus, 
   v = pp_virtual_stages;
   sequence_parallel, loss_parallel, reshard_after_forward, bucket_cap_mb, pp_split as train.py;
 - dtype "auto" is the cluster's (bfloat16 on the GPU presets, float32 on cpu-local); n_layer, n_head, n_embd,
-  block_size, block, bias, dropout: the model; vocab_size from the dataset's meta.pkl as train.py reads it,
-  unless the simulator's vocab_size key sets it.
+  block_size, block, bias, dropout, n_kv_head, ffn_hidden, n_expert, n_expert_per_token, moe_every,
+  n_shared_expert: the model; vocab_size train.py's (0: the dataset's meta.pkl as train.py reads it);
+- ep = ep_size, or dp·cp for parallel="ep", else 1 (experts sharded over ep of the dp x cp ranks), with the
+  simulator's expert_imbalance (the busiest EP rank's tokens over the mean).
 """
 
 import os
@@ -33,7 +35,6 @@ SIM_DEFAULTS = {
     "cluster": "a100-80gb",      # a100-80gb, h100-sxm, cpu-local, or a cluster .json (sim/cluster.py)
     "gpus": 0,                   # devices in all (0: nodes x devices per node; 1 for parallel=single)
     "nodes": 0,
-    "vocab_size": 0,             # 0: the dataset's (meta.pkl), 50304 without one, as train.py
     "cp_size": 1,                # context parallelism (cp_type: ring or ulysses), between pp and tp in the grid
     "zero_stage": -1,            # -1: the trainer's (3 for fsdp and 3d's dp_type=fsdp, else train.py's zero_stage)
     "recompute": "none",         # none, selective (attention core), full (every layer's forward)
@@ -45,6 +46,7 @@ SIM_DEFAULTS = {
     #                              shape model (GEMM tiles and waves, sim/compute.py)
     "algorithm": "auto",         # all-reduce algorithm: ring, tree, auto (the faster per call)
     "layers_per_task": 1,        # layers per simulated compute task (coarser is faster, slightly less exact)
+    "expert_imbalance": 1.0,     # MoE: tokens of the busiest expert-parallel rank over the mean (1: balanced)
     "timeline": "",              # write the simulated step's timeline to this PNG
     "plan": False,               # search layouts for the fastest that fits instead of simulating this one
     "global_batch": 0,           # planner: sequences per step (0: gradient_accumulation_steps x batch_size)
@@ -99,7 +101,11 @@ def build(cfg, cluster=None):
                          f"divisible by the data-parallel size {dp}")
     vocab = cfg["vocab_size"] or read_vocab_size(cfg["data_dir"] or os.path.join(REPO, "data", cfg["dataset"]))
     model = Model(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], seq_len=cfg["block_size"],
-                  vocab_size=vocab, block=cfg["block"], bias=cfg["bias"], dropout=cfg["dropout"])
+                  vocab_size=vocab, block=cfg["block"], bias=cfg["bias"], dropout=cfg["dropout"],
+                  n_kv_head=cfg["n_kv_head"], ffn_hidden=cfg["ffn_hidden"], n_expert=cfg["n_expert"],
+                  n_expert_per_token=cfg["n_expert_per_token"], moe_every=cfg["moe_every"],
+                  n_shared_expert=cfg["n_shared_expert"])
+    ep = cfg["ep_size"] or (dp * cp if cfg["parallel"] == "ep" else 1)
     fsdp = cfg["parallel"] == "fsdp" or (cfg["parallel"] == "3d" and cfg["dp_type"] == "fsdp")
     zero = cfg["zero_stage"] if cfg["zero_stage"] >= 0 else (3 if fsdp else 0)
     dtype = cluster.default_dtype if cfg["dtype"] == "auto" else cfg["dtype"]
@@ -111,6 +117,7 @@ def build(cfg, cluster=None):
                    overlap_grad_reduce=cfg["overlap_grad_reduce"],
                    bucket_mb=cfg["bucket_cap_mb"], loss_parallel=cfg["loss_parallel"],
                    flash_attention=cfg["flash_attention"], dtype=dtype, pp_split=cfg["pp_split"],
-                   algorithm=cfg["algorithm"], overlap_p2p=cfg["overlap_p2p"], scatter_gather=cfg["scatter_gather"])
+                   algorithm=cfg["algorithm"], overlap_p2p=cfg["overlap_p2p"], scatter_gather=cfg["scatter_gather"],
+                   ep=ep, expert_imbalance=cfg["expert_imbalance"])
     par.check(model)
     return model, par, cluster.sized(n)

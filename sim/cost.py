@@ -47,6 +47,19 @@ all-gather of the updated parameters ((n-1)/n·Ψ·B) for ZeRO-1 and ZeRO-2 (par
 bytes as ZeRO-0's all-reduce, Rajbhandari et al. 2020 section 7.2.1); for ZeRO-3 an all-gather of every layer's
 parameters in forward and again in backward plus a reduce-scatter of its gradients, every micro-batch.
 
+Mixture of experts and expert parallelism (model.py's MoE, parallel/ep.py): a fraction moe_fraction of the blocks
+have, instead of the MLP, a router (h x E, replicated), E experts of the MLP's shape of which each token uses k (and
+n_shared_expert always-on ones, split by TP like the MLP); the blocks are costed as their average. The experts are
+sharded over ep ranks of dp x cp (unsplit by TP: expert tensor parallelism 1) and replicated over edp = dp·c/ep. Per
+MoE layer and micro-batch, a device routes T_moe tokens (T/t with sequence parallelism, else all T on every TP rank)
+and its experts run k·T_moe·imbalance rows: `expert_imbalance`, the busiest rank's share over the mean (1: perfectly
+balanced), scales the expert compute and the all-to-alls, since the step waits for the busiest rank. Communication:
+an all-to-all of the E counts, then dispatch and combine, all-to-alls of S = k·T_moe·h·B·imbalance bytes each, in
+forward and the same two in backward, on the critical path ("ep" segments); the expert gradients are all-reduced
+over edp once per step (the dense ones over dp x cp, as without EP). FLOPs count the k active experts. Memory: the
+experts' weights, gradients and AdamW states on each device (not ZeRO-sharded: parallel/ep.py leaves them out of
+FSDP), and their activations (the dispatched rows, the experts' hidden tensors, the router's probabilities).
+
 Memory per device: parameters, gradients, optimizer states per ZeRO stage (formulas.md: mixed precision 2Ψ +
 2Ψ + 12Ψ, ZeRO-1 4Ψ + 12Ψ/N, ZeRO-2 2Ψ + 14Ψ/N, ZeRO-3 16Ψ/N; fp32 4 + 4 + 8), plus activations per layer and
 micro-batch from Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models",
@@ -91,6 +104,10 @@ class Model:
     bias: bool = False
     dropout: float = 0.0
     n_kv_head: int = 0   # key/value heads (grouped-query attention, Llama 3); 0: n_head (model.py's blocks)
+    n_expert: int = 0    # routed experts of an MoE block (model.py's MoE); 0: every block dense
+    n_expert_per_token: int = 2  # top-k
+    moe_every: int = 1   # block i is an MoE block iff i % moe_every == 0
+    n_shared_expert: int = 0  # always-on experts (one MLP of n_shared_expert x ffn_hidden)
 
     def __post_init__(self):
         if self.block not in ("gpt2", "llama"):
@@ -106,29 +123,78 @@ class Model:
         if self.ffn_hidden == 0:
             f = 4 * self.n_embd if self.block == "gpt2" else 64 * math.ceil(8 * self.n_embd / 3 / 64)
             object.__setattr__(self, "ffn_hidden", f)
+        if self.n_expert and not (1 <= self.n_expert_per_token <= self.n_expert and self.moe_every >= 1):
+            raise ValueError(f"n_expert_per_token={self.n_expert_per_token} must be in 1..n_expert={self.n_expert} "
+                             f"and moe_every={self.moe_every} >= 1")
 
     @property
     def mlp_matrices(self):
         return 3 if self.block == "llama" else 2
 
     @property
-    def layer_matrix_params(self):
-        """Weights of the q/k/v/out projections and the MLP of one block (split by TP)."""
-        h = self.n_embd
-        kv = 2 * h * (h // self.n_head) * self.n_kv_head
-        return 2 * h * h + kv + self.mlp_matrices * h * self.ffn_hidden
+    def mlp_params(self):
+        """Weights of one MLP (and of one expert, which has the MLP's shape)."""
+        return self.mlp_matrices * self.n_embd * self.ffn_hidden
 
     @property
-    def layer_vector_params(self):
-        """Norm weights and biases of one block (kept whole by TP in this model)."""
+    def moe_layers(self):
+        """How many blocks are MoE blocks (block i iff i % moe_every == 0, model.is_moe_layer)."""
+        return len(range(0, self.n_layer, self.moe_every)) if self.n_expert else 0
+
+    @property
+    def moe_fraction(self):
+        return self.moe_layers / self.n_layer
+
+    @property
+    def attention_matrix_params(self):
+        h = self.n_embd
+        return 2 * h * h + 2 * h * (h // self.n_head) * self.n_kv_head
+
+    @property
+    def layer_matrix_params(self):
+        """Weights split by TP of one block, averaged over the blocks: the q/k/v/out projections, and the MLP (a
+        dense block's) or the shared expert (an MoE block's)."""
+        phi = self.moe_fraction
+        return self.attention_matrix_params + (1 - phi) * self.mlp_params + phi * self.n_shared_expert * self.mlp_params
+
+    @property
+    def layer_router_params(self):
+        """The router's weights, replicated by TP, averaged over the blocks."""
+        return self.moe_fraction * self.n_embd * self.n_expert
+
+    @property
+    def layer_expert_params(self):
+        """The routed experts' weights (sharded by EP, unsplit by TP), averaged over the blocks."""
+        return self.moe_fraction * self.n_expert * self.mlp_params
+
+    @property
+    def layer_active_matrix_params(self):
+        """The weights one token multiplies in a block, averaged: the routed experts count k of E."""
+        phi, k = self.moe_fraction, self.n_expert_per_token
+        return self.layer_matrix_params + self.layer_router_params + phi * k * self.mlp_params
+
+    def _vectors(self, moe):
         h, f = self.n_embd, self.ffn_hidden
         if self.block == "llama":
             return 2 * h
-        return 2 * h * (2 if self.bias else 1) + ((4 * h + f + h) if self.bias else 0)
+        norms = 2 * h * (2 if self.bias else 1)
+        if not self.bias:
+            return norms
+        attention = 2 * h + 2 * (h // self.n_head) * self.n_kv_head  # q, out: h; k, v: the kv heads'
+        if moe:  # the experts have no biases; a shared expert has the MLP's
+            return norms + attention + ((self.n_shared_expert * f + h) if self.n_shared_expert else 0)
+        return norms + attention + f + h
+
+    @property
+    def layer_vector_params(self):
+        """Norm weights and biases of one block (kept whole by TP in this model), averaged over the blocks."""
+        phi = self.moe_fraction
+        return (1 - phi) * self._vectors(False) + phi * self._vectors(True)
 
     @property
     def layer_params(self):
-        return self.layer_matrix_params + self.layer_vector_params
+        return self.layer_matrix_params + self.layer_vector_params + self.layer_router_params + \
+            self.layer_expert_params
 
     @property
     def embedding_params(self):
@@ -141,13 +207,17 @@ class Model:
 
     @property
     def params(self):
-        """All parameters, the head tied to the embedding (= sum of model.GPT's parameters)."""
-        return self.n_layer * self.layer_params + self.embedding_params + self.final_norm_params
+        """All parameters, the head tied to the embedding (= sum of model.GPT's parameters), an integer."""
+        L, Lm, E = self.n_layer, self.moe_layers, self.n_expert
+        blocks = L * self.attention_matrix_params + (L - Lm) * (self.mlp_params + self._vectors(False)) + Lm * (
+            self.n_embd * E + (E + self.n_shared_expert) * self.mlp_params + self._vectors(True))
+        return blocks + self.embedding_params + self.final_norm_params
 
     def layer_forward_flops(self, tokens, kv_len=None):
-        """Forward FLOPs of one block over `tokens` query tokens attending to kv_len keys (default seq_len)."""
+        """Forward FLOPs of one block (averaged over the blocks: k active experts in an MoE block) over `tokens` query
+        tokens attending to kv_len keys (default seq_len)."""
         h, kv = self.n_embd, self.seq_len if kv_len is None else kv_len
-        return 2 * tokens * self.layer_matrix_params + 4 * tokens * kv * h
+        return 2 * tokens * self.layer_active_matrix_params + 4 * tokens * kv * h
 
     def head_forward_flops(self, tokens):
         return 2 * tokens * self.n_embd * self.vocab_size
@@ -204,6 +274,8 @@ class Parallel:
     #                                Megatron-LM's 2021 schedules' batched send/recv + wait did)
     scatter_gather: bool = False   # Megatron's scatter/gather: each TP rank sends 1/t of the activation between
     #                                stages, all-gathered over TP after (Narayanan et al. 2021 section 4.1)
+    ep: int = 1                    # expert parallelism: each MoE layer's experts sharded over ep ranks of dp x cp
+    expert_imbalance: float = 1.0  # tokens of the busiest EP rank's experts over the mean (1: perfectly balanced)
 
     @property
     def world(self):
@@ -225,10 +297,12 @@ class Parallel:
         return ((dp_rank * self.pp + pp_rank) * self.cp + cp_rank) * self.tp + tp_rank
 
     def groups(self):
-        """Rank 0's groups: {"tp", "cp", "dp" (the dp x cp ranks that share parameters), "world"} -> ranks."""
+        """Rank 0's groups: {"tp", "cp", "dp" (the dp x cp ranks that share parameters), "ep" (the first ep of those,
+        CP innermost: parallel/grid.py's EP group), "edp" (those holding the same experts, ep apart), "world"}."""
+        dp_cp = [self.rank(d, c) for d in range(self.dp) for c in range(self.cp)]
         return {"tp": [self.rank(tp_rank=i) for i in range(self.tp)],
                 "cp": [self.rank(cp_rank=i) for i in range(self.cp)],
-                "dp": [self.rank(d, c) for d in range(self.dp) for c in range(self.cp)],
+                "dp": dp_cp, "ep": dp_cp[:self.ep], "edp": dp_cp[::self.ep],
                 "world": list(range(self.world))}
 
     def describe(self):
@@ -240,6 +314,8 @@ class Parallel:
             s += f" {self.schedule}"
         if self.cp > 1:
             s += f" {self.cp_type}"
+        if self.ep > 1:
+            s += f" ep={self.ep}"
         return s
 
     def check(self, model):
@@ -271,6 +347,12 @@ class Parallel:
         if self.sequence_parallel and self.tp > 1 and (model.seq_len // self.cp) % self.tp:
             raise ValueError(f"sequence parallelism needs the sequence per CP rank ({model.seq_len // self.cp}) "
                              f"divisible by tp={self.tp}")
+        if not isinstance(self.ep, int) or self.ep < 1 or (self.dp * self.cp) % self.ep:
+            raise ValueError(f"ep={self.ep} must divide dp x cp = {self.dp * self.cp} (experts borrow those ranks)")
+        if self.ep > 1 and (not model.n_expert or model.n_expert % self.ep):
+            raise ValueError(f"ep={self.ep} needs an MoE model whose n_expert={model.n_expert} it divides")
+        if self.expert_imbalance < 1:
+            raise ValueError(f"expert_imbalance={self.expert_imbalance} must be >= 1 (the busiest rank over the mean)")
         if self.pp * self.v > model.n_layer:
             raise ValueError(f"pipeline has {self.pp * self.v} stages (pp x v) but the model only {model.n_layer} "
                              f"layers")
@@ -362,10 +444,16 @@ def layer_activation_bytes(model, par, recompute=None):
     if recompute == "full":
         return tokens * h * B / sp
     replicated = 4 * h * B + 2 * h * mask
-    split = 4 * h * B + (3 if model.block == "llama" else 2) * model.ffn_hidden * B
+    hidden = (3 if model.block == "llama" else 2) * model.ffn_hidden * B  # an MLP's hidden tensors per token
+    phi = model.moe_fraction
+    # an MoE block (per token of T_moe = T/t with SP, else T): the router's probabilities (E fp32), the k dispatched
+    # rows and their outputs (2·k·h), each row's hidden tensors in its expert (k·hidden), on the busiest rank;
+    # its shared expert's hidden tensors are split by TP like the MLP's
+    moe = (4 * model.n_expert + par.expert_imbalance * model.n_expert_per_token * (2 * h * B + hidden)) / sp
+    split = 4 * h * B + (1 - phi + phi * model.n_shared_expert) * hidden
     ring = par.cp > 1 and par.cp_type == "ring"
     scores = 0 if (recompute == "selective" or par.flash_attention or ring) else a * s * (B + mask * (1 + B))
-    return tokens * (replicated / sp + (split + scores) / t)
+    return tokens * (replicated / sp + (split + scores) / t + phi * moe)
 
 
 def embedding_activation_bytes(model, par):
@@ -422,6 +510,8 @@ class Costs:
     p2p_shared: list = field(default_factory=list)  # p2p_seconds while gradient collectives share the NICs
     dp_shards: int = 1
     dp_time: object = None           # (op, nbytes) -> seconds over the dp x cp group
+    expert_params: float = 0.0       # routed experts' parameters per block on this device (EP-sharded, not ZeRO)
+    edp_time: object = None          # nbytes -> seconds of an all-reduce over the edp group (the expert gradients)
     tied_seconds: float = 0.0        # embedding/head gradient all-reduce between the first and last stage
     norm_seconds: float = 0.0        # the gradient norm's scalar all-reduce over the world
     optimizer_time: object = None    # params updated on this device -> seconds
@@ -452,9 +542,10 @@ def block_kernels(model, par):
     softmax (s² read and written) and its dropout in between, or with flash attention (or ring CP) one fused kernel
     whose time is its two GEMMs on the causal half of the tiles; ring CP: queries of s/c tokens; Ulysses: the
     whole sequence for b·a/(t·c) heads; mlp: norm, FC1 [T, f/t (2f/t SwiGLU), h],
-    GeLU (or SiLU·gate), FC2 [T, h, f/t], residual. Backward: each GEMM's input- and weight-gradient GEMMs
-    (flash attention: the recomputed scores and four more products, Dao 2023), each memory-bound kernel 1.5x its
-    forward bytes (it reads the saved input and the output gradient, writes the input gradient)."""
+    GeLU (or SiLU·gate), FC2 [T, h, f/t], residual; with n_expert, "moe": an MoE block's (see the code). Backward:
+    each GEMM's input- and weight-gradient GEMMs (flash attention: the recomputed scores and four more products, Dao
+    2023), each memory-bound kernel 1.5x its forward bytes (it reads the saved input and the output gradient, writes
+    the input gradient)."""
     from sim.compute import backward_gemms, gemm, memory
     h, a, s, f, V = model.n_embd, model.n_head, model.seq_len, model.ffn_hidden, model.vocab_size
     t, c, B, b = par.tp, par.cp, BYTES[par.dtype], par.micro_batch
@@ -498,8 +589,24 @@ def block_kernels(model, par):
     logits = tokens * V / t
     head_f = [norm(), gemm(tokens, V / t, h), memory(logits * 12)]
     head_b = [memory(logits * 8)] + backward_gemms(head_f[1]) + [memory(1.5 * head_f[0].nbytes)]
-    return {"proj": (proj_f, backward(proj_f)), "core": (core_f, core_b), "mlp": (mlp_f, backward(mlp_f)),
-            "embed": (embed_f, backward(embed_f)), "head": (head_f, head_b)}
+    out = {"proj": (proj_f, backward(proj_f)), "core": (core_f, core_b), "mlp": (mlp_f, backward(mlp_f)),
+           "embed": (embed_f, backward(embed_f)), "head": (head_f, head_b)}
+    if model.n_expert:
+        # an MoE block: norm, the router [T_moe, E, h] and its softmax/top-k (E fp32 per token), the k rows gathered
+        # in expert order and the results scattered back (2·k·h each way), the E/ep local experts as one batched
+        # GEMM of rows = k·T_moe·imbalance/(E/ep) each, the shared expert (split by TP like the MLP), residual
+        E, k, rows_t = model.n_expert, model.n_expert_per_token, tokens / sp
+        L = E // par.ep
+        rows = k * rows_t * par.expert_imbalance / L
+        shared = model.n_shared_expert * f / t
+        moe_f = [norm(), gemm(rows_t, E, h), memory(3 * rows_t * E * 4), memory(4 * k * rows_t * h * B),
+                 gemm(rows, f * (2 if llama else 1), h, L), memory((3 if llama else 2) * rows * L * f * B),
+                 gemm(rows, h, f, L), memory(4 * k * rows_t * h * B), residual()]
+        if shared:
+            moe_f += [gemm(tokens, shared * (2 if llama else 1), h), memory((3 if llama else 2) * tokens * shared * B),
+                      gemm(tokens, h, shared)]
+        out["moe"] = (moe_f, backward(moe_f))
+    return out
 
 
 def build_costs(model, par, cluster):
@@ -530,6 +637,13 @@ def build_costs(model, par, cluster):
         mlp = compute(2 * tokens * h * f * model.mlp_matrices / t,
                       tokens * B * (5 * h / sp + (3 if model.block == "llama" else 2) * f / t), OPS["mlp"])
         proj_b, core_b, mlp_b = 2 * proj, 2 * core, 2 * mlp
+        moe = moe_b = 0.0
+        if model.n_expert:  # router, k experts per routed token (the busiest rank's share), the shared expert
+            routed, E, k = tokens / sp, model.n_expert, model.n_expert_per_token
+            moe = compute(2 * routed * h * E + 2 * routed * k * par.expert_imbalance * model.mlp_params +
+                          2 * tokens * model.n_shared_expert * model.mlp_params / t,
+                          routed * (5 * h * B + 12 * E + 8 * k * h * B), OPS["mlp"] + 3 * E // par.ep)
+            moe_b = 2 * moe
         embed = (compute(0, tokens * h * B * 3, OPS["embedding"]), compute(0, tokens * h * B * 3, 2 * OPS["embedding"]))
         logits = tokens * V / t
         head = (compute(model.head_forward_flops(tokens) / t, tokens * h * B * 2 / sp + logits * 12, OPS["head"]),
@@ -544,6 +658,7 @@ def build_costs(model, par, cluster):
         times = {name: (seconds(fw, cluster, par.dtype), seconds(bw, cluster, par.dtype))
                  for name, (fw, bw) in kernels.items()}
         (proj, proj_b), (core, core_b), (mlp, mlp_b) = times["proj"], times["core"], times["mlp"]
+        moe, moe_b = times.get("moe", (0.0, 0.0))
         embed, head = times["embed"], times["head"]
 
         def optimizer_time(params):
@@ -569,9 +684,19 @@ def build_costs(model, par, cluster):
     def clean(segments):
         return [(k, d) for k, d in segments if d > 0]
 
-    forward = [("forward", proj + core), ("cp", cp_fwd), ("tp", tp_block), ("forward", mlp), ("tp", tp_block)]
-    backward = [("backward", mlp_b), ("tp", tp_block_b), ("backward", proj_b + core_b), ("cp", cp_bwd),
-                ("tp", tp_block_b)]
+    # the average block: a fraction phi are MoE blocks (no TP collective around the routed experts, one around a
+    # shared expert), with the all-to-alls of expert parallelism; the rest dense
+    phi = model.moe_fraction
+    ep_fwd = ep_bwd = 0.0
+    if phi and par.ep > 1:
+        S = model.n_expert_per_token * tokens / sp * h * B * par.expert_imbalance  # one dispatch's (or combine's) input
+        ep_fwd = phi * (coll("all_to_all", 8 * model.n_expert, "ep") + 2 * coll("all_to_all", S, "ep"))
+        ep_bwd = phi * 2 * coll("all_to_all", S, "ep")
+    mlp_tp = (1 - phi + phi * (model.n_shared_expert > 0))
+    forward = [("forward", proj + core), ("cp", cp_fwd), ("tp", tp_block), ("forward", (1 - phi) * mlp + phi * moe),
+               ("ep", ep_fwd), ("tp", mlp_tp * tp_block)]
+    backward = [("ep", ep_bwd), ("backward", (1 - phi) * mlp_b + phi * moe_b), ("tp", mlp_tp * tp_block_b),
+                ("backward", proj_b + core_b), ("cp", cp_bwd), ("tp", tp_block_b)]
     if par.recompute == "full":
         backward = [("recompute" if k == "forward" else k, d) for k, d in forward] + backward
     elif par.recompute == "selective":
@@ -607,13 +732,17 @@ def build_costs(model, par, cluster):
     shared = par.overlap_p2p and len(dp_nodes) > 1 and len(pp_nodes) > 1
     p2p_shared = [boundary(st, 2) if par.pp > 1 and shared else d for st, d in enumerate(p2p)]
 
-    layer_params = model.layer_matrix_params / t + model.layer_vector_params
+    layer_params = model.layer_matrix_params / t + model.layer_vector_params + model.layer_router_params
+    expert_params = model.layer_expert_params / par.ep
     head_params = (V * h / t if par.pp > 1 else 0.0) + model.final_norm_params
     tied_link = cluster.group_link([0, par.rank(pp_rank=par.pp - 1)], "all_reduce")
     params_b, grads_b = (2, 2) if par.mixed else (4, 4)
 
     def dp_time(op, nbytes):
         return coll(op, nbytes, "dp")
+
+    def edp_time(nbytes):
+        return coll("all_reduce", nbytes, "edp")
 
     return Costs(
         split=list(pipeline_split(model.n_layer, n_stages, par.pp_split, h, s, V)),
@@ -623,7 +752,7 @@ def build_costs(model, par, cluster):
         layer_params=layer_params, embed_params=V * h / t + (s * h if model.block == "gpt2" else 0),
         head_params=head_params, param_bytes=params_b, grad_bytes=grads_b, p2p_seconds=p2p,
         p2p_stream="p2p" if par.overlap_p2p else "compute", p2p_shared=p2p_shared,
-        dp_shards=par.dp * par.cp, dp_time=dp_time,
+        dp_shards=par.dp * par.cp, dp_time=dp_time, expert_params=expert_params, edp_time=edp_time,
         tied_seconds=(collective_time("all_reduce", V * h / t * grads_b, 2, tied_link, par.algorithm)
                       if par.pp > 1 else 0.0),
         norm_seconds=coll("all_reduce", 4, "world"), optimizer_time=optimizer_time,

@@ -4,7 +4,8 @@ The planner: the fastest layouts of a model on N devices for a global batch, fou
 Searched: tp (dividing the devices of a node, n_head and the MLP: no TP across nodes), cp (1, 2, 4, 8) with
 cp_type ring and, where tp·cp divides the query and key/value heads, ulysses, pp (dividing n_layer),
 dp = N / (tp·cp·pp) dividing the global batch, micro-batch b (1, 2, 4, 8, 16), v (1, or 2-8 virtual stages with
-interleaved 1F1B when m is a multiple of pp), and per layout the pairs (recompute, ZeRO stage) that are not
+interleaved 1F1B when m is a multiple of pp), ep for an MoE model (1 and the powers of two up to 64 that divide
+dp·cp and n_expert: experts over those ranks), and per layout the pairs (recompute, ZeRO stage) that are not
 dominated: for each recompute level the lowest ZeRO stage that fits, dropped if a lighter recompute fits with no
 higher stage (a higher stage or more recomputation is never faster).
 Sequence parallelism is on whenever tp > 1 (same communication volume, less memory and memory-bound work).
@@ -19,7 +20,7 @@ task per layer for the table.
 from dataclasses import replace
 
 from sim.cost import build_costs
-from sim.schedule import memory_per_rank, rank_params, simulate
+from sim.schedule import memory_per_rank, rank_expert_params, rank_params, simulate
 
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 CONTEXT = (1, 2, 4, 8)
@@ -40,6 +41,13 @@ def context_layouts(model, tp):
         if model.n_head % (tp * cp) == 0 and model.n_kv_head % (tp * cp) == 0:
             out.append((cp, "ulysses"))
     return out
+
+
+def expert_layouts(model, replicas):
+    """The EP sizes to search with `replicas` = dp·cp ranks: 1, and for an MoE model the powers of two up to 64 that
+    divide both replicas and n_expert."""
+    return [1] + [ep for ep in (2, 4, 8, 16, 32, 64) if model.n_expert and replicas % ep == 0
+                  and model.n_expert % ep == 0]
 
 
 def layouts(model, base, cluster, global_batch, n):
@@ -65,8 +73,9 @@ def layouts(model, base, cluster, global_batch, n):
                     for v in vs:
                         schedule = "interleaved_1f1b" if v > 1 else (
                             base.schedule if base.schedule != "interleaved_1f1b" else "1f1b")
-                        yield replace(base, dp=dp, tp=tp, pp=pp, cp=cp, cp_type=cp_type, v=v, micro_batch=b,
-                                      micro_batches=m, schedule=schedule, sequence_parallel=tp > 1)
+                        for ep in expert_layouts(model, dp * cp):
+                            yield replace(base, dp=dp, tp=tp, pp=pp, cp=cp, cp_type=cp_type, v=v, micro_batch=b,
+                                          micro_batches=m, schedule=schedule, sequence_parallel=tp > 1, ep=ep)
 
 
 def fitting(model, par, cluster):
@@ -100,7 +109,8 @@ def busy_bound(par, costs):
                 work += seconds(costs.embed_forward) + seconds(costs.embed_backward)
             if stage == n_stages - 1:
                 work += seconds(costs.head_forward) + seconds(costs.head_backward)
-        params = rank_params(par, costs, r) / (costs.dp_shards if par.zero >= 1 else 1)
+        params = rank_params(par, costs, r) / (costs.dp_shards if par.zero >= 1 else 1) + \
+            rank_expert_params(par, costs, r)
         most = max(most, par.micro_batches * work + costs.optimizer_time(params))
     return most
 
@@ -139,11 +149,12 @@ def table(steps):
     pool, simulated = steps[0].searched
     lines = [f"{pool} layouts fit; {simulated} simulated (the rest pruned by their compute bound); fastest first:",
              (f"{'#':>2} {'layout':<66} {'step s':>8} {'tok/s':>10} {'MFU':>6} {'TFLOP/s':>8} {'mem GB':>7} "
-              f"{'idle':>6} {'TP/CP':>6}")]
+              f"{'idle':>6} {'comm':>6}")]
     for i, s in enumerate(steps):
         lanes = [s.lanes(r) for r in range(s.par.pp)]
         idle = sum(lane.get("idle", 0.0) for lane in lanes) / len(lanes) / s.step_time
-        comm = sum(lane.get("tp", 0.0) + lane.get("cp", 0.0) for lane in lanes) / len(lanes) / s.step_time
+        comm = sum(lane.get("tp", 0.0) + lane.get("cp", 0.0) + lane.get("ep", 0.0) for lane in lanes) / len(lanes) \
+            / s.step_time
         lines.append(f"{i + 1:>2} {s.par.describe():<66} {s.step_time:>8.4g} {s.tokens_per_s:>10,.0f} "
                      f"{100 * s.mfu:>5.1f}% {s.tflops_per_device:>8.1f} {s.peak_memory / 1e9:>7.1f} "
                      f"{100 * idle:>5.1f}% {100 * comm:>5.1f}%")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from parallel.pp import schedule_order
 from sim.cost import build_costs, state_bytes, step_flops
 
-COMM_KINDS = ("tp", "cp", "norm")  # segments of compute-stream tasks that are communication
+COMM_KINDS = ("tp", "cp", "ep", "norm")  # segments of compute-stream tasks that are communication
 
 
 class Task:
@@ -100,6 +100,8 @@ def recipe_seconds(recipe, costs):
             total += getattr(costs, term[1])[term[2]]
         elif kind == "dp":
             total += costs.dp_time(term[1], term[2])
+        elif kind == "edp":
+            total += costs.edp_time(term[1])
         elif kind == "tied":
             total += costs.tied_seconds
         elif kind == "norm":
@@ -178,6 +180,10 @@ class StepBuilder:
         for op, nbytes, action in self.deferred:
             self.add(r, "rs", op, [(op, self.costs.dp_time(op, nbytes))], [self.last_compute], action, nbytes,
                      recipe=[("dp", op, nbytes)])
+        experts = rank_expert_params(par, self.costs, r) * self.costs.grad_bytes
+        if experts and len(par.groups()["edp"]) > 1:  # the expert gradients, over the ranks holding the same experts
+            self.add(r, "rs", "all_reduce", [("all_reduce", self.costs.edp_time(experts))], [self.last_compute],
+                     None, experts, recipe=[("edp", experts)])
         self.keyed[("last", r)] = self.last_compute
 
     def forward(self, stage, mb):
@@ -295,7 +301,7 @@ class StepBuilder:
         for r in range(p):
             params = rank_params(par, costs, r)
             norm = self.add(r, "compute", "norm", [("norm", costs.norm_seconds)], norm_deps, recipe=[("norm",)])
-            shard = params / (costs.dp_shards if par.zero >= 1 else 1)
+            shard = params / (costs.dp_shards if par.zero >= 1 else 1) + rank_expert_params(par, costs, r)
             opt = self.add(r, "compute", "optimizer", [("optimizer", costs.optimizer_time(shard))], [norm],
                            recipe=[("optimizer", shard)])
             if par.zero in (1, 2):
@@ -319,6 +325,13 @@ def activation_peak(par, costs, rank):
         peak = max(peak, held)
     holds_last = (n_stages - 1) % par.pp == rank
     return peak + costs.layer_activation_full + (costs.output_activation if holds_last else 0.0)
+
+
+def rank_expert_params(par, costs, r):
+    """Routed-expert parameters pipeline rank r holds (its stages' blocks x Costs.expert_params: E/ep experts of each
+    MoE layer, unsharded by TP and ZeRO)."""
+    n_stages = par.pp * par.v
+    return sum((hi - lo) for lo, hi in (costs.split[s] for s in range(r, n_stages, par.pp))) * costs.expert_params
 
 
 def rank_params(par, costs, r):
@@ -453,6 +466,9 @@ def memory(par, costs, cluster, rank, activations):
     the rank's units when parameters stay gathered from forward to backward), the activation peak."""
     params = rank_params(par, costs, rank)
     out = state_bytes(params, costs.dp_shards, par.zero, par.mixed, accumulating=par.micro_batches > 1)
+    for k, v in state_bytes(rank_expert_params(par, costs, rank), 1, 0, par.mixed,
+                            accumulating=par.micro_batches > 1).items():  # experts: not ZeRO-sharded
+        out[k] += v
     gathered = 0.0
     if par.zero == 3 and costs.dp_shards > 1:
         unit = costs.layer_params * costs.param_bytes

@@ -14,11 +14,12 @@ from collections import defaultdict
 
 COLORS = {
     "forward": "#4C72B0", "backward": "#55A868", "recompute": "#A6C8E8", "optimizer": "#7F7F7F",
-    "tp": "#C44E52", "cp": "#E08A2C", "norm": "#000000",
+    "tp": "#C44E52", "cp": "#E08A2C", "ep": "#8C564B", "norm": "#000000",
     "all_gather": "#DD8452", "reduce_scatter": "#8172B2", "all_reduce": "#937860", "send": "#64B5CD",
     "tied": "#CCB974",
 }
-LABELS = {"tp": "TP collective", "cp": "CP ring (exposed) or all-to-all", "norm": "grad-norm all-reduce",
+LABELS = {"tp": "TP collective", "cp": "CP ring (exposed) or all-to-all", "ep": "EP all-to-all",
+          "norm": "grad-norm all-reduce",
           "all_gather": "all-gather", "reduce_scatter": "reduce-scatter", "all_reduce": "all-reduce",
           "send": "p2p send", "tied": "tied-embedding all-reduce"}
 STREAMS = ("ag", "rs", "p2p")
