@@ -18,8 +18,8 @@ does (comm.init_distributed: torch's NCCL for CUDA tensors, the ranks sharing th
               fallback, or missing, and then what is skipped because of it, with the reason
   tests       the GPU test classes: TestTritonCollectives (tests/test_triton_comm.py: triton on CUDA symmetric
               memory, with its strategies), TestNCCLOnGPU (tests/test_nccl.py), TestCudaLibOnGPU (test_cuda_lib.py)
-  strategies  every strategy of tests/test_triton_comm.py's STRATEGIES (ddp, zero, fsdp, tp, pp, cp, ulysses, 3d) x the
-              custom, triton, nccl and cuda variants, each cell its own 2-rank process, 5 fp32 steps each checked
+  strategies  every case of tests/test_triton_comm.py's STRATEGIES (ddp, zero, fsdp, tp, pp, cp, ulysses, ep, 3d) x
+              the custom, triton, nccl and cuda variants, each cell its own 2-rank process, 5 fp32 steps each checked
               against the single-device model from the same state (tests/reference.py's train_checked)
   bandwidth   all-reduce bus bandwidth (nccl-tests: busbw = S/t * 2(N-1)/N) of torch's NCCL and ours: the nccl
               binding, the triton kernels, libnanoccl; 1 MB to 1 GB, each result checked
@@ -56,7 +56,8 @@ import unittest
 REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO)
 
-STRATEGY_NAMES = ("ddp", "zero", "fsdp", "tp", "pp", "cp", "ulysses", "3d")  # tests/test_triton_comm.py's STRATEGIES
+# tests/test_triton_comm.py's STRATEGIES
+STRATEGY_NAMES = ("ddp", "zero", "fsdp", "tp", "pp", "cp", "ulysses", "ep", "3d")
 VARIANTS = ("custom", "triton", "nccl", "cuda")
 BACKENDS = ("torch", "nccl", "triton", "cuda")  # all-reduce bandwidth: torch's NCCL; ours: the nccl binding, the
 #                                                 triton kernels, libnanoccl through the same binding
@@ -268,14 +269,13 @@ def worker_strategies(args):
     from comm import teardown
     device = _start(args.dry_run)
     from parallel import build_strategy
-    from tests.reference import global_batches, tiny_config, train_checked, train_config
-    from tests.test_triton_comm import STRATEGIES
+    from tests.reference import global_batches, train_checked, train_config
+    from tests.test_triton_comm import strategy_case
     N, t0 = dist.get_world_size(), time.perf_counter()
     record = dict(kind="strategy", strategy=args.strategy, variant=args.variant, world_size=N, steps=args.steps,
                   device=str(device))
     try:
-        cfg = {"parallel": args.strategy, **STRATEGIES[args.strategy](N)}
-        model_config = tiny_config(n_head=4, n_layer=cfg["n_layer"])
+        cfg, model_config = strategy_case(args.strategy, N)
         batches = global_batches(args.steps, cfg["gradient_accumulation_steps"], 2, model_config)
         strategy = build_strategy(train_config(variant=args.variant, **cfg), device)
         try:

@@ -191,7 +191,7 @@ def main(argv):
         print(f"initialising from {cfg.init_from}: block={model_config.block}, n_layer={model_config.n_layer}, "
               f"n_head={model_config.n_head}, n_kv_head={model_config.n_kv_head}, n_embd={model_config.n_embd}, "
               f"vocab_size={model_config.vocab_size}, bias={model_config.bias}")
-    model = strategy.build_model(model_config, weights)
+    strategy.build_model(model_config, weights)
     del weights
     optimizer = strategy.configure_optimizer()
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")

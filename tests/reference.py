@@ -17,7 +17,6 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from model import GPT, GPTConfig
-from parallel.checkpoint import WTE
 from train import DEFAULTS
 
 TINY = dict(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)

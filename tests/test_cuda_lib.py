@@ -40,7 +40,7 @@ from kernels import nccl
 from kernels.cuda import build
 from parallel import available, build_strategy
 from tests.distributed import REPO, DistributedTestCase, run_command, torchrun_launcher
-from tests.reference import global_batches, tiny_config, train_checked, train_config
+from tests.reference import global_batches, train_checked, train_config
 
 CUDA = torch.cuda.is_available()
 KIND = {"all_reduce": 1, "all_gather": 2, "reduce_scatter": 3, "broadcast": 4}
@@ -876,12 +876,11 @@ class TestCudaLibOnGPU(DistributedTestCase):
         """For every strategy of tests/test_triton_comm.py's STRATEGIES: 3 steps of the cuda variant (2 ranks), each
         equal to the single model's from the same state (tests/reference.py's rule); no communicator reports an
         error."""
-        from tests.test_triton_comm import STRATEGIES
+        from tests.test_triton_comm import STRATEGIES, strategy_case
         N = self.world_size
-        for name, overrides in STRATEGIES.items():
+        for name in STRATEGIES:
             with self.subTest(strategy=name):
-                cfg = {"parallel": name, **overrides(N)}
-                model_config = tiny_config(n_head=4, n_layer=cfg["n_layer"])
+                cfg, model_config = strategy_case(name, N)
                 batches = global_batches(3, cfg["gradient_accumulation_steps"], 2, model_config)
                 mine = build_strategy(train_config(variant="cuda", **cfg), self.device)
                 run = train_checked(mine, model_config, batches)

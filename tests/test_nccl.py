@@ -29,7 +29,7 @@ import torch
 from kernels import nccl
 from parallel import build_strategy
 from tests.distributed import DistributedTestCase, torchrun_launcher
-from tests.reference import global_batches, tiny_config, train_checked, train_config
+from tests.reference import global_batches, train_checked, train_config
 
 CUDA = torch.cuda.is_available()
 
@@ -353,12 +353,11 @@ class TestNCCLOnGPU(DistributedTestCase):
     def test_strategies_nccl_equal_single(self):
         """For every strategy of tests/test_triton_comm.py's STRATEGIES: 3 steps of the nccl variant, each equal to
         the single model's from the same state (tests/reference.py's rule)."""
-        from tests.test_triton_comm import STRATEGIES
+        from tests.test_triton_comm import STRATEGIES, strategy_case
         N = self.world_size
-        for name, overrides in STRATEGIES.items():
+        for name in STRATEGIES:
             with self.subTest(strategy=name):
-                cfg = {"parallel": name, **overrides(N)}
-                model_config = tiny_config(n_head=4, n_layer=cfg["n_layer"])
+                cfg, model_config = strategy_case(name, N)
                 batches = global_batches(3, cfg["gradient_accumulation_steps"], 2, model_config)
                 run = train_checked(build_strategy(train_config(variant="nccl", **cfg), self.device), model_config,
                                     batches)

@@ -23,8 +23,9 @@ DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.
     torch.device("cpu")
 
 # The strategy x config cases whose triton (and nccl, cuda) variant must train the single model: overrides of
-# train_config, as a function of the world size N (`parallel` is the key unless they say otherwise); the model is
-# tests/reference.py's tiny GPT with 4 heads and cfg["n_layer"] layers (pp: a stage per rank). Add a line for a case.
+# train_config, as a function of the world size N (`parallel` is the key unless they say otherwise; "model": overrides
+# of the model, tests/reference.py's tiny GPT with 4 heads and n_layer layers; pp: a stage per rank). Add a line for a
+# case; strategy_case builds it.
 STRATEGIES = {
     "ddp": lambda N: dict(n_layer=2, gradient_accumulation_steps=N, bucket_cap_mb=0.01),
     "zero": lambda N: dict(parallel="ddp", zero_stage=2, n_layer=2, gradient_accumulation_steps=N,
@@ -34,10 +35,18 @@ STRATEGIES = {
     "pp": lambda N: dict(n_layer=N, gradient_accumulation_steps=4, pp_schedule="1f1b"),
     "cp": lambda N: dict(n_layer=2, gradient_accumulation_steps=2),  # ring attention's async K/V passes
     "ulysses": lambda N: dict(parallel="cp", cp_type="ulysses", n_layer=2, gradient_accumulation_steps=2),  # all-to-alls
+    "ep": lambda N: dict(n_layer=2, gradient_accumulation_steps=N, ep_size=N,  # uneven all-to-alls of routed tokens
+                         model=dict(n_expert=2 * N, n_expert_per_token=2)),
     # N=2: a pipeline of 2 (DDP wrapper over a group of 1); N=4: dp2 x tp2 with FSDP (TP and DP groups side by side)
     "3d": lambda N: dict(n_layer=2, gradient_accumulation_steps=2, dp_size=N // 2, pp_size=2 if N == 2 else 1,
                          tp_size=1 if N == 2 else 2, dp_type="ddp" if N == 2 else "fsdp"),
 }
+
+
+def strategy_case(name, N):
+    """(the train_config overrides, the model config) of STRATEGIES[name] at world size N."""
+    cfg = {"parallel": name, **STRATEGIES[name](N)}
+    return cfg, tiny_config(n_head=4, n_layer=cfg["n_layer"], **cfg.pop("model", {}))
 
 
 def test_every_custom_strategy_has_triton_and_nccl_variants():
@@ -255,10 +264,9 @@ class TestTritonCollectives(DistributedTestCase):
         the single model's from the same state (tests/reference.py's rule), with the same calls and bytes as
         custom's."""
         N = self.world_size
-        for name, overrides in STRATEGIES.items():
+        for name in STRATEGIES:
             with self.subTest(strategy=name):
-                cfg = {"parallel": name, **overrides(N)}
-                model_config = tiny_config(n_head=4, n_layer=cfg["n_layer"])
+                cfg, model_config = strategy_case(name, N)
                 batches = global_batches(3, cfg["gradient_accumulation_steps"], 2, model_config)
                 stats = {}
                 for variant, device in (("custom", torch.device("cpu")), ("triton", DEVICE)):
