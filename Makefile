@@ -44,12 +44,12 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -ra --durations=15 tests
 
 bench: $(VENV)/.installed data/shakespeare_char/train.bin
-	$(PY) bench.py
+	$(PY) -m bench.throughput
 
 GPU_CHECK_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 
 gpu-check:
-	@$(GPU_CHECK_PY) gpu_check.py $(GPU_CHECK_ARGS)
+	@$(GPU_CHECK_PY) -m tools.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf out-* data/*/train.bin data/*/val.bin data/*/meta.pkl

@@ -164,7 +164,7 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     """GPT-2 MLP: down_proj(gelu(up_proj(x))). (B, T, n_embd) -> (B, T, n_embd). The GELU is exact (erf, nanoGPT's)
     or its tanh approximation (config.gelu_approximate="tanh"), which GPT-2 was trained with (Hendrycks & Gimpel
-    2016, section 2; Hugging Face's "gelu_new"): hf.py sets it for pretrained GPT-2 weights."""
+    2016, section 2; Hugging Face's "gelu_new"): tools/hf.py sets it for pretrained GPT-2 weights."""
 
     def __init__(self, config, hidden=None):
         super().__init__()

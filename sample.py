@@ -6,7 +6,7 @@ memory); out_dir may also be one step directory, or an out_dir of the layout bef
     python sample.py --out_dir=out-shakespeare-char-cpu --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --init_from=gpt2-xl --start="What is the answer to life, the universe, and everything?"
 
-init_from: "resume" (out_dir's checkpoint), or GPT-2 weights (hf.py): "gpt2", "gpt2-medium", "gpt2-large",
+init_from: "resume" (out_dir's checkpoint), or GPT-2 weights (tools/hf.py): "gpt2", "gpt2-medium", "gpt2-large",
 "gpt2-xl" (the Hugging Face cache) or a local Hugging Face model directory.
 The tokenizer is the one the checkpoint's dataset was prepared with: meta.pkl's characters (shakespeare_char)
 or a tiktoken encoding (GPT-2 BPE); for GPT-2 weights, GPT-2's BPE (tiktoken's "gpt2": offline, set
@@ -21,7 +21,7 @@ from contextlib import nullcontext
 import torch
 
 from config import ConfigError, load_config
-from hf import is_hf_source, load_pretrained
+from tools.hf import is_hf_source, load_pretrained
 from model import GPT, GPTConfig
 from parallel import load_checkpoint_file
 from parallel.checkpoint import resolve

@@ -27,13 +27,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from comm import describe_comm_error
+from kernels.comm import describe_comm_error
 from config import ConfigError, check_train_config, load_config
-from hf import is_hf_source, load_pretrained
+from tools.hf import is_hf_source, load_pretrained
 from model import GPTConfig, flops_per_token
 from parallel import build_strategy, init_distributed, teardown
 from parallel.checkpoint import Checkpointer, check_out_dir, load_extra
-from profiling import TrainingProfiler, check_profiling_config, peak_flops, peak_memory_per_rank
+from tools.profiling import TrainingProfiler, check_profiling_config, peak_flops, peak_memory_per_rank
 
 # -----------------------------------------------------------------------------
 # default config values: GPT-2 (124M) on OpenWebText, as in nanoGPT
@@ -46,7 +46,7 @@ eval_only = False  # if True, evaluate once and exit
 always_save_checkpoint = True  # if False, save only when the val loss improves
 init_from = "scratch"  # "scratch", "resume" (the newest complete checkpoint in out_dir), or "auto": resume if there
 # is one, else scratch (for torchrun --max-restarts: a restarted job continues from its last checkpoint); or GPT-2
-# weights (hf.py): "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" or a local Hugging Face model directory (GPT-2 or
+# weights (tools/hf.py): "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" or a local Hugging Face model directory (GPT-2 or
 # Llama), which the model then takes its sizes and vocabulary from (the model keys are not used); a run
 # started from them resumes its own newest checkpoint when out_dir has one (torchtitan's initial_load_path)
 checkpoint_interval = 0  # also save every this many iterations, whatever eval does (0: only at eval, as nanoGPT)
@@ -118,7 +118,7 @@ dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 compile = True  # torch.compile the model (slow to start on CPU: the CPU configs turn it off)
 compile_backend = "inductor"
 seed = 1337
-# memory and profiling (parallel.apply_ac, profiling.py)
+# memory and profiling (parallel.apply_ac, tools/profiling.py)
 activation_checkpoint = "none"  # "none", "full" (every block recomputed in backward), "selective" (see next)
 selective_ac_option = "op"  # selective: "op" (torchtitan's op-level policy on every block) or "N" (every N-th block)
 profile = False  # write a torch.profiler Chrome trace per rank to out_dir/profile/ (open at ui.perfetto.dev)
@@ -145,7 +145,7 @@ def main(argv):
     data_dir = cfg.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg.dataset)
     vocab_size = cfg.vocab_size or read_vocab_size(data_dir)
     weights = None
-    if is_hf_source(cfg.init_from):  # GPT-2 or Llama weights (hf.py): their sizes and vocabulary (GPT-2's tanh GELU)
+    if is_hf_source(cfg.init_from):  # GPT-2 or Llama weights (tools/hf.py): their sizes and vocabulary (GPT-2's tanh GELU)
         pretrained_config, weights = load_pretrained(cfg.init_from, cfg.block_size, cfg.dropout, cfg.seed)
         vocab_size = check_data_vocab(data_dir, pretrained_config.vocab_size)
     tokens = {split: open_tokens(data_dir, split, cfg.dataset, cfg.block_size, vocab_size) for split in ("train", "val")}

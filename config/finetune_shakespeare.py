@@ -1,6 +1,6 @@
 # nanoGPT's finetuning recipe: GPT-2 XL (1.5B) from the Hugging Face weights on tiny-shakespeare in GPT-2 BPE,
 # 20 iterations of 32 sequences of 1024 tokens at a constant 3e-5, keeping the best checkpoint (nanoGPT: val loss
-# ~1.0 after a few minutes on one A100). hf.py reads the weights (the Hugging Face cache, downloaded if allowed).
+# ~1.0 after a few minutes on one A100). tools/hf.py reads the weights (the Hugging Face cache, downloaded if allowed).
 #   python data/shakespeare/prepare.py
 #   python train.py config/finetune_shakespeare.py                      # one GPU (~40 GB with AdamW's state)
 #   torchrun --standalone --nproc_per_node=8 train.py config/finetune_shakespeare.py --parallel=fsdp

@@ -2,8 +2,8 @@
 # Clusters Using Megatron-LM", section 5): 96 layers, h=12288, 96 heads, s=2048, vocabulary 51200 (the simulator's
 # --vocab_size; train.py takes it from the dataset), global batch 1536 sequences in micro-batches of 1,
 # tensor parallel 8 inside a DGX A100 node, pipeline parallel 8 across nodes, data parallel over the rest.
-# A config for simulate.py (train.py accepts every key here too); Megatron's 2021 run (simulator-only keys):
-#   python simulate.py config/gpt3_175b.py --gpus=1024 --vocab_size=51200 --recompute=full --flash_attention=False
+# A config for sim/__main__.py (train.py accepts every key here too); Megatron's 2021 run (simulator-only keys):
+#   python -m sim config/gpt3_175b.py --gpus=1024 --vocab_size=51200 --recompute=full --flash_attention=False
 # predicts 151.7 TFLOP/s per GPU against the paper's 140 (README, Simulator).
 out_dir = "out-gpt3-175b"
 dataset = "openwebtext"

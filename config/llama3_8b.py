@@ -2,8 +2,8 @@
 # 4096 wide, 32 query heads sharing 8 key/value heads (grouped-query attention), SwiGLU MLP of 14336, vocabulary
 # 128256, RoPE base 500000, 8192 positions. One difference: model.py ties the output head to the token embedding
 # (7.50B parameters; Meta's 8B has a separate 128256 x 4096 head: 8.03B).
-#   python simulate.py config/llama3_8b.py --gpus=64                 # step time, MFU and memory on 8 DGX nodes
-#   python simulate.py config/llama3_8b.py --gpus=64 --plan          # the fastest layouts
+#   python -m sim config/llama3_8b.py --gpus=64                 # step time, MFU and memory on 8 DGX nodes
+#   python -m sim config/llama3_8b.py --gpus=64 --plan          # the fastest layouts
 # It trains at toy scale on a CPU with overrides (tests/test_moe.py does), e.g.
 #   python train.py config/llama3_8b.py --parallel=single --n_layer=2 --n_embd=64 --n_head=4 --n_kv_head=2 \
 #       --ffn_hidden=128 --vocab_size=0 --block_size=64 --batch_size=4 --gradient_accumulation_steps=1 \

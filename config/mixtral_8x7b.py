@@ -3,9 +3,9 @@
 # token uses 2, vocabulary 32000, RoPE base 1e6, 32768 positions (trained here on 4096). model.py ties the head to the
 # embedding (46.6B parameters; Mistral's 46.7B has a separate 32000 x 4096 head); 12.7B active per token.
 # A configuration for the simulator (expert parallelism over the data-parallel ranks, TP inside a node):
-#   python simulate.py config/mixtral_8x7b.py --gpus=128
-#   python simulate.py config/mixtral_8x7b.py --gpus=128 --expert_imbalance=1.2     # the busiest rank gets 20% more
-#   python simulate.py config/mixtral_8x7b.py --gpus=128 --plan
+#   python -m sim config/mixtral_8x7b.py --gpus=128
+#   python -m sim config/mixtral_8x7b.py --gpus=128 --expert_imbalance=1.2     # the busiest rank gets 20% more
+#   python -m sim config/mixtral_8x7b.py --gpus=128 --plan
 out_dir = "out-mixtral-8x7b"
 dataset = "openwebtext"
 

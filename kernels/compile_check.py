@@ -42,7 +42,7 @@ from kernels import triton_comm  # noqa: E402
 from kernels.triton_comm import ARGUMENTS, KERNELS, NUM_WARPS, TUNING, constexpr_key, launch_space  # noqa: E402
 
 ARCHS = (80, 90)           # A100, H100/H200
-WORLD_SIZES = (1, 2, 4, 8)  # group sizes: 1 (3d's cuts), 2 (gpu_check.py), 4 and 8 (a node)
+WORLD_SIZES = (1, 2, 4, 8)  # group sizes: 1 (3d's cuts), 2 (tools/gpu_check.py), 4 and 8 (a node)
 
 
 def signature_variants(name):

@@ -46,7 +46,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from comm import Collectives, on_teardown
+from kernels.comm import Collectives, on_teardown
 
 LIBRARY_ENV = "NANOPARALLEL_NCCL_LIB"
 NCCL_UNIQUE_ID_BYTES = 128

@@ -73,7 +73,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from comm import Collectives, on_teardown  # noqa: E402
+from kernels.comm import Collectives, on_teardown  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 REDUCE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the dtypes the kernels reduce
@@ -221,7 +221,7 @@ def _mailbox_kernel(flag_addr, src_addr, dst_addr, n, status, SEND: tl.constexpr
 # ----------------------------------------------------------------------------------------------------------
 # What the backend launches. Every launch goes through TritonCollectives._launch, which checks it against this
 # description (always under the interpreter, so the CPU tests check every launch they make; on CUDA when
-# NANOPARALLEL_TRITON_CHECK_LAUNCHES=1, as gpu_check.py sets). kernels/compile_check.py compiles exactly this
+# NANOPARALLEL_TRITON_CHECK_LAUNCHES=1, as tools/gpu_check.py sets). kernels/compile_check.py compiles exactly this
 # description for sm_80 and sm_90 (tests/test_kernels_compile.py), so a launch it does not cover fails here, on CPU,
 # rather than as a kernel that does not compile on the first GPU.
 

@@ -56,7 +56,7 @@ Communication per step = the sum of the 1-D formulas on each group (tests/test_3
 import torch
 from torch.distributed.tensor import Replicate
 
-from comm import TorchCollectives
+from kernels.comm import TorchCollectives
 from model import GPT, MoE
 from parallel import Strategy, as_dtensor, full_shapes, is_first_replica, materialize, register, slice_init
 from parallel.checkpoint import HEAD, load_parameters_state, parameters_state

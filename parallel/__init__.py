@@ -10,7 +10,7 @@ registers a thin Strategy for its 1-D use:
 
 parallel/3d.py composes the same functions on one rank grid (parallel/grid.py). The config picks a strategy with
 `parallel = "ddp"` and `variant = "custom"`. Variants, the same strategy at four levels of abstraction: "pytorch"
-(PyTorch's native API), "custom" (the algorithm written out over the Collectives of comm.py), "triton" and "nccl"
+(PyTorch's native API), "custom" (the algorithm written out over the Collectives of kernels/comm.py), "triton" and "nccl"
 (the same custom algorithm over the Collectives of kernels/triton_comm.py and kernels/nccl.py: one class is registered
 for all three, and `Strategy.collectives` hands it the backend its variant names).
 `python -c "import parallel; print(parallel.available())"` lists what exists.
@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from comm import CommStats, TorchCollectives, check_backend_serves  # noqa: F401
-from comm import init_distributed, teardown  # noqa: F401 (re-exported for entry points)
+from kernels.comm import CommStats, TorchCollectives, check_backend_serves  # noqa: F401
+from kernels.comm import init_distributed, teardown  # noqa: F401 (re-exported for entry points)
 from model import GPT, init_parameter_, moe_stats
 from parallel import checkpoint
 from parallel.checkpoint import HEAD, WTE, load_checkpoint_file  # noqa: F401 (re-exported)
@@ -206,7 +206,7 @@ def full_shapes(model_config):
 def slice_init(model_config, local_slice=None, weights=None):
     """init(name, tensor) for materialize: the tensor receives its part of the full GPT's initial value, so every
     layout starts from the single model's weights. The full value is weights[name] if a source of full tensors is
-    given ({GPT name: tensor}, e.g. GPT-2's converted by hf.py; the head reads the tied embedding's), else
+    given ({GPT name: tensor}, e.g. GPT-2's converted by tools/hf.py; the head reads the tied embedding's), else
     model.init_parameter_'s. A DTensor keeps the slice its placements select (local_part: no communication); a
     plain tensor the slice local_slice(name, full) picks (custom tensor parallelism), else all of it. The head's copy
     in a pipeline gets the tied embedding's value. Raises KeyError naming a parameter that `weights` lacks,

@@ -744,7 +744,7 @@ def main():
     long block. Run under torchrun, e.g.
         torchrun --standalone --nproc_per_node=4 -m parallel.cp --block_size 1024
     (cp=2 runs as two groups of 2 ranks, cp=4 as the world; each rank measures its own share)."""
-    from comm import TorchCollectives, init_distributed, teardown
+    from kernels.comm import TorchCollectives, init_distributed, teardown
     from model import GPT, GPTConfig
     parser = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
     parser.add_argument("--block_size", type=int, default=1024)

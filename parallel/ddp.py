@@ -277,7 +277,7 @@ class DataParallel(nn.Module):
 
 
 class CustomDDP(Strategy):
-    """Our DataParallel around the GPT, over the Collectives of this variant (comm.py, kernels/)."""
+    """Our DataParallel around the GPT, over the Collectives of this variant (kernels/comm.py, kernels/)."""
 
     strategy = "ddp"
 

@@ -154,7 +154,7 @@ class AllToAll(torch.autograd.Function):
 
 
 class CollectivesExchange:
-    """The custom variant's all-to-alls, written over Collectives.all_to_all (comm.py; triton, nccl)."""
+    """The custom variant's all-to-alls, written over Collectives.all_to_all (kernels/comm.py; triton, nccl)."""
 
     def __init__(self, comm):
         self.comm = comm

@@ -21,7 +21,7 @@ Two variants, top to bottom, each applicable to a GPT or a pipeline stage on a "
 composes them), then a thin 1-D strategy:
 - `pytorch`: `apply_fsdp`, FSDP2's `fully_shard` on every block and then on the root, with MixedPrecisionPolicy for
              bf16/fp16; accumulation under `fsdp2_no_sync` (set_requires_gradient_sync and friends).
-- `custom`:  `FullyShardedDataParallel`, ZeRO-3 written out with comm.py: each unit is one padded flat parameter,
+- `custom`:  `FullyShardedDataParallel`, ZeRO-3 written out with kernels/comm.py: each unit is one padded flat parameter,
              sharded at init from a meta-device build; forward/backward hooks all-gather, prefetch and free; the
              gradients of a unit are reduce-scattered from a hook as soon as they are all ready (overlapping the
              rest of backward).
@@ -36,7 +36,7 @@ import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from comm import all_gather_single, reduce_scatter_single
+from kernels.comm import all_gather_single, reduce_scatter_single
 from model import GPT
 from parallel import Strategy, materialize, register, skipping_sync, slice_init
 from parallel.checkpoint import HEAD, WTE

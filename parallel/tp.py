@@ -43,7 +43,7 @@ Two variants, top to bottom, each a function that applies TP to a GPT or a pipel
 - `pytorch`: `apply_tp`, `parallelize_module` with a declarative plan (`pytorch_tp_plan`) on a "tp" DeviceMesh
   (DTensor), and `loss_parallel()`. Its collectives happen inside DTensor and are not counted in strategy.stats.
 - `custom`: `apply_custom_tp`, the same algorithm written out, Megatron-style, with autograd Functions over the
-  Collectives of comm.py (so the triton and nccl variants can swap the backend): copy-to / reduce-from the TP region,
+  Collectives of kernels/comm.py (so the triton and nccl variants can swap the backend): copy-to / reduce-from the TP region,
   gather / scatter along the last dimension, their sequence-parallel twins, ColumnParallelLinear,
   RowParallelLinear, VocabParallelEmbedding, and vocab-parallel cross-entropy.
 

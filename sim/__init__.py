@@ -3,8 +3,8 @@ A parallelism simulator: predict the step time, throughput, MFU and memory of tr
 TP (+ sequence parallelism), PP (GPipe, 1F1B, interleaved 1F1B) and CP (ring attention) on a cluster, before
 renting it.
 
-    python simulate.py config/gpt3_175b.py --cluster=a100-80gb --gpus=1024
-    python simulate.py config/train_shakespeare_char_cpu.py --cluster=cpu-local --parallel=ddp --gpus=2
+    python -m sim config/gpt3_175b.py --cluster=a100-80gb --gpus=1024
+    python -m sim config/train_shakespeare_char_cpu.py --cluster=cpu-local --parallel=ddp --gpus=2
 
 - sim/cluster.py   devices and links (A100, H100 presets; this CPU machine, calibrated)
 - sim/cost.py      FLOPs, bytes, seconds and memory of the pieces of a step, from the model's shapes

@@ -85,7 +85,7 @@ def collectives_worker():
     import torch
     import torch.distributed as dist
 
-    from comm import all_gather_single, init_distributed, reduce_scatter_single, teardown
+    from kernels.comm import all_gather_single, init_distributed, reduce_scatter_single, teardown
     code = 1
     try:
         init_distributed(timeout_s=120)

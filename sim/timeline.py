@@ -6,7 +6,7 @@ forward, backward and recomputation are coloured apart, and the TP/CP collective
 their own colours where they happen; each forward/backward of a micro-batch is outlined and numbered
 (micro-batch, or micro-batch.chunk with virtual stages), as in sim/pp_timeline.py.
 
-    python simulate.py config/x.py --gpus=8 --timeline=docs/sim_timeline.png
+    python -m sim config/x.py --gpus=8 --timeline=docs/sim_timeline.png
 """
 
 import os

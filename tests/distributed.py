@@ -30,7 +30,7 @@ import torch.distributed as dist
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from comm import SHARE_GPU_ENV  # noqa: E402
+from kernels.comm import SHARE_GPU_ENV  # noqa: E402
 from parallel import init_distributed, teardown  # noqa: E402
 
 UNDER_TORCHRUN = "WORLD_SIZE" in os.environ

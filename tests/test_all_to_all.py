@@ -12,7 +12,7 @@ On CPU the triton kernels run in Triton's interpreter over /dev/shm (tests/test_
 
 import torch
 
-from comm import CommStats, TorchCollectives
+from kernels.comm import CommStats, TorchCollectives
 from tests.distributed import DistributedTestCase, torchrun_launcher
 
 DEVICE = torch.device("cpu")

@@ -1,5 +1,5 @@
 """
-comm.py: every collective of the torch backend gives the right values, sync and async, and counts
+kernels/comm.py: every collective of the torch backend gives the right values, sync and async, and counts
 payload and bus bytes by nccl-tests' convention.
 
     torchrun --standalone --nproc_per_node=2 -m unittest tests/test_comm.py     (or 4; pytest launches both)
@@ -7,7 +7,7 @@ payload and bus bytes by nccl-tests' convention.
 
 import torch
 
-from comm import CommStats, TorchCollectives, check_backend_serves
+from kernels.comm import CommStats, TorchCollectives, check_backend_serves
 from parallel import build_strategy
 from tests.distributed import DistributedTestCase, torchrun_launcher
 from tests.reference import train_config

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
-from comm import CommStats, TorchCollectives
+from kernels.comm import CommStats, TorchCollectives
 from model import GPT
 from parallel import build_strategy
 from parallel.cp import (_pairs, block_attention, block_attention_backward, check_cp_config,

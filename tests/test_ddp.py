@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from model import GPT
 from parallel import build_strategy
-from comm import TorchCollectives
+from kernels.comm import TorchCollectives
 from parallel.ddp import DataParallel
 from tests.distributed import DistributedTestCase, torchrun_launcher
 from tests.reference import global_batches, max_param_diff, rank_batches, tiny_config, train_checked, train_config

@@ -163,7 +163,7 @@ class TestFSDP(DistributedTestCase):
             nn.functional.mse_loss(ref(x), y).backward()
             ref_opt.step()
             ref_opt.zero_grad()
-        from comm import TorchCollectives
+        from kernels.comm import TorchCollectives
         net = make()
         fsdp = FullyShardedDataParallel(net, list(net)[1:4], TorchCollectives())
         opt = torch.optim.SGD(fsdp.opt_params, lr=0.1)

@@ -1,12 +1,12 @@
 """
-gpu_check.py, the one command for a GPU machine, proven on CPU so that the first GPU minute is not spent on a typo.
+tools/gpu_check.py, the one command for a GPU machine, proven on CPU so that the first GPU minute is not spent on a typo.
 
-- test_dry_run: `python gpu_check.py --dry-run` runs the whole orchestration (every phase's workers under torchrun
+- test_dry_run: `python -m tools.gpu_check --dry-run` runs the whole orchestration (every phase's workers under torchrun
   or alone, time limits, the JSON and Markdown writers) on CPU with gloo, Triton's interpreter and tiny sizes; the
   checks it makes must pass: the triton test cases, ddp's and pp's custom and triton variants (each cell its own
   process) = the single-device model step by step, all-reduce results correct, train.py with a checkpoint and a
   resume, GPT-2 (tiny) with compile off and on; the nccl parts skipped with the reason. ~3 minutes on 2 cores.
-- without a GPU, plain `python gpu_check.py` prints one line and exits non-zero.
+- without a GPU, plain `python -m tools.gpu_check` prints one line and exits non-zero.
 - the budget: a part with too little time left is skipped, and says so.
 - the Markdown writer on the kinds of records only a GPU run produces (MFU, failures, errors, timeouts).
 """
@@ -21,14 +21,14 @@ import torch
 from tests.distributed import REPO, run_command
 
 sys.path.insert(0, REPO)
-import gpu_check  # noqa: E402
+from tools import gpu_check  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
 
 def test_dry_run(tmp_path):
     out = tmp_path / "report"
-    code, text = run_command([sys.executable, "gpu_check.py", "--dry-run", "--out", str(out)], 400)
+    code, text = run_command([sys.executable, "-m", "tools.gpu_check", "--dry-run", "--out", str(out)], 400)
     assert (out / "report.json").exists(), text[-8000:]
     report = json.loads((out / "report.json").read_text())
     assert code == 0 and report["ok"], f"exit code {code}:\n{text[-4000:]}\n{(out / 'report.md').read_text()}"
@@ -69,7 +69,7 @@ def test_dry_run(tmp_path):
 
 @pytest.mark.skipif(CUDA, reason="checks the message of a machine without a GPU")
 def test_without_gpu_prints_one_line_and_fails():
-    code, text = run_command([sys.executable, "gpu_check.py"], 120)
+    code, text = run_command([sys.executable, "-m", "tools.gpu_check"], 120)
     assert code == 2
     assert len(text.strip().splitlines()) == 1 and text.startswith("gpu_check: no GPU here"), text
 

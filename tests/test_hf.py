@@ -1,5 +1,5 @@
 """
-GPT-2 weights from and to Hugging Face (hf.py), through train.py's real loading path, offline.
+GPT-2 weights from and to Hugging Face (tools/hf.py), through train.py's real loading path, offline.
 
     torchrun --standalone --nproc_per_node=2 -m unittest tests/test_hf.py      (or 4; pytest launches both)
 
@@ -7,7 +7,7 @@ Nothing is downloaded: a small random GPT-2 is built with transformers (GPT2Conf
 biases and norms are not their trivial init) and saved with save_pretrained into a temporary directory, which
 train.py loads with --init_from=DIR (the ddp/custom run also profiles: a trace per rank). A step at learning rate 0
 leaves the weights as loaded, so the checkpoint train.py writes must hold them: its logits equal transformers'
-within 1e-5, and so do those of the Hugging Face directory `python hf.py` exports from it (both ways), for single
+within 1e-5, and so do those of the Hugging Face directory `python -m tools.hf` exports from it (both ways), for single
 (here), ddp, fsdp, tp, pp (2 processes, both variants) and 3d (4 processes: dp2·tp2 and pp2·tp2, both variants). The
 eval loss train.py logs at step 0, computed by the sharded forward, equals transformers' on the same batch.
 Vocabulary 97: TP splits it unevenly (49 + 48); block_size 16 of the model's 32 positions (cropped).
@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import hf
+from tools import hf
 import train
 from model import GPT, GPTConfig
 from parallel.checkpoint import load_checkpoint_file, resolve
@@ -37,7 +37,7 @@ from tests.distributed import REPO, DistributedTestCase, torchrun_launcher
 
 VOCAB, POSITIONS, BLOCK = 97, 32, 16
 TOLERANCE = 1e-5
-PROFILE = dict(profile=True, profile_start=0, profile_steps=1)  # one run also checks profiling.py on 2 ranks
+PROFILE = dict(profile=True, profile_start=0, profile_steps=1)  # one run also checks tools/profiling.py on 2 ranks
 CASES = {  # world size -> [(name, train.py overrides)]
     2: [(f"{s}/{v}", dict(parallel=s, variant=v, **extra, **(PROFILE if (s, v) == ("ddp", "custom") else {})))
         for s, extra in (("ddp", {}), ("fsdp", {}), ("tp", dict(sequence_parallel=True, loss_parallel=True)),
@@ -151,14 +151,14 @@ def test_conversion_both_ways_is_exact():
 
 
 def test_single_train_py_loads_and_exports(model_and_data, tmp_path):
-    """single: train.py --init_from=DIR, then the export command `python hf.py OUT_DIR HF_DIR` (its main)."""
+    """single: train.py --init_from=DIR, then the export command `python -m tools.hf OUT_DIR HF_DIR` (its main)."""
     model_dir, data_dir = model_and_data
     out = str(tmp_path / "out")
     assert train.main(train_args(model_dir, data_dir, out, gradient_accumulation_steps=1)) == 0
     x = torch.randint(0, VOCAB, (3, BLOCK), generator=torch.Generator().manual_seed(1))
     ref = hf_logits(model_dir, x)
     assert (our_logits(resolve(out), x) - ref).abs().max().item() < TOLERANCE
-    hf.main([out, str(tmp_path / "exported")])  # the export command, `python hf.py OUT_DIR HF_DIR`
+    hf.main([out, str(tmp_path / "exported")])  # the export command, `python -m tools.hf OUT_DIR HF_DIR`
     assert (hf_logits(str(tmp_path / "exported"), x) - ref).abs().max().item() < TOLERANCE
     with open(os.path.join(out, "metrics.jsonl")) as f:
         val0 = next(r["val/loss"] for r in map(json.loads, f) if r["iter"] == 0 and "val/loss" in r)

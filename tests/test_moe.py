@@ -304,7 +304,7 @@ def test_flops_count_the_active_experts():
 def test_llama3_8b_config_at_full_size_and_toy_scale(tmp_path, shakespeare_char_dir, capsys):
     """config/llama3_8b.py is Llama 3 8B's shape (7.50B parameters with the tied head: Meta's 8.03B less the separate
     128256 x 4096 output matrix); trained at toy scale through train.py (2 layers, 64 wide, 4 heads over 2 kv heads)
-    its loss falls; and simulate.py plans it."""
+    its loss falls; and sim/__main__.py plans it."""
     from config import load_config
     from train import DEFAULTS
     cfg = load_config(DEFAULTS, ["config/llama3_8b.py"])
@@ -323,7 +323,7 @@ def test_llama3_8b_config_at_full_size_and_toy_scale(tmp_path, shakespeare_char_
     with open(os.path.join(out, "metrics.jsonl")) as f:
         losses = [m["train/loss"] for m in map(json.loads, f) if "train/loss" in m]
     assert len(losses) == 20 and sum(losses[-5:]) / 5 < losses[0] - 0.5, losses
-    import simulate
+    import sim.__main__ as simulate
     assert simulate.main(["config/llama3_8b.py", "--gpus=64"]) == 0
     assert "7.5B parameters" in capsys.readouterr().out
 
@@ -337,7 +337,7 @@ def test_hf_llama_with_grouped_query_attention_converts_both_ways(tmp_path):
     hf.load_pretrained gives transformers' logits (1e-5); exported back, every tensor is transformers' bitwise and the
     exported directory's logits are the same; what model.py lacks is a one-line error."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import hf
+    from tools import hf
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     options = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -435,8 +435,8 @@ def test_sim_expert_parallel_all_to_alls_and_imbalance():
 
 
 def test_simulate_py_plans_moe_configs(capsys):
-    """simulate.py takes config/mixtral_8x7b.py (experts over 8 ranks) and reports the all-to-alls' share."""
-    import simulate
+    """sim/__main__.py takes config/mixtral_8x7b.py (experts over 8 ranks) and reports the all-to-alls' share."""
+    import sim.__main__ as simulate
     assert simulate.main(["config/mixtral_8x7b.py", "--gpus=128"]) == 0
     text = capsys.readouterr().out
     assert "46.6B parameters" in text and "ep=8" in text and " ep " in text, text

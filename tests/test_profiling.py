@@ -1,6 +1,6 @@
 """
-profile=True / memory_snapshot / the peak memory per rank in train.py's log (profiling.py), and the loss-curve
-command (plot_loss.py). The traces of several ranks: tests/test_hf.py's ddp/custom run (2 processes) profiles.
+profile=True / memory_snapshot / the peak memory per rank in train.py's log (tools/profiling.py), and the loss-curve
+command (tools/plot_loss.py). The traces of several ranks: tests/test_hf.py's ddp/custom run (2 processes) profiles.
 """
 
 import json
@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-import plot_loss
+from tools import plot_loss
 import train
-from profiling import check_profiling_config
+from tools.profiling import check_profiling_config
 from tests.reference import train_config
 
 
@@ -78,7 +78,7 @@ def test_peak_flops_by_device_name(monkeypatch):
     """MFU's denominator comes from the GPU's name (profiling.PEAK_FLOPS, shared with gpu_check): H200 and the SXM
     H100 989.4 TFLOP/s dense bf16, the PCIe H100 756, A100 312, fp32 without TF32 lower; unknown GPUs and CPUs have
     none, so train.py prints no MFU for them instead of dividing by an A100's peak."""
-    from profiling import peak_flops
+    from tools.profiling import peak_flops
     cuda = torch.device("cuda", 0)
     for name, dtype, expected in (("NVIDIA H200", "bfloat16", 989.4e12), ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4e12),
                                   ("NVIDIA H100 PCIe", "float16", 756e12), ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),

@@ -1,5 +1,5 @@
 """
-The simulator (sim/, simulate.py) against the cases it must reproduce exactly: the pipeline bubble of GPipe, 1F1B
+The simulator (sim/, sim/__main__.py) against the cases it must reproduce exactly: the pipeline bubble of GPipe, 1F1B
 and interleaved 1F1B with free communication (Narayanan et al. 2021), the alpha-beta ring all-reduce, the ZeRO
 memory formulas (../shared/notes/formulas.md), Korthikanti et al.'s activation memory, MFU of pure compute, and
 Megatron-LM's FLOP count; plus the config mapping, the planner and the timeline. No process group, no wall clock:
@@ -233,7 +233,7 @@ def test_timeline_png(tmp_path):
 
 
 def test_cli_one_line_errors(capsys):
-    import simulate
+    import sim.__main__ as simulate
     with pytest.raises(ValueError, match="does not fit"):
         simulate.main(["config/gpt3_175b.py", "--gpus=1024", "--tp_size=1", "--pp_size=1", "--dp_size=1024",
                        "--gradient_accumulation_steps=1024"])

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from model import GPT
 from parallel import build_strategy, load_checkpoint_file
 from parallel import checkpoint as ckpt_module
-from comm import TorchCollectives
+from kernels.comm import TorchCollectives
 from parallel.tp import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, chunk_bounds,
                          enter_tp_region, vocab_parallel_cross_entropy)
 from tests.distributed import DistributedTestCase, torchrun_launcher

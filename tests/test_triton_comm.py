@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from parallel import available, build_strategy
-from comm import TorchCollectives
+from kernels.comm import TorchCollectives
 from tests.distributed import DistributedTestCase, torchrun_launcher
 from tests.reference import global_batches, tiny_config, train_checked, train_config
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from comm import CommStats, TorchCollectives
+from kernels.comm import CommStats, TorchCollectives
 from model import GPT, GPTConfig
 from parallel import build_strategy
 from parallel.cp import (UlyssesAttentionCore, check_cp_config, gathered_positions, heads_to_sequence,
@@ -102,7 +102,7 @@ def test_ulysses_bytes_formula():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the simulator (sim/cost.py, sim/planner.py, simulate.py)
+# the simulator (sim/cost.py, sim/planner.py, sim/__main__.py)
 
 
 def sim_cluster(**changes):
@@ -160,8 +160,8 @@ def test_sim_ulysses_formulas(tp, cp, n_kv_head):
 
 def test_sim_ulysses_checks_and_planner():
     """A layout whose heads tp·cp does not divide is a one-line error; the planner searches Ulysses beside the
-    ring where the query and key/value heads allow it, and simulate.py takes cp_type from train.py's keys."""
-    import simulate
+    ring where the query and key/value heads allow it, and sim/__main__.py takes cp_type from train.py's keys."""
+    import sim.__main__ as simulate
     from sim.cost import Model, Parallel
     from sim.planner import context_layouts
     model = Model(n_layer=4, n_head=12, n_embd=768, seq_len=1024, vocab_size=1000, n_kv_head=4)

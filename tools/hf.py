@@ -3,14 +3,14 @@ GPT-2 and Llama weights between Hugging Face `transformers` and model.py's layou
 
     python train.py config/finetune_shakespeare.py                    # init_from="gpt2-xl": finetune GPT-2
     python sample.py --init_from=gpt2 --start="Hello, I'm a language model,"
-    python hf.py out-shakespeare-char-cpu hf-shakespeare-char         # any checkpoint -> a Hugging Face directory
+    python -m tools.hf out-shakespeare-char-cpu hf-shakespeare-char         # any checkpoint -> a Hugging Face directory
 
 In: `init_from` = "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" (the Hub's names: read from the local Hugging Face
 cache, downloaded into it when the network allows; HF_HUB_OFFLINE=1 never tries) or a local Hugging Face model
 directory (config.json + weights, as `save_pretrained` writes). `AutoModelForCausalLM.from_pretrained` reads them;
 `from_hf` maps them onto model.py's names; train.py hands the result to the strategy, whose slice_init shards them
 exactly as it shards a fresh init (parallel/__init__.py), for every strategy and variant.
-Out: `python hf.py CHECKPOINT OUT_DIR` writes any of our checkpoints (an out_dir, a step directory, ckpt.pt, or a
+Out: `python -m tools.hf CHECKPOINT OUT_DIR` writes any of our checkpoints (an out_dir, a step directory, ckpt.pt, or a
 sharded DCP directory, read by parallel.load_checkpoint_file) as a Hugging Face directory (model.safetensors,
 config.json) that `AutoModelForCausalLM.from_pretrained(OUT_DIR)` loads (GPT2LMHeadModel or LlamaForCausalLM).
 

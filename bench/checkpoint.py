@@ -2,8 +2,8 @@
 What a checkpoint costs the training loop, synchronous vs asynchronous (async_checkpoint=True), and how long a
 crashed job takes to come back under torchrun --max-restarts, measured on train.py itself.
 
-    python bench_checkpoint.py                                     # single, ddp, fsdp; then the restart
-    python bench_checkpoint.py --strategies=fsdp --iters=40 --interval=10 --repeat=5 --n_layer=6 --n_embd=384
+    python -m bench.checkpoint                                     # single, ddp, fsdp; then the restart
+    python -m bench.checkpoint --strategies=fsdp --iters=40 --interval=10 --repeat=5 --n_layer=6 --n_embd=384
 
 config/train_shakespeare_char.py with 4 layers, 256 wide (3.2M parameters: a 38 MB checkpoint with AdamW's
 moments), micro-batches of 2 x 64 tokens unless overridden (its own 6 x 384 model takes seconds per step on these
@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATEGIES = {"single": (0, ["--parallel=single"]),
               "ddp": (2, ["--parallel=ddp", "--variant=pytorch", "--gradient_accumulation_steps=2"]),
               "fsdp": (2, ["--parallel=fsdp", "--variant=pytorch", "--gradient_accumulation_steps=2"])}

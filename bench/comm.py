@@ -2,8 +2,8 @@
 All-reduce latency and bus bandwidth of the Collectives backends, by nccl-tests' definitions (doc/PERFORMANCE.md):
 for S bytes all-reduced in t seconds over N ranks, algbw = S / t and busbw = algbw · 2(N-1)/N.
 
-    torchrun --standalone --nproc_per_node=2 kernels/bench_comm.py                       # CPU: gloo vs triton
-    torchrun --standalone --nproc_per_node=2 kernels/bench_comm.py --sizes=1M,16M,256M,1G --backends=triton,nccl,cuda
+    torchrun --standalone --nproc_per_node=2 -m bench.comm                              # CPU: gloo vs triton
+    torchrun --standalone --nproc_per_node=2 -m bench.comm --sizes=1M,16M,256M,1G --backends=triton,nccl,cuda
 
 Backends: torch (comm.TorchCollectives over the process group: gloo), triton (kernels/triton_comm.py:
 the Triton interpreter over /dev/shm on CPU, CUDA symmetric memory on a GPU), nccl (kernels/nccl.py over libnccl, GPU
@@ -12,7 +12,7 @@ its one-shot/ring threshold and FIFO sizes come from NANOCCL_* variables, kernel
 The process group is gloo everywhere; on a GPU every rank uses GPU 0 (one GPU is what the device tool lends) with its
 own NCCL_HOSTID, so NCCL accepts several ranks on it, and TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1, without which
 torch's symmetric memory refuses two ranks' allocations on one device ("detected allocations from overlapping
-devices"). gpu_check.py measures torch's NCCL too (a process group with NCCL for CUDA tensors).
+devices"). tools/gpu_check.py measures torch's NCCL too (a process group with NCCL for CUDA tensors).
 Each size: `warmup` calls, then `iters` timed calls (a CUDA synchronize before and after); the time is the slowest
 rank's mean per call, and one call first checks the result. Prints one row per (backend, size).
 """
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from comm import TorchCollectives, teardown  # noqa: E402
+from kernels.comm import TorchCollectives, teardown  # noqa: E402
 
 UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
 

@@ -4,8 +4,8 @@ DDP, ZeRO-1, ZeRO-2 and FSDP (ZeRO-3) side by side, on the CPU recipe's model an
 (config/train_shakespeare_char_cpu.py: 4 layers, 128 dim, block 64, vocabulary 65: Ψ = 0.80M parameters; 12
 sequences per step, one micro-batch of 6 per rank), 2 processes (gloo), fp32.
 
-    python bench_zero.py                          # both variants, 2 processes
-    python bench_zero.py --variants=custom --steps=50 --nproc=4
+    python -m bench.zero                          # both variants, 2 processes
+    python -m bench.zero --variants=custom --steps=50 --nproc=4
 
 One torchrun job builds every strategy (ddp with zero_stage 0, 1, 2, and fsdp; each variant) and runs them in turn,
 one step each, round after round, so a slow spell of a shared machine hits all of them alike; ms/step is the median
@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "config/train_shakespeare_char_cpu.py"
 STAGES = [("ddp", "ddp", 0), ("zero1", "ddp", 1), ("zero2", "ddp", 2), ("fsdp", "fsdp", 0)]  # (label, parallel, stage)
 
@@ -104,7 +104,7 @@ def main():
     if args.worker:
         return worker(args)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "bench_zero.py", "--worker", f"--variants={args.variants}", f"--steps={args.steps}"]
+           "-m", "bench.zero", "--worker", f"--variants={args.variants}", f"--steps={args.steps}"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
         sys.exit(f"failed:\n{out.stdout[-3000:]}{out.stderr[-3000:]}")

@@ -3,8 +3,8 @@ Activation checkpointing benchmark: peak memory per rank and step time of each m
 the op-level policy, selective every 2nd block) for each strategy, on the CPU recipe's model and global batch
 (config/train_shakespeare_char_*_cpu.py: 4 layers, 128 dim, block 64, 12 sequences per step).
 
-    python bench_ac.py                                         # single + every strategy's custom variant
-    python bench_ac.py --strategies=fsdp/pytorch,pp/custom --steps=30
+    python -m bench.ac                                         # single + every strategy's custom variant
+    python -m bench.ac --strategies=fsdp/pytorch,pp/custom --steps=30
 
 Each strategy runs in one torchrun job (its config's process count: 1, 2, or 8 for 3d; one thread each) that builds
 the model once per mode and alternates the modes step by step, so a slow spell of a shared machine hits all of them
@@ -33,7 +33,7 @@ from types import SimpleNamespace
 
 import torch
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = [("none", "op"), ("full", "op"), ("selective", "op"), ("selective", "2")]
 CONFIGS = {  # strategy -> (config file, processes); variant given separately
     "single": ("config/train_shakespeare_char_cpu.py", 1),
@@ -155,7 +155,7 @@ def main():
         parallel, variant = pair.split("/")
         config, nproc = CONFIGS[parallel]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "bench_ac.py", "--worker", f"--config={config.format(variant=variant)}", f"--variant={variant}",
+               "-m", "bench.ac", "--worker", f"--config={config.format(variant=variant)}", f"--variant={variant}",
                f"--steps={args.steps}"]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun sets for 2+ processes; single alike
         out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3600, env=env)

@@ -1,8 +1,8 @@
 """
 Throughput benchmark on the CPU recipe (config/train_shakespeare_char_cpu.py): single, DDP and FSDP, both variants.
 
-    python bench.py                          # 2 processes for DDP
-    python bench.py --iters=300 --nproc=4 --repeat=3
+    python -m bench.throughput               # 2 processes for DDP
+    python -m bench.throughput --iters=300 --nproc=4 --repeat=3
 
 Two measurements:
 1. train.py itself, run for --iters iterations per strategy (evaluation only at the start and end), the same
@@ -31,7 +31,7 @@ from config import load_config
 from model import GPT, GPTConfig
 from train import DEFAULTS
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "config/train_shakespeare_char_cpu.py"
 
 
@@ -143,7 +143,7 @@ def main():
     print(f"2. paired A/B in one job, N={args.nproc}, {args.iters - 10} alternating steps each; bytes of params + "
           f"grads + Adam state on rank 0 (single: {16 * psi:,})")
     for parallel in strategies:
-        out = subprocess.run(torchrun(args.nproc, "bench.py", f"--paired-worker={args.iters}", f"--pair={parallel}"),
+        out = subprocess.run(torchrun(args.nproc, "-m", "bench.throughput", f"--paired-worker={args.iters}", f"--pair={parallel}"),
                              cwd=REPO, check=True, capture_output=True, text=True, timeout=1800).stdout
         median = json.loads(out.strip().splitlines()[-1])
         for variant, (seconds, held) in median.items():

@@ -4,10 +4,10 @@ or a search for the fastest layout. Takes train.py's config files and --key=valu
 simulator's keys (sim/config.py): cluster, gpus / nodes, cp_size, zero_stage, recompute, flash_attention,
 overlap_grad_reduce, matmul_efficiency, timeline, plan, global_batch, top (vocab_size is train.py's key).
 
-    python simulate.py config/gpt3_175b.py --cluster=a100-80gb --gpus=1024          # Megatron-LM's GPT-3 run
-    python simulate.py config/gpt3_175b.py --gpus=1024 --pp_size=16 --timeline=out.png
-    python simulate.py config/gpt3_175b.py --gpus=1024 --plan                         # the fastest layouts
-    python simulate.py config/train_shakespeare_char_ddp_custom_cpu.py --cluster=cpu-local --gpus=2
+    python -m sim config/gpt3_175b.py --cluster=a100-80gb --gpus=1024          # Megatron-LM's GPT-3 run
+    python -m sim config/gpt3_175b.py --gpus=1024 --pp_size=16 --timeline=out.png
+    python -m sim config/gpt3_175b.py --gpus=1024 --plan                         # the fastest layouts
+    python -m sim config/train_shakespeare_char_ddp_custom_cpu.py --cluster=cpu-local --gpus=2
 
 Exits with status 1 and a one-line error when the layout is impossible or does not fit in memory.
 """

@@ -3,10 +3,10 @@ One command that proves, on a machine with one GPU, what the CPU tests cannot: t
 on a real GPU, through train.py's own setup, their bandwidth, and GPT-2's speed. Writes one report (Markdown + JSON)
 and prints its path.
 
-    make gpu-check                  # python gpu_check.py: needs one GPU, takes at most --budget-s (default 450 s)
-    python gpu_check.py --dry-run   # the same orchestration on CPU (gloo, Triton's interpreter, tiny sizes)
-    python gpu_check.py --phases tests,bandwidth --out out-gpu-check/mine
-    python gpu_check.py --phases strategies --only pp/nccl,3d/nccl   # some cells again
+    make gpu-check                        # python -m tools.gpu_check: needs one GPU, takes at most --budget-s (default 450 s)
+    python -m tools.gpu_check --dry-run   # the same orchestration on CPU (gloo, Triton's interpreter, tiny sizes)
+    python -m tools.gpu_check --phases tests,bandwidth --out out-gpu-check/mine
+    python -m tools.gpu_check --phases strategies --only pp/nccl,3d/nccl   # some cells again
 
 Phases, in order; every part runs in its own processes (torchrun with 2 ranks sharing GPU 0, or one process) with a
 time limit carved out of the budget, so a part that fails, crashes the GPU context or hangs costs only itself and
@@ -53,7 +53,7 @@ import time
 import traceback
 import unittest
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 # tests/test_triton_comm.py's STRATEGIES
@@ -112,7 +112,7 @@ def _start(dry_run):
     ranks sharing GPU 0 through NANOPARALLEL_SHARE_GPU=1, which child_env sets; gloo on CPU), and faulthandler armed
     to print every thread's Python stack shortly before the orchestrator's time limit (a hang names its frames)."""
     import faulthandler
-    from comm import init_distributed
+    from kernels.comm import init_distributed
     hang_s = float(os.environ.get("GPU_CHECK_HANG_S", "0"))
     if hang_s > 0:
         faulthandler.dump_traceback_later(hang_s, exit=False)
@@ -150,7 +150,7 @@ def worker_env(args):
         if hasattr(dist, new):
             probe(f"torch.distributed.{new}", "ok", "torch >= 2.13 name")
         elif hasattr(dist, old):
-            probe(f"torch.distributed.{new}", "fallback", f"absent in torch {torch.__version__}: comm.py and "
+            probe(f"torch.distributed.{new}", "fallback", f"absent in torch {torch.__version__}: kernels/comm.py and "
                   f"parallel/fsdp.py use torch.distributed.{old}, the same collective under its older name")
         else:
             probe(f"torch.distributed.{new}", "missing", f"neither {new} nor {old}", "custom FSDP/TP fail")
@@ -168,7 +168,7 @@ def worker_env(args):
           "share a GPU (NANOPARALLEL_SHARE_GPU=1, which gpu_check sets): torch's CUDA symmetric memory (2.11 included) "
           "refuses two ranks' allocations on one device, and NCCL two ranks on one device, without them")
     probe("TORCH_SYMMMEM", "ok", f"{os.environ.get('TORCH_SYMMMEM', 'unset')}: the symmetric-memory allocator "
-          "(gpu_check.py defaults it to CUDA, the cuMem one whose peer pointers the kernels use)")
+          "(gpu_check defaults it to CUDA, the cuMem one whose peer pointers the kernels use)")
     try:
         from kernels import nccl
         lib = nccl.NCCLLibrary()
@@ -194,7 +194,7 @@ def worker_env(args):
     for module in ("numpy", "pytest"):
         found = importlib.util.find_spec(module) is not None
         status = "ok" if found else ("fallback" if module == "pytest" else "missing")
-        detail = "" if found else ("not installed: gpu_check.py puts a stand-in on the parts' PYTHONPATH (the GPU "
+        detail = "" if found else ("not installed: gpu_check puts a stand-in on the parts' PYTHONPATH (the GPU "
                                    "test classes are unittest classes; their modules import pytest only to "
                                    "decorate pytest functions)" if module == "pytest" else "not installed")
         probe(module, status, detail, "" if found or module == "pytest" else "train.py's data loading fails")
@@ -246,7 +246,7 @@ def worker_tests(args):
     classes set up their process group as they do under torchrun (comm.init_distributed, GPU 0 shared). Without
     test names, every test of the class but its test_strategies_* ones: the strategies phase runs those cells, each
     in its own process."""
-    from comm import teardown
+    from kernels.comm import teardown
     module, cls, *names = args.suite.split(":")
     case = getattr(importlib.import_module(module), cls)
     names = names[0].split(",") if names else [n for n in unittest.TestLoader().getTestCaseNames(case)
@@ -266,7 +266,7 @@ def worker_strategies(args):
     """One strategy (--strategy) with one variant (--variant), `steps` fp32 steps on 2 ranks, every step checked
     against the single-device model from the same state (tests/reference.py's train_checked): one record."""
     import torch.distributed as dist
-    from comm import teardown
+    from kernels.comm import teardown
     device = _start(args.dry_run)
     from parallel import build_strategy
     from tests.reference import global_batches, train_checked, train_config
@@ -351,11 +351,11 @@ def worker_train(args):
 
 
 def worker_bandwidth(args):
-    """All-reduce bus bandwidth of one backend over --sizes (kernels/bench_comm.py's bus_bandwidth): one record per
+    """All-reduce bus bandwidth of one backend over --sizes (bench/comm.py's bus_bandwidth): one record per
     size. torch: TorchCollectives over a process group whose CUDA backend is NCCL (gloo in a dry run)."""
     import torch
-    from comm import teardown
-    from kernels.bench_comm import bus_bandwidth, make_backend, parse_size
+    from kernels.comm import teardown
+    from bench.comm import bus_bandwidth, make_backend, parse_size
     device = _start(args.dry_run)
     comm = make_backend(args.backend, device, "auto")
     sizes = [parse_size(s) for s in args.sizes.split(",")]
@@ -414,7 +414,7 @@ def worker_gpt2(args):
     dt = (time.perf_counter() - t0) / steps
     tokens = batch * model_config.block_size / dt
     flops = flops_per_token(model_config) * tokens
-    from profiling import peak_flops  # the table train.py's MFU uses
+    from tools.profiling import peak_flops  # the table train.py's MFU uses
     name, peak = peak_flops(device, "bfloat16")
     record = dict(kind="gpt2", compile=compile_, compile_backend=backend if compile_ else None, device=name,
                   params=sum(p.numel() for p in strategy.model.parameters()), batch=batch,
@@ -436,7 +436,7 @@ WORKERS = dict(env=worker_env, tests=worker_tests, strategies=worker_strategies,
 # ----------------------------------------------------------------------------------------------------------
 # the orchestrator
 
-PYTEST_SHIM = '''"""Stand-in for pytest where it is not installed (written by gpu_check.py). The GPU test classes are
+PYTEST_SHIM = '''"""Stand-in for pytest where it is not installed (written by tools/gpu_check.py). The GPU test classes are
 unittest classes; their modules use pytest only to declare pytest functions at import time, which never run here."""
 import importlib
 import unittest
@@ -487,7 +487,7 @@ def run_part(phase, part, argv, ranks, timeout_s, out_dir, dry_run, env, extra):
     """Run one part in its own process(es) with a time limit; return its record (status, seconds, log, results)."""
     slug = f"{phase}-{part}".replace(" ", "-").replace("/", "-")
     result, log = os.path.join(out_dir, "parts", f"{slug}.jsonl"), os.path.join(out_dir, "parts", f"{slug}.log")
-    worker = [os.path.join(REPO, "gpu_check.py"), "--worker", *argv, "--result", result] + extra
+    worker = ["-m", "tools.gpu_check", "--worker", *argv, "--result", result] + extra
     if dry_run:
         worker.append("--dry-run")
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *worker]
@@ -745,7 +745,7 @@ def main(argv):
         import torch
         if not torch.cuda.is_available():
             print(f"gpu_check: no GPU here (torch {torch.__version__}: torch.cuda.is_available() is False); "
-                  f"`python gpu_check.py --dry-run` runs the same orchestration on CPU")
+                  f"`python -m tools.gpu_check --dry-run` runs the same orchestration on CPU")
             return 2
     report, code = orchestrate(args)
     print(os.path.join(report["out_dir"], "report.md"))

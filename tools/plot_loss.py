@@ -3,7 +3,7 @@ Overlay the loss curves of several runs: train and val loss from each out_dir's 
 against wall time, in one PNG (2 x 2 panels); and a table of each run's last val loss and its largest distance from
 the first run's curves.
 
-    python plot_loss.py out-single out-ddp out-fsdp --labels single,ddp,fsdp --out docs/loss_curves.png
+    python -m tools.plot_loss out-single out-ddp out-fsdp --labels single,ddp,fsdp --out docs/loss_curves.png
 
 metrics.jsonl (train.py appends to it): "train/loss" every log_interval, "val/loss" at every eval, "time_s" the
 wall seconds since the process entered its training loop. A run resumed in the same out_dir continues the curve
