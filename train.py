@@ -4,7 +4,7 @@ Train a GPT with any parallel strategy of parallel/. nanoGPT's train.py, with th
 One process:
     python train.py config/train_shakespeare_char_cpu.py
 Data parallel on 2 CPU processes (gloo) or on the GPUs of one node (NCCL):
-    torchrun --standalone --nproc_per_node=2 train.py config/train_shakespeare_char_ddp_cpu.py
+    torchrun --standalone --nproc_per_node=2 train.py config/train_shakespeare_char_ddp_custom_cpu.py
 Any default below can be overridden by a config file and then by --key=value (config/__init__.py).
 
 This file never looks at the strategy's name: `build_strategy(cfg, device)` returns a Strategy that builds the

@@ -1,5 +1,5 @@
 """
-Benchmarks: each prints the figures the README quotes, measured on this machine (run from the repository root).
+Benchmarks: each prints the figures docs/ quotes, measured on this machine (run from the repository root).
 
 - bench/throughput.py: tokens/s of single, DDP and FSDP, both variants, on the CPU recipe (make bench).
 - bench/ac.py: peak step memory and ms/step of each activation checkpointing mode, per strategy.

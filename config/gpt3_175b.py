@@ -4,7 +4,7 @@
 # tensor parallel 8 inside a DGX A100 node, pipeline parallel 8 across nodes, data parallel over the rest.
 # A config for sim/__main__.py (train.py accepts every key here too); Megatron's 2021 run (simulator-only keys):
 #   python -m sim config/gpt3_175b.py --gpus=1024 --vocab_size=51200 --recompute=full --flash_attention=False
-# predicts 151.7 TFLOP/s per GPU against the paper's 140 (README, Simulator).
+# predicts 151.7 TFLOP/s per GPU against the paper's 140 (docs/simulator.md).
 out_dir = "out-gpt3-175b"
 dataset = "openwebtext"
 

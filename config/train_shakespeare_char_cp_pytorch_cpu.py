@@ -3,7 +3,7 @@
 # torch's context_parallel (its ring template; on CPU over the CPU flash kernel). Every rank reads the single
 # run's batch.
 #   torchrun --standalone --nproc_per_node=2 train.py config/train_shakespeare_char_cp_pytorch_cpu.py
-# Long sequences are what CP is for: --block_size=1024 --batch_size=4 (see the README's context-parallelism section).
+# Long sequences are what CP is for: --block_size=1024 --batch_size=4 (docs/strategies.md, Ring attention).
 from config.train_shakespeare_char_cpu import *  # noqa: F403  (the recipe; below, what differs)
 
 out_dir = "out-shakespeare-char-cp-pytorch-cpu"

@@ -315,7 +315,7 @@ def restart_safe_store(timeout):
     previous attempt's keys and fail to connect: measured here, a restarted 2-rank gloo job failed in init this way.
     One agent restarts all its workers together, so TORCHELASTIC_RESTART_COUNT names the attempt consistently and
     the store is prefixed with it. Several nodes' agents count restarts separately: there, run torchrun with
-    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per attempt; the README's Slurm script does).
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per attempt; docs/checkpoints.md's Slurm script does).
     """
     env = os.environ
     if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":

@@ -442,7 +442,7 @@ class NCCLCollectives(Collectives):
 
 class CudaCollectives(NCCLCollectives):
     """The `cuda` variant's backend: NCCLCollectives, the same binding line for line, over libnanoccl instead of
-    libnccl: our own implementation of the NCCL API it calls (kernels/cuda/; README "The fifth level"), compiled with
+    libnccl: our own implementation of the NCCL API it calls (kernels/cuda/; docs/nanoccl.md), compiled with
     nvcc at first use into a cache (kernels/cuda/build.py; $NANOPARALLEL_NANOCCL_LIB names a prebuilt one).
 
     Arguments as NCCLCollectives (library: an NCCLLibrary of libnanoccl, default: built or found by

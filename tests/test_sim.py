@@ -295,7 +295,7 @@ def test_published_throughputs_leave_one_out():
 
 
 def test_gpt3_175b_1024_gpus_default_settings():
-    """README's command (Megatron-LM 2021's settings: full recomputation, no flash attention, V=51200), no
+    """docs/simulator.md's command (Megatron-LM 2021's settings: full recomputation, no flash attention, V=51200), no
     --matmul_efficiency: within 10% of Narayanan et al. 2021's 140 TFLOP/s per GPU (section 5.1)."""
     model, par, cluster = build(load(["config/gpt3_175b.py", "--gpus=1024", "--vocab_size=51200",
                                       "--recompute=full", "--flash_attention=False"]))
