@@ -15,14 +15,21 @@ output if any rank fails.
 
 Every rank ends through parallel.teardown (barrier, gc, destroy, os._exit) with the exit code unittest would
 have used, which avoids the gloo crash at exit described in ../shared/notes/cpu-facts.md.
+
+A launch in which a rank was killed by a signal (SIGABRT, SIGSEGV, SIGBUS: a native crash inside torch or gloo, such
+as the rare "malloc(): unaligned tcache chunk detected" abort CI saw once in test_cp's 4-process launch and this
+machine never reproduced in 50 runs of the same case) and no test had failed is launched once more, with a pytest
+warning that quotes the crash; a second crash, or any failed assertion, fails the test with the output of both.
 """
 
 import atexit
 import os
+import re
 import signal
 import subprocess
 import sys
 import unittest
+import warnings
 
 import pytest
 import torch.distributed as dist
@@ -80,13 +87,33 @@ def torchrun_cmd(nproc, *args):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
 
 
+_SIGNAL_DEATH = re.compile(r"exitcode\s*:\s*-(6|7|11) ")  # torchrun's summary of a rank killed by SIGABRT/BUS/SEGV
+
+
+def native_crash(out):
+    """The crash line to quote if torchrun's output `out` says a rank died of a signal and no test failed an
+    assertion (unittest's "FAIL:"; the ranks left behind report ERRORs, not FAILs), else None."""
+    if not _SIGNAL_DEATH.search(out) or "FAIL:" in out:
+        return None
+    lines = [line for line in out.splitlines() if re.search(r"malloc|free\(\)|corrupt|terminate called|Fatal Python "
+                                                            r"error|Segmentation fault", line)]
+    return lines[0].strip() if lines else "a rank died of a signal"
+
+
 def torchrun_launcher(test_file, nprocs=(2, 4), timeout_s=600):
-    """A pytest test function that runs `test_file`'s DistributedTestCases under torchrun for each of nprocs."""
+    """A pytest test function that runs `test_file`'s DistributedTestCases under torchrun for each of nprocs; a
+    launch that only a native crash failed (native_crash) is run once more, with a warning."""
 
     @pytest.mark.parametrize("nproc", nprocs)
     def test_torchrun(nproc):
         cmd = torchrun_cmd(nproc, "-m", "unittest", os.path.relpath(test_file, REPO))
         code, out = run_command(cmd, timeout_s)
+        crash = native_crash(out) if code != 0 else None
+        if crash:
+            warnings.warn(f"{os.path.basename(test_file)} at {nproc} processes: a rank crashed ({crash}); "
+                          f"launched again", RuntimeWarning)
+            code, again = run_command(cmd, timeout_s)
+            out = f"{out[-6000:]}\n--- launched again after the crash above ---\n{again}"
         assert code == 0, f"{' '.join(cmd)} failed with exit code {code}:\n{out[-12000:]}"
 
     return test_torchrun
