@@ -153,7 +153,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, pos=None):
         B, T, _ = x.shape
-        q, k, v = (proj(x).view(B, T, -1, self.head_dim).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         if self.rope_theta is not None:
             q, k = apply_rope(q, self.rope_theta, pos), apply_rope(k, self.rope_theta, pos)
         y = self.core(q, k, v)

@@ -46,8 +46,8 @@ eval_only = False  # if True, evaluate once and exit
 always_save_checkpoint = True  # if False, save only when the val loss improves
 init_from = "scratch"  # "scratch", "resume" (the newest complete checkpoint in out_dir), or "auto": resume if there
 # is one, else scratch (for torchrun --max-restarts: a restarted job continues from its last checkpoint); or GPT-2
-# weights (tools/hf.py): "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" or a local Hugging Face model directory (GPT-2 or
-# Llama), which the model then takes its sizes and vocabulary from (the model keys are not used); a run
+# weights (tools/hf.py): "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl" or a local Hugging Face model directory (GPT-2
+# or Llama), which the model then takes its sizes and vocabulary from (the model keys are not used); a run
 # started from them resumes its own newest checkpoint when out_dir has one (torchtitan's initial_load_path)
 checkpoint_interval = 0  # also save every this many iterations, whatever eval does (0: only at eval, as nanoGPT)
 keep_checkpoints = 2  # keep the newest k complete checkpoints in out_dir/checkpoints (0: all)
@@ -101,7 +101,8 @@ reshard_after_forward = "default"  # fsdp: "always" free a unit's gathered param
 # them to backward (1x DDP traffic), "default": always, but never inside a pipeline (torchtitan's policy)
 sequence_parallel = False  # tp: shard activations outside attention/MLP along the sequence (Korthikanti et al. 2022)
 loss_parallel = False  # tp: cross-entropy on vocab-sharded logits, never gathering the full vocabulary
-pp_schedule = "1f1b"  # pp: gpipe, 1f1b, interleaved_1f1b (+ what torch ships); micro-batches = gradient_accumulation_steps / dp
+pp_schedule = "1f1b"  # pp: gpipe, 1f1b, interleaved_1f1b (+ what torch ships); micro-batches =
+# gradient_accumulation_steps / dp
 pp_virtual_stages = 1  # pp: model chunks per rank (virtual stages) for interleaved schedules
 pp_split = ""  # pp: comma-separated first layer of each stage after the first, e.g. "3,6,9"; "" = balanced
 dp_size = 0  # 3d: data-parallel size (0: world_size / (pp_size * tp_size))
@@ -145,10 +146,12 @@ def main(argv):
     data_dir = cfg.data_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", cfg.dataset)
     vocab_size = cfg.vocab_size or read_vocab_size(data_dir)
     weights = None
-    if is_hf_source(cfg.init_from):  # GPT-2 or Llama weights (tools/hf.py): their sizes and vocabulary (GPT-2's tanh GELU)
+    # GPT-2 or Llama weights (tools/hf.py): their sizes and vocabulary (GPT-2's tanh GELU)
+    if is_hf_source(cfg.init_from):
         pretrained_config, weights = load_pretrained(cfg.init_from, cfg.block_size, cfg.dropout, cfg.seed)
         vocab_size = check_data_vocab(data_dir, pretrained_config.vocab_size)
-    tokens = {split: open_tokens(data_dir, split, cfg.dataset, cfg.block_size, vocab_size) for split in ("train", "val")}
+    tokens = {split: open_tokens(data_dir, split, cfg.dataset, cfg.block_size, vocab_size)
+              for split in ("train", "val")}
 
     def get_batch(split, step, micro_step, micro_steps, eval=False):
         """This rank's micro-batch `micro_step` of global batch `step`: x, y (batch_size, block_size) int64
@@ -258,7 +261,8 @@ def main(argv):
             asynchronous=asynchronous, after_write=after_write)
         if master and step is not None:
             background = checkpoints.pending is not None
-            print(f"{'writing' if background else 'saved'} checkpoint {step} ({time.time() - t_save:.3f} s in the loop)")
+            print(f"{'writing' if background else 'saved'} checkpoint {step} "
+                  f"({time.time() - t_save:.3f} s in the loop)")
             log({"iter": iter_num, "checkpoint_s": time.time() - t_save, "checkpoint_async": background})
 
     # training loop
@@ -390,7 +394,8 @@ def set_rng_state(states, strategy):
     """Restore this rank's RNG state saved by gather_rng_state (only if the world size is unchanged)."""
     if len(states) != strategy.world_size:
         if strategy.is_logger:
-            print(f"warning: checkpoint has RNG states for {len(states)} ranks, not {strategy.world_size}; not restored")
+            print(f"warning: checkpoint has RNG states for {len(states)} ranks, "
+                  f"not {strategy.world_size}; not restored")
         return
     torch.set_rng_state(states[strategy.rank]["cpu"])
     if "cuda" in states[strategy.rank] and strategy.device.type == "cuda":

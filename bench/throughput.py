@@ -55,11 +55,13 @@ def train_run(strategy, nproc, iters, data_dir, threads):
     if data_dir:
         args.append(f"--data_dir={data_dir}")
     if nproc > 1:
-        cmd = torchrun(nproc, "train.py", *args, f"--batch_size={12 // nproc}", f"--gradient_accumulation_steps={nproc}")
+        cmd = torchrun(nproc, "train.py", *args, f"--batch_size={12 // nproc}",
+                       f"--gradient_accumulation_steps={nproc}")
     else:
         cmd = [sys.executable, "train.py", *args]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else os.environ
-    subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   timeout=1800)
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [m for m in map(json.loads, f) if "tokens_per_s" in m]
 
@@ -130,26 +132,30 @@ def main():
         for row in rows:
             runs[row].append(train_run(row[0], row[1], args.iters, args.data_dir, row[2])[10:])
     print(f"1. train.py, {args.iters} iterations x {args.repeat} runs")
-    print(f"{'strategy':<16} {'procs':>5} {'threads':>7} {'tokens/s':>10} {'ms/iter':>8} {'bus B/step':>12} {'formula':>12}")
+    print(f"{'strategy':<16} {'procs':>5} {'threads':>7} {'tokens/s':>10} {'ms/iter':>8} {'bus B/step':>12} "
+          f"{'formula':>12}")
     ring_passes = {"single": 0, "ddp": 2, "fsdp": 3}  # times (N-1)/N * Psi * 4 bytes
     for (strategy, nproc, threads), records in runs.items():
         tps = statistics.median(statistics.median(r["tokens_per_s"] for r in rs) for rs in records)
         ms = statistics.median(statistics.median(r["ms_per_iter"] for r in rs) for rs in records)
         bus = statistics.median(sum(v for k, v in r.items() if k.endswith("_bus_bytes")) for rs in records for r in rs)
         formula = ring_passes.get(strategy.split("/")[0], float("nan")) * (nproc - 1) / nproc * psi * 4
-        print(f"{strategy:<16} {nproc:>5} {threads or 'all':>7} {tps:>10,.0f} {ms:>8.1f} {bus:>12,.0f} {formula:>12,.0f}")
+        print(f"{strategy:<16} {nproc:>5} {threads or 'all':>7} {tps:>10,.0f} {ms:>8.1f} {bus:>12,.0f} "
+              f"{formula:>12,.0f}")
 
     tokens = 12 * 64
     print(f"2. paired A/B in one job, N={args.nproc}, {args.iters - 10} alternating steps each; bytes of params + "
           f"grads + Adam state on rank 0 (single: {16 * psi:,})")
     for parallel in strategies:
-        out = subprocess.run(torchrun(args.nproc, "-m", "bench.throughput", f"--paired-worker={args.iters}", f"--pair={parallel}"),
+        out = subprocess.run(torchrun(args.nproc, "-m", "bench.throughput", f"--paired-worker={args.iters}",
+                                      f"--pair={parallel}"),
                              cwd=REPO, check=True, capture_output=True, text=True, timeout=1800).stdout
         median = json.loads(out.strip().splitlines()[-1])
         for variant, (seconds, held) in median.items():
             print(f"{parallel}/{variant:<12} {seconds * 1000:8.1f} ms/step {tokens / seconds:10,.0f} tokens/s "
                   f"{held:12,} bytes held")
-        print(f"{parallel} custom / pytorch tokens/s at N={args.nproc}: {median['pytorch'][0] / median['custom'][0]:.3f}")
+        print(f"{parallel} custom / pytorch tokens/s at N={args.nproc}: "
+              f"{median['pytorch'][0] / median['custom'][0]:.3f}")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,8 @@ NOT_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "eval_batch_size"
                 "moe_aux_loss_coef", "ep_size")
 POSITIVE = ("bucket_cap_mb", "rope_theta")
 PROBABILITIES = ("dropout", "beta1", "beta2")  # in [0, 1)
-PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # GPT-2 checkpoints init_from may name (tools/hf.py loads)
+# GPT-2 checkpoints init_from may name (tools/hf.py loads)
+PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 CHOICES = {
     # the one list of init_from's values (train.py reads it); a Hugging Face model directory is accepted too
     "init_from": ("scratch", "resume", "auto", *PRETRAINED),

@@ -80,7 +80,8 @@ def resolve_input(cli_path, env_var, url, sha256, dest):
 def read_shakespeare(cli_path, dest_dir):
     """The tiny-shakespeare text: from `cli_path`, else $SHAKESPEARE_INPUT, else dest_dir/input.txt, downloaded
     (and checked against its sha256) if it is not there yet."""
-    path = resolve_input(cli_path, SHAKESPEARE_ENV, SHAKESPEARE_URL, SHAKESPEARE_SHA256, os.path.join(dest_dir, "input.txt"))
+    path = resolve_input(cli_path, SHAKESPEARE_ENV, SHAKESPEARE_URL, SHAKESPEARE_SHA256,
+                         os.path.join(dest_dir, "input.txt"))
     with open(path, "r", encoding="utf-8") as f:
         return f.read()
 

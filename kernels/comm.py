@@ -104,13 +104,15 @@ class Collectives:
 
     def all_gather(self, output, input, async_op=False):
         if output.numel() != input.numel() * self.world_size:
-            raise ValueError(f"all_gather: output has {output.numel()} elements, expected {self.world_size} x {input.numel()}")
+            raise ValueError(f"all_gather: output has {output.numel()} elements, "
+                             f"expected {self.world_size} x {input.numel()}")
         self._count("all_gather", output)
         return self._all_gather(output, input, async_op)
 
     def reduce_scatter(self, output, input, op="sum", async_op=False):
         if input.numel() != output.numel() * self.world_size:
-            raise ValueError(f"reduce_scatter: input has {input.numel()} elements, expected {self.world_size} x {output.numel()}")
+            raise ValueError(f"reduce_scatter: input has {input.numel()} elements, "
+                             f"expected {self.world_size} x {output.numel()}")
         self._count("reduce_scatter", input)
         return self._reduce_scatter(output, input, op, async_op)
 

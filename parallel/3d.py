@@ -93,8 +93,9 @@ class Parallel3D(Strategy):
             raise ValueError(f"zero_stage={cfg.zero_stage} applies to dp_type='ddp'; dp_type='fsdp' is ZeRO-3 already")
         self.zero = check_zero_stage(cfg, custom=self.variant != "pytorch") if cfg.dp_type == "ddp" else 0
         if self.zero and self.ep > 1:
-            raise ValueError(f"zero_stage={self.zero} with ep_size={self.ep} is not supported: ZeRO-1/2 would shard the "
-                             f"expert-parallel experts too; use dp_type='fsdp' (the experts stay whole) or zero_stage=0")
+            raise ValueError(f"zero_stage={self.zero} with ep_size={self.ep} is not supported: ZeRO-1/2 would shard "
+                             f"the expert-parallel experts too; use dp_type='fsdp' (the experts stay whole) or "
+                             f"zero_stage=0")
         self.sp, self.lp = cfg.sequence_parallel and tp > 1, cfg.loss_parallel and tp > 1
         if self.sp and cfg.block_size % (tp * cp):
             split = f" x cp_size={cp} (each rank's share of the sequence is split over tp)" if cp > 1 else ""

@@ -10,9 +10,9 @@ registers a thin Strategy for its 1-D use:
 
 parallel/3d.py composes the same functions on one rank grid (parallel/grid.py). The config picks a strategy with
 `parallel = "ddp"` and `variant = "custom"`. Variants, the same strategy at four levels of abstraction: "pytorch"
-(PyTorch's native API), "custom" (the algorithm written out over the Collectives of kernels/comm.py), "triton" and "nccl"
-(the same custom algorithm over the Collectives of kernels/triton_comm.py and kernels/nccl.py: one class is registered
-for all three, and `Strategy.collectives` hands it the backend its variant names).
+(PyTorch's native API), "custom" (the algorithm written out over the Collectives of kernels/comm.py), "triton" and
+"nccl" (the same custom algorithm over the Collectives of kernels/triton_comm.py and kernels/nccl.py: one class is
+registered for all three, and `Strategy.collectives` hands it the backend its variant names).
 `python -c "import parallel; print(parallel.available())"` lists what exists.
 
 train.py never branches on the strategy. It asks the Strategy for everything that differs: building the model,

@@ -71,6 +71,7 @@ def check_zero_stage(cfg, custom=False):
                          "rank's gradient shard for inf separately; use bfloat16")
     return stage
 
+
 # ----------------------------------------------------------------------------------------------------------
 # pytorch variant
 
@@ -212,9 +213,9 @@ class DataParallel(nn.Module):
 
     Buckets take the parameters in reverse registration order, the order in which backward produces their
     gradients. A post-accumulate-grad hook copies each final gradient into its bucket; when a bucket is full it
-    is divided by the world size and its all-reduce (a sum, hence the average) is launched asynchronously, strictly in bucket order so every rank
-    issues the same sequence of collectives, while backward goes on computing the next gradients.
-    finish_gradient_sync() waits for them and points each parameter's .grad at the averaged result.
+    is divided by the world size and its all-reduce (a sum, hence the average) is launched asynchronously, strictly in
+    bucket order so every rank issues the same sequence of collectives, while backward goes on computing the next
+    gradients. finish_gradient_sync() waits for them and points each parameter's .grad at the averaged result.
     Inside no_sync() the hooks do nothing and gradients simply accumulate in .grad.
     Every parameter that requires grad must receive a gradient on the synchronising backward, or
     finish_gradient_sync() raises RuntimeError naming those that did not.

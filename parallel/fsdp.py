@@ -21,9 +21,9 @@ Two variants, top to bottom, each applicable to a GPT or a pipeline stage on a "
 composes them), then a thin 1-D strategy:
 - `pytorch`: `apply_fsdp`, FSDP2's `fully_shard` on every block and then on the root, with MixedPrecisionPolicy for
              bf16/fp16; accumulation under `fsdp2_no_sync` (set_requires_gradient_sync and friends).
-- `custom`:  `FullyShardedDataParallel`, ZeRO-3 written out with kernels/comm.py: each unit is one padded flat parameter,
-             sharded at init from a meta-device build; forward/backward hooks all-gather, prefetch and free; the
-             gradients of a unit are reduce-scattered from a hook as soon as they are all ready (overlapping the
+- `custom`:  `FullyShardedDataParallel`, ZeRO-3 written out with kernels/comm.py: each unit is one padded flat
+             parameter, sharded at init from a meta-device build; forward/backward hooks all-gather, prefetch and free;
+             the gradients of a unit are reduce-scattered from a hook as soon as they are all ready (overlapping the
              rest of backward).
 Both write sharded (DCP) checkpoints that load on another world size (parallel/checkpoint.py).
 """
@@ -421,7 +421,8 @@ class FullyShardedDataParallel(nn.Module):
                     raise ValueError(f"parameter {fqn} is shared by two FSDP units; put its users in one unit")
         self.units = [FlatParamUnit(names[i], units[i], owned[i], comm, compute_dtype, init_fn, device)
                       for i in range(len(units))]
-        self.root = FlatParamUnit("<root>", module, owned[-1], comm, compute_dtype, init_fn, device) if owned[-1] else None
+        self.root = (FlatParamUnit("<root>", module, owned[-1], comm, compute_dtype, init_fn, device)
+                     if owned[-1] else None)
         self.by_full = {id(u.full): u for u in self.all_units()}
         order = [u for u in [self.root, *self.units] if u is not None]
         self.forward_next = dict(zip(order, order[1:]))  # prefetch in forward

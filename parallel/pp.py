@@ -530,8 +530,6 @@ class CustomPipeline(Pipeline):
         return no_sync() if no_sync is not None and mb != self.m - 1 else contextlib.nullcontext()
 
 
-
-
 # ----------------------------------------------------------------------------------------------------------
 # the strategy: one pipeline over the world
 

@@ -43,8 +43,8 @@ Two variants, top to bottom, each a function that applies TP to a GPT or a pipel
 - `pytorch`: `apply_tp`, `parallelize_module` with a declarative plan (`pytorch_tp_plan`) on a "tp" DeviceMesh
   (DTensor), and `loss_parallel()`. Its collectives happen inside DTensor and are not counted in strategy.stats.
 - `custom`: `apply_custom_tp`, the same algorithm written out, Megatron-style, with autograd Functions over the
-  Collectives of kernels/comm.py (so the triton and nccl variants can swap the backend): copy-to / reduce-from the TP region,
-  gather / scatter along the last dimension, their sequence-parallel twins, ColumnParallelLinear,
+  Collectives of kernels/comm.py (so the triton and nccl variants can swap the backend): copy-to / reduce-from the TP
+  region, gather / scatter along the last dimension, their sequence-parallel twins, ColumnParallelLinear,
   RowParallelLinear, VocabParallelEmbedding, and vocab-parallel cross-entropy.
 
 Grouped-query attention: k_proj and v_proj are column-parallel like q_proj, each rank holding n_kv_head/t key/value
@@ -207,8 +207,6 @@ def moe_token_group(module, comm, sequence_parallel):
                 m.token_group = comm
             else:
                 m.replicas = comm.world_size
-
-
 
 
 def match_grad_placements(params):
@@ -424,7 +422,8 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         outside = (local < 0) | (local >= v)
         local = local.masked_fill(outside, 0)
         exp = shifted.exp()
-        sums = torch.stack([exp.sum(dim=-1), shifted.gather(1, local.unsqueeze(1)).squeeze(1).masked_fill(outside, 0.0)])
+        sums = torch.stack([exp.sum(dim=-1),
+                            shifted.gather(1, local.unsqueeze(1)).squeeze(1).masked_fill(outside, 0.0)])
         comm.all_reduce(sums)
         sum_exp, target_logit = sums
         valid = target != ignore_index
@@ -463,7 +462,8 @@ class ColumnParallelLinear(nn.Module):
         self.comm, self.sequence_parallel = comm, sequence_parallel
         self.prepare_input, self.gather_output = prepare_input, gather_output
         self.in_features, self.out_features = in_features, out_features
-        self.sizes = [e - s for s, e in (chunk_bounds(out_features, comm.world_size, r) for r in range(comm.world_size))]
+        self.sizes = [e - s for s, e in (chunk_bounds(out_features, comm.world_size, r)
+                                         for r in range(comm.world_size))]
         self.start, self.end = chunk_bounds(out_features, comm.world_size, comm.rank)
         self.weight = nn.Parameter(torch.empty(self.end - self.start, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(self.end - self.start, device=device, dtype=dtype)) if bias else None
@@ -486,7 +486,8 @@ class RowParallelLinear(nn.Module):
             raise ValueError(f"RowParallelLinear: in_features={in_features} not divisible by {comm.world_size}")
         self.comm, self.sequence_parallel = comm, sequence_parallel
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features // comm.world_size, device=device, dtype=dtype))
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // comm.world_size, device=device,
+                                               dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
 
     def forward(self, x):

@@ -256,7 +256,8 @@ def report(measured, cluster, diagnostics):
               f"{cluster.hbm_bandwidth / 1e9:.2f} GB/s, {cluster.op_latency * 1e6:.1f} us per operator"),
              "gloo (alpha, beta; worst relative residual of the fit over 1 KiB-16 MiB on 2 and 4 processes): " +
              ", ".join(f"{op} {link.latency * 1e6:.0f} us, {link.bandwidth / 1e9:.2f} GB/s "
-                       f"({100 * diagnostics['gloo_max_rel_residual'][op]:.0f}%)" for op, link in cluster.op_links.items()),
+                       f"({100 * diagnostics['gloo_max_rel_residual'][op]:.0f}%)"
+                       for op, link in cluster.op_links.items()),
              "", "| run | processes | role | measured ms/iter | predicted | error | load avg |",
              "|---|---|---|---|---|---|---|"]
     errors = []

@@ -138,7 +138,8 @@ def plan(model, base, cluster, global_batch, devices=None, top=5, max_simulation
         step = simulate(model, par, cluster, costs=costs, layers_per_task=max(1, per_chunk // 3))
         simulated += 1
         best = sorted([*best, (step.step_time, par)], key=lambda x: x[0])[:top]
-    steps = sorted((simulate(model, par, cluster) for _, par in best), key=lambda s: (float(f"{s.step_time:.4g}"), s.peak_memory))
+    steps = sorted((simulate(model, par, cluster) for _, par in best),
+                   key=lambda s: (float(f"{s.step_time:.4g}"), s.peak_memory))
     for s in steps:
         s.searched = (len(pool), simulated)
     return steps

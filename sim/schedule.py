@@ -432,7 +432,8 @@ class Step:
             parts = ", ".join(f"{k} {v / self.step_time:.1%}" for k, v in sorted(lane.items(), key=lambda kv: -kv[1])
                               if v > 1e-4 * self.step_time)
             comm = ", ".join(f"{k} {v:.3g} s" for k, v in self.comm_busy(r).items())
-            lines.append(f"pp rank {r} compute stream: {parts}" + (f"; overlapped streams busy: {comm}" if comm else ""))
+            lines.append(f"pp rank {r} compute stream: {parts}" +
+                         (f"; overlapped streams busy: {comm}" if comm else ""))
         return "\n".join(lines)
 
 

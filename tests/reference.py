@@ -103,8 +103,8 @@ GRAD_TOL = 1e-6  # |clipped gradient - single's| per element (gradients clipped 
 # |parameter - single's| after the step <= PARAM_RTOL·(|p| + lr): each run rounds the decay product and the update's
 # sum (two half-ulps of |p| each, 2^-22·|p| together), and m̂, √v̂ and their quotient carry relative errors of a few
 # 2^-24 into the update, whose size is at most lr·B (B <= 1.1 for β1 = 0.9, β2 = 0.95 and t <= 10 by Cauchy-Schwarz);
-# 2^-20 covers both with room for a fused kernel's different operation order. A wrong decay group (lr·wd·|p| = 1e-4·|p|),
-# learning rate or moment is 100x larger.
+# 2^-20 covers both with room for a fused kernel's different operation order. A wrong decay group (lr·wd·|p| =
+# 1e-4·|p|), learning rate or moment is 100x larger.
 PARAM_RTOL = 2 ** -20
 
 Checked = namedtuple("Checked", "losses params margins optimizer")
@@ -176,7 +176,8 @@ class Reference:
             ref_loss += micro_loss.item() / len(batches)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         d = abs(loss - ref_loss)
-        assert d < self.loss_tol, f"loss {loss} differs from the single model's {ref_loss} by {d:.2e} >= {self.loss_tol:.0e}"
+        assert d < self.loss_tol, (f"loss {loss} differs from the single model's {ref_loss} by {d:.2e} >= "
+                                   f"{self.loss_tol:.0e}")
         self.margins["loss"] = max(self.margins["loss"], d)
         with torch.no_grad():
             for name, p in self.model.named_parameters():

@@ -164,7 +164,8 @@ class Test3D(DistributedTestCase):
             "recv": m * act * ((not last) + (not first)) + v_local * 4,
             "broadcast": 4,
         }
-        self.assertEqual({k: v for k, v in strategy.stats.payload.items() if v}, {k: v for k, v in expected.items() if v})
+        self.assertEqual({k: v for k, v in strategy.stats.payload.items() if v},
+                         {k: v for k, v in expected.items() if v})
 
     def test_invalid_configs_are_one_line_errors(self):
         """Raised on every rank before any collective: a grid that is not the world, a TP size that does not
@@ -191,7 +192,8 @@ class Test3D(DistributedTestCase):
             strategy = self.strategy("custom", *save_grid, dp_type="fsdp")
             reference = Reference(MODEL, strategy.cfg)
             opt = train_checked(strategy, MODEL, batches[:2], reference).optimizer
-            strategy.save_checkpoint(path, opt, {"model_args": asdict(MODEL), "iter_num": 2, "config": vars(strategy.cfg)})
+            strategy.save_checkpoint(path, opt, {"model_args": asdict(MODEL), "iter_num": 2,
+                                                 "config": vars(strategy.cfg)})
             converted = load_checkpoint_file(path)
             self.assertEqual(max_param_diff(converted["model"], strategy.full_state_dict()), 0.0)
             reference.assert_optimizer_state(converted["optimizer"]["state"])

@@ -47,8 +47,8 @@ CHECKPOINT_GRIDS = {  # world size -> (grid that saves, another grid that loads)
 def grid_config(dp, pp, tp, dp_type="fsdp", sp_lp=False, schedule="1f1b", **overrides):
     """train_config for parallel=3d variant=pytorch on that grid (interleaved schedules: 2 virtual stages)."""
     return train_config(**{"parallel": "3d", "variant": "pytorch", "dp_size": dp, "pp_size": pp, "tp_size": tp,
-                           "dp_type": dp_type, "sequence_parallel": sp_lp, "loss_parallel": sp_lp, "pp_schedule": schedule,
-                           "pp_virtual_stages": 2 if schedule.startswith("interleaved") else 1,
+                           "dp_type": dp_type, "sequence_parallel": sp_lp, "loss_parallel": sp_lp,
+                           "pp_schedule": schedule, "pp_virtual_stages": 2 if schedule.startswith("interleaved") else 1,
                            "gradient_accumulation_steps": MICRO_BATCHES, "n_layer": MODEL.n_layer, **overrides})
 
 

@@ -126,7 +126,6 @@ class TestActivationCheckpointing(DistributedTestCase):
                 self.assertLess(max(abs(a - b) for a, b in zip(runs[mode][0], runs["none"][0])), TOLERANCE)
                 self.assertLess(max_param_diff(runs[mode][1], runs["none"][1]), TOLERANCE)
 
-
     def test_context_parallel_equals_none(self):
         """cp (ring attention; torch's context_parallel) with full and selective checkpointing equals none within 1e-6,
         both variants, on this world's CP group: the recomputed forward runs the ring again. Without dropout (CP

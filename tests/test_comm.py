@@ -71,7 +71,6 @@ class TestTorchCollectives(DistributedTestCase):
             self.assertEqual(stats.bus["broadcast"], 10 * size)
             self.assertEqual(stats.as_dict()["comm/all_reduce_calls"], 1)
 
-
     def test_no_cuda_tensor_through_gloo(self):
         """The guard against the first GPU run's crash (DTensor bookkeeping of CUDA tensors over a gloo-only group,
         SIGSEGV in wait_tensor), caught without a GPU: this gloo group would run CUDA tensors through gloo, so asking

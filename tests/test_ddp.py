@@ -54,7 +54,8 @@ class TestDDP(DistributedTestCase):
                     strategy.forward_backward(rank_batches(step, strategy.dp_rank, N), scaler)
                     self.assertEqual(set(strategy.stats.calls), {"all_reduce"})
                     self.assertAlmostEqual(strategy.stats.payload["all_reduce"] / (psi * 4), 1.0, delta=0.01)
-                    self.assertAlmostEqual(strategy.stats.bus["all_reduce"] / (2 * (N - 1) / N * psi * 4), 1.0, delta=0.01)
+                    self.assertAlmostEqual(strategy.stats.bus["all_reduce"] / (2 * (N - 1) / N * psi * 4), 1.0,
+                                           delta=0.01)
                     model.zero_grad(set_to_none=True)
 
     def test_one_all_reduce_per_bucket_and_none_inside_no_sync(self):

@@ -214,9 +214,10 @@ def free_port():
 def test_two_nodes_match_single(tmp_path, shakespeare_char_dir, dp, args):
     """Two torchrun agents (--nnodes=2 --nproc_per_node=2, c10d rendezvous on 127.0.0.1) train 4 ranks as two
     nodes (3d: tp inside a node, dp across); 4 steps log the single process's losses, and the last val loss, within
-    1e-5 (fp32, no dropout; the same 4 eval sequences: eval_batch_size 4 / dp per rank). The weights themselves are not compared: two runs that each take their own AdamW steps
-    differ by up to ~lr in elements whose gradient is near eps, by an amount that depends on the CPU
-    (tests/reference.py); the in-process tests check ddp and 3d step by step, and this one the launch around them."""
+    1e-5 (fp32, no dropout; the same 4 eval sequences: eval_batch_size 4 / dp per rank). The weights themselves are not
+    compared: two runs that each take their own AdamW steps differ by up to ~lr in elements whose gradient is near eps,
+    by an amount that depends on the CPU (tests/reference.py); the in-process tests check ddp and 3d step by step, and
+    this one the launch around them."""
     common = [f"--data_dir={shakespeare_char_dir}", *TINY, "--max_iters=4", "--eval_interval=4",
               "--gradient_accumulation_steps=4"]
     single, multi = str(tmp_path / "single"), str(tmp_path / "multi")

@@ -1,5 +1,6 @@
 """
-tools/gpu_check.py, the one command for a GPU machine, proven on CPU so that the first GPU minute is not spent on a typo.
+tools/gpu_check.py, the one command for a GPU machine, proven on CPU so that the first GPU minute is not spent on a
+typo.
 
 - test_dry_run: `python -m tools.gpu_check --dry-run` runs the whole orchestration (every phase's workers under torchrun
   or alone, time limits, the JSON and Markdown writers) on CPU with gloo, Triton's interpreter and tiny sizes; the
@@ -43,7 +44,8 @@ def test_dry_run(tmp_path):
 
     env = parts["env", "env"]["records"][0]
     assert env["info"]["torch"] == torch.__version__ and {p["api"] for p in env["probes"]} >= {
-        "torch.distributed.all_gather_single", "libnccl (kernels/nccl.py)", "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES, NCCL_HOSTID", "libnanoccl (kernels/cuda)"}
+        "torch.distributed.all_gather_single", "libnccl (kernels/nccl.py)",
+        "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES, NCCL_HOSTID", "libnanoccl (kernels/cuda)"}
     tests = parts["tests", "triton"]["records"]
     assert len(tests) == 3 and all(t["outcome"] == "passed" for t in tests)
     for variant in ("custom", "triton"):
@@ -97,11 +99,13 @@ def test_markdown_of_gpu_records():
              log_tail="Traceback ...\nRuntimeError: boom", records=[
                  dict(suite=suite, test="t.test_a", outcome="passed", message=""),
                  dict(suite=suite, test="t.test_b", outcome="failed", message="Traceback\nAssertionError: 1 != 2")]),
-        dict(phase="strategies", part="ddp/custom", status="passed", seconds=6, records=[dict(strategy, strategy="ddp")]),
+        dict(phase="strategies", part="ddp/custom", status="passed", seconds=6,
+             records=[dict(strategy, strategy="ddp")]),
         dict(phase="strategies", part="tp/custom", status="failed", seconds=6, records=[
             dict(strategy, strategy="tp", outcome="failed", message="gradient of x differs")]),
         dict(phase="strategies", part="pp/custom", status="failed", seconds=6, records=[dict(
-            kind="strategy", strategy="pp", variant="custom", steps=5, outcome="error", message="RuntimeError: NCCL error")]),
+            kind="strategy", strategy="pp", variant="custom", steps=5, outcome="error",
+            message="RuntimeError: NCCL error")]),
         dict(phase="strategies", part="ddp/nccl", status="timeout", seconds=60, log="parts/n.log", log_tail="waiting",
              records=[]),
         dict(phase="strategies", part="ddp/cuda", status="failed", seconds=9, log="parts/c.log",
@@ -128,7 +132,8 @@ def test_markdown_of_gpu_records():
     assert ("| ddp | ok 2.00e-07 / 3.00e-08 / 0.00 | not run | HANG (timeout) (parts/n.log) | CRASH (parts/c.log) |"
             in md)
     assert "| tp | FAIL gradient of x differs | not run |" in md and "| pp | ERROR RuntimeError: NCCL error |" in md
-    assert "| custom | passed | 4.2000, 4.1000, 4.0000, 3.9000 | 4.0000, 3.9000 | 0.00e+00 | MFU against NVIDIA H200" in md
+    assert ("| custom | passed | 4.2000, 4.1000, 4.0000, 3.9000 | 4.0000, 3.9000 | 0.00e+00 | MFU against NVIDIA H200"
+            in md)
     assert "| 1 GB | 107.400 (10 ms) | 107.400 (10 ms) |  |" in md
     assert "| inductor | 612,345 | 43.0% | 425.0 | 26.8 | 16 x 1024 | 124.4M | 61.0 | 10.990 -> 7.500 |" in md
     assert "### strategies/ddp/nccl: timeout (end of parts/n.log)" in md

@@ -80,9 +80,12 @@ def test_peak_flops_by_device_name(monkeypatch):
     none, so train.py prints no MFU for them instead of dividing by an A100's peak."""
     from tools.profiling import peak_flops
     cuda = torch.device("cuda", 0)
-    for name, dtype, expected in (("NVIDIA H200", "bfloat16", 989.4e12), ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4e12),
-                                  ("NVIDIA H100 PCIe", "float16", 756e12), ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
-                                  ("NVIDIA A100-PCIE-40GB", "float32", 19.5e12), ("NVIDIA GeForce RTX 3090", "bfloat16", None)):
+    for name, dtype, expected in (("NVIDIA H200", "bfloat16", 989.4e12),
+                                  ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4e12),
+                                  ("NVIDIA H100 PCIe", "float16", 756e12),
+                                  ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
+                                  ("NVIDIA A100-PCIE-40GB", "float32", 19.5e12),
+                                  ("NVIDIA GeForce RTX 3090", "bfloat16", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
         assert peak_flops(cuda, dtype) == (name, expected)
     assert peak_flops(torch.device("cpu")) == ("CPU", None)

@@ -190,7 +190,8 @@ class TestTPModel(DistributedTestCase):
         for block in ("gpt2", "llama"):
             model_config = tp_tiny(block=block)
             ((x, y),) = global_batches(1, 1, 3, model_config)[0]
-            b, s, h, V, L = 3, model_config.block_size, model_config.n_embd, model_config.vocab_size, model_config.n_layer
+            b, s, h, V, L = (3, model_config.block_size, model_config.n_embd, model_config.vocab_size,
+                             model_config.n_layer)
             bsh = b * s * h * 4  # bytes, fp32
             for sp, lp in LAYOUTS:
                 with self.subTest(block=block, sp=sp, lp=lp):

@@ -72,10 +72,12 @@ def test_ddp_on_shakespeare_loss_falls_and_logs_to_wandb_offline(tmp_path, shake
 
 
 @pytest.mark.parametrize("nproc, args, message", [
-    (0, ["--parallel=nope"], "no strategy parallel='nope' variant='pytorch'; available: 3d/cuda, 3d/custom, 3d/nccl, 3d/pytorch, 3d/triton, cp/cuda"),
+    (0, ["--parallel=nope"], "no strategy parallel='nope' variant='pytorch'; available: 3d/cuda, 3d/custom, 3d/nccl, "
+                             "3d/pytorch, 3d/triton, cp/cuda"),
     (0, ["--n_layers=2"], "unknown config key 'n_layers'"),
     (0, ["--dtype=fp8"], "dtype must be one of float32, bfloat16, float16, got 'fp8'"),
-    (0, ["--data_dir=/nonexistent"], "data file /nonexistent/train.bin not found: run `python data/openwebtext/prepare.py`"),
+    (0, ["--data_dir=/nonexistent"], "data file /nonexistent/train.bin not found: run "
+                                     "`python data/openwebtext/prepare.py`"),
     (0, ["--data_dir=MALFORMED"], "train.bin is malformed (3 bytes: not whole uint16 tokens"),
     (0, ["--init_from=resume", "--out_dir=CORRUPT"], "is corrupt or unreadable"),
     (2, ["--parallel=single"], "parallel='single' runs on one process, but WORLD_SIZE=2"),

@@ -34,7 +34,8 @@ STRATEGIES = {
     "tp": lambda N: dict(n_layer=max(2, N), gradient_accumulation_steps=1, sequence_parallel=True, loss_parallel=True),
     "pp": lambda N: dict(n_layer=N, gradient_accumulation_steps=4, pp_schedule="1f1b"),
     "cp": lambda N: dict(n_layer=2, gradient_accumulation_steps=2),  # ring attention's async K/V passes
-    "ulysses": lambda N: dict(parallel="cp", cp_type="ulysses", n_layer=2, gradient_accumulation_steps=2),  # all-to-alls
+    "ulysses": lambda N: dict(parallel="cp", cp_type="ulysses", n_layer=2,
+                              gradient_accumulation_steps=2),  # all-to-alls
     "ep": lambda N: dict(n_layer=2, gradient_accumulation_steps=N, ep_size=N,  # uneven all-to-alls of routed tokens
                          model=dict(n_expert=2 * N, n_expert_per_token=2)),
     # N=2: a pipeline of 2 (DDP wrapper over a group of 1); N=4: dp2 x tp2 with FSDP (TP and DP groups side by side)

@@ -3,7 +3,8 @@ One command that proves, on a machine with one GPU, what the CPU tests cannot: t
 on a real GPU, through train.py's own setup, their bandwidth, and GPT-2's speed. Writes one report (Markdown + JSON)
 and prints its path.
 
-    make gpu-check                        # python -m tools.gpu_check: needs one GPU, takes at most --budget-s (default 450 s)
+    make gpu-check                        # python -m tools.gpu_check: needs one GPU, takes at most --budget-s
+                                          # (default 450 s)
     python -m tools.gpu_check --dry-run   # the same orchestration on CPU (gloo, Triton's interpreter, tiny sizes)
     python -m tools.gpu_check --phases tests,bandwidth --out out-gpu-check/mine
     python -m tools.gpu_check --phases strategies --only pp/nccl,3d/nccl   # some cells again
@@ -436,7 +437,8 @@ WORKERS = dict(env=worker_env, tests=worker_tests, strategies=worker_strategies,
 # ----------------------------------------------------------------------------------------------------------
 # the orchestrator
 
-PYTEST_SHIM = '''"""Stand-in for pytest where it is not installed (written by tools/gpu_check.py). The GPU test classes are
+PYTEST_SHIM = '''"""Stand-in for pytest where it is not installed (written by tools/gpu_check.py). The GPU test \
+classes are
 unittest classes; their modules use pytest only to declare pytest functions at import time, which never run here."""
 import importlib
 import unittest
@@ -645,7 +647,8 @@ def markdown(report):
             elif rec is None:  # crashed or hung before it reported: the log's end has the Python frames
                 row.append(f"{'HANG (timeout)' if part['status'] == 'timeout' else 'CRASH'} ({part['log']})")
             elif rec["outcome"] == "passed":
-                row.append(f"ok {_fmt(rec['loss_diff'])} / {_fmt(rec['grad_diff'])} / {_fmt(rec['param_ratio'], '.2f')}")
+                row.append(f"ok {_fmt(rec['loss_diff'])} / {_fmt(rec['grad_diff'])} / "
+                           f"{_fmt(rec['param_ratio'], '.2f')}")
             else:
                 row.append(f"{'FAIL' if rec['outcome'] == 'failed' else 'ERROR'} {rec['message'][:150]}")
                 failures.append(f"- {name}/{v}: {rec['message'][:1000]}")
@@ -655,7 +658,8 @@ def markdown(report):
     runs = {r["part"]: r for r in by_phase.get("train", [])}
     if runs:
         lines += [f"## train.py: {TRAIN_STRATEGY}, 4 iterations on 2 ranks, checkpoint at 2, resumed to 4", "",
-                  "| variant | status | losses (it 0-3) | resumed it 2, 3 | max diff | MFU line |", "|---|---|---|---|---|---|"]
+                  "| variant | status | losses (it 0-3) | resumed it 2, 3 | max diff | MFU line |",
+                  "|---|---|---|---|---|---|"]
         for v in VARIANTS:
             part = runs.get(v)
             rec = part["records"][0] if part and part["records"] else None

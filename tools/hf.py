@@ -221,7 +221,8 @@ def to_hf(state, config):
         qkv = ("q_proj", "k_proj", "v_proj")
         out[f"{p}attn.c_attn.weight"] = torch.cat([get(f"{p}attn.{x}.weight").t() for x in qkv], dim=1).contiguous()
         out[f"{p}attn.c_attn.bias"] = torch.cat([get(f"{p}attn.{x}.bias", C) for x in qkv])
-        for hf_name, name, width in (("attn.c_proj", "attn.out_proj", C), ("mlp.c_fc", "mlp.up_proj", config.ffn_hidden),
+        for hf_name, name, width in (("attn.c_proj", "attn.out_proj", C),
+                                     ("mlp.c_fc", "mlp.up_proj", config.ffn_hidden),
                                      ("mlp.c_proj", "mlp.down_proj", C)):
             out[f"{p}{hf_name}.weight"] = get(f"{p}{name}.weight").t().contiguous()
             out[f"{p}{hf_name}.bias"] = get(f"{p}{name}.bias", width)
