@@ -397,9 +397,11 @@ def set_rng_state(states, strategy):
             print(f"warning: checkpoint has RNG states for {len(states)} ranks, "
                   f"not {strategy.world_size}; not restored")
         return
-    torch.set_rng_state(states[strategy.rank]["cpu"])
-    if "cuda" in states[strategy.rank] and strategy.device.type == "cuda":
-        torch.cuda.set_rng_state(states[strategy.rank]["cuda"], strategy.device)
+    # both setters take CPU ByteTensors only; a one-file checkpoint is loaded onto the device (load_checkpoint_file)
+    state = {k: v.cpu() for k, v in states[strategy.rank].items()}
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and strategy.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], strategy.device)
 
 
 # -----------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def test_dry_run(tmp_path):
             assert (r["strategy"], r["variant"], r["outcome"]) == (name, variant, "passed"), r.get("message")
             assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-6 and r["param_ratio"] < 1
             assert len(r["losses"]) == r["steps"] == 2
-    (r,) = parts["train", "custom"]["records"]  # train.py, a checkpoint, a resume from it
+    (r,) = parts["train", "fsdp/custom"]["records"]  # train.py, a checkpoint, a resume from it
     assert r["outcome"] == "passed" and r["exit_codes"] == [0, 0] and r["resume_diff"] < 1e-5, r
     for backend in ("torch", "triton"):
         rows = parts["bandwidth", backend]["records"]
@@ -110,7 +110,7 @@ def test_markdown_of_gpu_records():
              records=[]),
         dict(phase="strategies", part="ddp/cuda", status="failed", seconds=9, log="parts/c.log",
              log_tail="Fatal Python error: Segmentation fault", records=[]),
-        dict(phase="train", part="custom", status="passed", seconds=30, records=[dict(
+        dict(phase="train", part="fsdp/custom", status="passed", seconds=30, records=[dict(
             kind="train", variant="custom", strategy="fsdp", outcome="passed", exit_codes=[0, 0],
             losses={"0": 4.2, "1": 4.1, "2": 4.0, "3": 3.9}, resumed_losses={"2": 4.0, "3": 3.9}, resume_diff=0.0,
             mfu_line=["MFU against NVIDIA H200's dense float32 peak, 66.9 TFLOP/s"])]),
@@ -132,8 +132,8 @@ def test_markdown_of_gpu_records():
     assert ("| ddp | ok 2.00e-07 / 3.00e-08 / 0.00 | not run | HANG (timeout) (parts/n.log) | CRASH (parts/c.log) |"
             in md)
     assert "| tp | FAIL gradient of x differs | not run |" in md and "| pp | ERROR RuntimeError: NCCL error |" in md
-    assert ("| custom | passed | 4.2000, 4.1000, 4.0000, 3.9000 | 4.0000, 3.9000 | 0.00e+00 | MFU against NVIDIA H200"
-            in md)
+    assert ("| fsdp/custom | passed | 4.2000, 4.1000, 4.0000, 3.9000 | 4.0000, 3.9000 | 0.00e+00 | "
+            "MFU against NVIDIA H200" in md)
     assert "| 1 GB | 107.400 (10 ms) | 107.400 (10 ms) |  |" in md
     assert "| inductor | 612,345 | 43.0% | 425.0 | 26.8 | 16 x 1024 | 124.4M | 61.0 | 10.990 -> 7.500 |" in md
     assert "### strategies/ddp/nccl: timeout (end of parts/n.log)" in md

@@ -24,8 +24,9 @@ does (comm.init_distributed: torch's NCCL for CUDA tensors, the ranks sharing th
               against the single-device model from the same state (tests/reference.py's train_checked)
   bandwidth   all-reduce bus bandwidth (nccl-tests: busbw = S/t * 2(N-1)/N) of torch's NCCL and ours: the nccl
               binding, the triton kernels, libnanoccl; 1 MB to 1 GB, each result checked
-  train       train.py itself for each variant (TRAIN_STRATEGY, 2 ranks): 4 iterations with a checkpoint every 2, then
-              a run resumed from the iteration-2 checkpoint, which must log the same losses
+  train       train.py itself for each variant (fsdp, 2 ranks: a sharded DCP checkpoint) and for ddp/custom (a
+              replicated one-file checkpoint): 4 iterations with a checkpoint every 2, then a run resumed from the
+              iteration-2 checkpoint, which must log the same losses
   gpt2        GPT-2 124M (block 1024, bf16 autocast) on one GPU through the `single` strategy: tokens/s and MFU
               with torch.compile off, then on
 Two ranks on one GPU need: NCCL_HOSTID different per rank (NCCL otherwise refuses two ranks on one device; they then
@@ -63,7 +64,9 @@ VARIANTS = ("custom", "triton", "nccl", "cuda")
 BACKENDS = ("torch", "nccl", "triton", "cuda")  # all-reduce bandwidth: torch's NCCL; ours: the nccl binding, the
 #                                                 triton kernels, libnanoccl through the same binding
 PHASES = ("env", "tests", "strategies", "bandwidth", "train", "gpt2")
-TRAIN_STRATEGY = "fsdp"  # the train phase: train.py with a sharded (DCP) checkpoint, DTensor bookkeeping included
+# the train phase: train.py with a sharded (DCP) checkpoint, DTensor bookkeeping included, for every variant; and a
+# replicated strategy's one-file checkpoint (another load path: torch.load onto the device)
+TRAIN_CELLS = [("fsdp", v) for v in VARIANTS] + [("ddp", "custom")]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -91,8 +94,9 @@ def plan(dry_run):
                                                             "--steps", steps], 2, 90 if variant == "triton" else 60))
     for backend in BACKENDS:
         parts.append(("bandwidth", backend, ["bandwidth", "--backend", backend, "--sizes", sizes], 2, 60))
-    for variant in VARIANTS if not dry_run else ("custom", "nccl"):
-        parts.append(("train", variant, ["train", "--variant", variant], 1, 120))
+    for strategy, variant in TRAIN_CELLS if not dry_run else [("fsdp", "custom"), ("fsdp", "nccl")]:
+        argv = ["train", "--strategy", strategy, "--variant", variant]
+        parts.append(("train", f"{strategy}/{variant}", argv, 1, 120))
     for compile_ in ("off", "on"):
         cap = 60 if compile_ == "off" else 180
         parts.append(("gpt2", f"compile {compile_}", ["gpt2", "--compile", compile_], 1, cap))
@@ -296,22 +300,22 @@ def worker_strategies(args):
 
 
 def worker_train(args):
-    """train.py itself, as a user runs it, with --variant on 2 ranks (one GPU shared): TRAIN_STRATEGY for 4
+    """train.py itself, as a user runs it, with --strategy and --variant on 2 ranks (one GPU shared): 4
     iterations with a checkpoint every 2, then a second run resumed from the iteration-2 checkpoint to iteration 4;
     the resumed run logs the first run's losses of iterations 2 and 3 (within 1e-5) and both end with code 0. One
     record, with the MFU line train.py printed (its peak comes from profiling.PEAK_FLOPS)."""
     import shutil
-    work = os.path.join(os.path.dirname(args.result), f"train-{args.variant}")
+    work = os.path.join(os.path.dirname(args.result), f"train-{args.strategy}-{args.variant}")
     shutil.rmtree(work, ignore_errors=True)
     data = os.path.join(work, "data")
     subprocess.run([sys.executable, os.path.join(REPO, "data", "shakespeare_char", "prepare.py"), "--out-dir", data],
                    check=True, cwd=REPO, stdout=subprocess.DEVNULL)
-    common = [f"--data_dir={data}", f"--parallel={TRAIN_STRATEGY}", f"--variant={args.variant}", "--n_layer=2",
+    common = [f"--data_dir={data}", f"--parallel={args.strategy}", f"--variant={args.variant}", "--n_layer=2",
               "--n_head=4", "--n_embd=64", "--block_size=64", "--batch_size=4", "--gradient_accumulation_steps=2",
               "--max_iters=4", "--eval_interval=2", "--eval_iters=2", "--log_interval=1", "--checkpoint_interval=2",
               "--keep_checkpoints=2", "--compile=False", "--dtype=float32", "--dropout=0.0", "--learning_rate=1e-3",
               "--warmup_iters=0", "--decay_lr=False", "--timeout_s=60"]
-    record, logs = dict(kind="train", variant=args.variant, strategy=TRAIN_STRATEGY), []
+    record, logs = dict(kind="train", variant=args.variant, strategy=args.strategy), []
 
     def run(out_dir, *extra):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -657,19 +661,19 @@ def markdown(report):
 
     runs = {r["part"]: r for r in by_phase.get("train", [])}
     if runs:
-        lines += [f"## train.py: {TRAIN_STRATEGY}, 4 iterations on 2 ranks, checkpoint at 2, resumed to 4", "",
-                  "| variant | status | losses (it 0-3) | resumed it 2, 3 | max diff | MFU line |",
+        lines += ["## train.py: 4 iterations on 2 ranks, checkpoint at 2, resumed to 4", "",
+                  "| strategy/variant | status | losses (it 0-3) | resumed it 2, 3 | max diff | MFU line |",
                   "|---|---|---|---|---|---|"]
-        for v in VARIANTS:
-            part = runs.get(v)
+        for name in [f"{s}/{v}" for s, v in TRAIN_CELLS]:
+            part = runs.get(name)
             rec = part["records"][0] if part and part["records"] else None
             if part is None or rec is None:
                 status = "not run" if part is None else (f"skipped: {part['reason']}" if part["status"] == "skipped"
                                                          else f"{part['status']} ({part['log']})")
-                lines.append(f"| {v} | {status} | | | | |")
+                lines.append(f"| {name} | {status} | | | | |")
                 continue
             fmt = lambda d: ", ".join(f"{d[k]:.4f}" for k in sorted(d, key=int))  # noqa: E731
-            lines.append(f"| {v} | {rec['outcome']}{': ' + rec['message'][:150] if 'message' in rec else ''} | "
+            lines.append(f"| {name} | {rec['outcome']}{': ' + rec['message'][:150] if 'message' in rec else ''} | "
                          f"{fmt(rec.get('losses', {}))} | {fmt(rec.get('resumed_losses', {}))} | "
                          f"{_fmt(rec.get('resume_diff'))} | {' '.join(rec.get('mfu_line', []))} |")
         lines.append("")
@@ -727,7 +731,8 @@ def main(argv):
     p.add_argument("--out", default=None, help="report directory (default out-gpu-check/<UTC time>)")
     p.add_argument("--budget-s", type=float, default=450, help="wall-clock budget of the whole check")
     p.add_argument("--phases", default=",".join(PHASES))
-    p.add_argument("--only", default=None, help="comma-separated parts to run (e.g. pp/nccl,3d/nccl): the rest skipped")
+    p.add_argument("--only", default=None, help="comma-separated parts to run (e.g. pp/nccl,3d/nccl: in every phase "
+                   "that has such a part, strategies and train for fsdp/custom): the rest skipped")
     p.add_argument("--gpt2-batch", type=int, default=16, help="GPT-2 micro-batch (sequences of 1024 tokens)")
     p.add_argument("--worker", default=None, choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
