@@ -9,7 +9,7 @@ cpu.py).
 
     torchrun --standalone --nproc_per_node=2 -m unittest tests/test_ep.py     (or 4; pytest launches both)
 
-The 5-D cell (dp2 with ep2 x pp2 x tp2, 8 processes) is tests/test_ep_5d.py.
+The 5-D cells (dp2 with ep2 x pp2 x tp2 at 8 processes; dp2 x pp2 x cp2 x tp2 with ep4 at 16) are tests/test_ep_5d.py.
 """
 
 import json
