@@ -315,30 +315,47 @@ def worker_train(args):
               "--max_iters=4", "--eval_interval=2", "--eval_iters=2", "--log_interval=1", "--checkpoint_interval=2",
               "--keep_checkpoints=2", "--compile=False", "--dtype=float32", "--dropout=0.0", "--learning_rate=1e-3",
               "--warmup_iters=0", "--decay_lr=False", "--timeout_s=60"]
-    record, logs = dict(kind="train", variant=args.variant, strategy=args.strategy), []
+    record, logs, seconds = dict(kind="train", variant=args.variant, strategy=args.strategy), [], []
 
     def run(out_dir, *extra):
+        """One train.py job: its exit code, or "timeout" after 55 s (two fit the part's 120 s); its output goes to
+        run<N>.log, and one line saying how it ended to this part's log at once (so a part killed at its limit
+        still says how far it got)."""
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                os.path.join(REPO, "train.py"), *common, f"--out_dir={out_dir}", *extra]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=55)
-        logs.append(proc.stdout + proc.stderr)
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=55)
+            code, text = proc.returncode, proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as e:
+            out = [x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr)]
+            code, text = "timeout", "".join(out)
+        logs.append(text)
         with open(os.path.join(work, f"run{len(logs)}.log"), "w") as f:
-            f.write(logs[-1])
-        return proc.returncode
+            f.write(text)
+        seconds.append(round(time.perf_counter() - t0, 1))
+        print(f"train.py run {len(logs)} ({os.path.basename(out_dir)}): exit code {code} after {seconds[-1]} s",
+              flush=True)
+        return code
 
     def losses(out_dir):
-        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        path = os.path.join(out_dir, "metrics.jsonl")
+        if not os.path.exists(path):  # the run ended before its first log line
+            return {}
+        with open(path) as f:
             return {m["iter"]: m["train/loss"] for m in map(json.loads, f) if "train/loss" in m}
 
     try:
+        from parallel.checkpoint import step_dir
         first, resumed = os.path.join(work, "first"), os.path.join(work, "resumed")
         codes = [run(first)]
-        from parallel.checkpoint import step_dir
-        shutil.copytree(step_dir(first, 2), step_dir(resumed, 2))
-        codes.append(run(resumed, "--init_from=resume"))
+        if os.path.isdir(step_dir(first, 2)):  # else the first run's code and log say why
+            shutil.copytree(step_dir(first, 2), step_dir(resumed, 2))
+            codes.append(run(resumed, "--init_from=resume"))
         a, b = losses(first), losses(resumed)
         mfu = [line for line in logs[0].splitlines() if "MFU" in line or "no MFU" in line]
-        record.update(exit_codes=codes, losses=a, resumed_losses=b, mfu_line=mfu[:1], outcome="failed")
+        record.update(exit_codes=codes, seconds=seconds, losses=a, resumed_losses=b, mfu_line=mfu[:1],
+                      outcome="failed")
         if codes == [0, 0] and sorted(a) == [0, 1, 2, 3] and sorted(b) == [2, 3]:
             record["resume_diff"] = max(abs(a[i] - b[i]) for i in (2, 3))
             record["outcome"] = "passed" if record["resume_diff"] < 1e-5 else "failed"
